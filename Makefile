@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh clone: each creates .venv if it is
+# missing, installs what it needs, then runs.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+
+.PHONY: demo test setup bench clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+# Reinstall when pyproject.toml changes.
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# pytest exits 5 when it collects no tests; make would turn that into 2, so it
+# is told apart here (and reported) rather than in .ci/run.
+test: $(STAMP)
+	@$(VPY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+demo: $(STAMP)
+	$(VPY) -m jaxsft.demo
+
+clean:
+	rm -rf $(VENV) runs/demo

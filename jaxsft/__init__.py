@@ -1,0 +1,1 @@
+"""jaxsft: supervised fine-tuning of LLMs with JAX."""

@@ -1,0 +1,119 @@
+"""The architecture of one decoder model, plus the numeric policy it runs under.
+
+Everything the forward pass needs is here; nothing here depends on Hugging Face
+(``jaxsft.hf`` converts ``config.json`` to and from this). Fields are plain
+Python values so the config is hashable and can be a static jit argument.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+# Model families this codebase implements; ``model_type`` values of HF configs
+# map onto these in ``jaxsft.hf`` (Yi checkpoints say "llama").
+FAMILIES = ("llama", "mistral", "qwen2", "mixtral")
+
+# Remat policies for the scanned decoder layer, by name (see models/llama.py).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numeric policy of a decoder-only transformer.
+
+  Axis letters used in parameter names: V vocab, D model width, N query heads,
+  K key/value heads, H head dim, F feed-forward width, E experts, L layers.
+  """
+
+  family: str
+  vocab_size: int
+  hidden_size: int  # D
+  intermediate_size: int  # F
+  num_layers: int  # L
+  num_heads: int  # N
+  num_kv_heads: int  # K
+  head_dim: int  # H
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  # Normalized RoPE scaling: a tuple of (key, value) pairs so the config stays
+  # hashable; "rope_type" is one of ROPE_TYPES. Empty means default RoPE.
+  rope_scaling: tuple[tuple[str, Any], ...] = ()
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen1.5/Qwen2; Llama's attention_bias sets qkv and o
+  o_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None  # Mistral: keys within this many positions
+  hidden_act: str = "silu"
+  initializer_range: float = 0.02
+  # Mixture of experts (Mixtral); num_experts == 0 means a dense MLP.
+  num_experts: int = 0
+  num_experts_per_tok: int = 2
+  router_aux_loss_coef: float = 0.02
+  # Special tokens, carried for generation and export.
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+  pad_token_id: int | None = None
+  # Numeric and execution policy (not architecture).
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype of matmuls and activations
+  remat: str = "none"
+  attention: str = "auto"  # "auto": cuDNN fused attention on GPU, XLA elsewhere
+
+  def __post_init__(self):
+    problems = []
+    if self.family not in FAMILIES:
+      problems.append(f"family={self.family!r} is not one of {FAMILIES}")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                 "num_heads", "num_kv_heads", "head_dim"):
+      if getattr(self, name) <= 0:
+        problems.append(f"{name}={getattr(self, name)} must be positive")
+    if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
+      problems.append(
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.remat not in REMAT_POLICIES:
+      problems.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLS:
+      problems.append(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+    rope_type = self.rope_dict().get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+      problems.append(f"rope_scaling type {rope_type!r} is not one of {ROPE_TYPES}")
+    if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+      problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                      f"[1, num_experts={self.num_experts}]")
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      problems.append(f"sliding_window={self.sliding_window} must be positive or None")
+    if problems:
+      raise ValueError("invalid model config: " + "; ".join(problems))
+
+  @property
+  def is_moe(self) -> bool:
+    return self.num_experts > 0
+
+  def rope_dict(self) -> dict[str, Any]:
+    return dict(self.rope_scaling)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_json(self) -> str:
+    d = dataclasses.asdict(self)
+    d["rope_scaling"] = self.rope_dict()
+    d["eos_token_ids"] = list(self.eos_token_ids)
+    return json.dumps(d, indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelConfig":
+    d = json.loads(text)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+    d["rope_scaling"] = tuple(sorted(d.get("rope_scaling", {}).items()))
+    d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+    return cls(**d)

@@ -1,0 +1,92 @@
+"""Meshes and partition specs, expressed as data.
+
+Parameter names end in their axis letters (``q_dnh``: D, N, H); parameters
+under ``layers`` carry a leading stacked-layer axis L. A rule table maps each
+letter to a mesh axis (or to nothing), so the sharding of every weight follows
+from its name — no per-module annotations.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Axis letter -> mesh axis (or tuple of mesh axes). Letters not listed are replicated.
+#   V vocab, D model width, N query heads, K kv heads, H head dim,
+#   F ffn width, E experts, L stacked layers.
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "v": "tensor",
+    "d": "fsdp",
+    "n": "tensor",
+    "k": "tensor",
+    "h": None,
+    "f": "tensor",
+    "e": "expert",
+    "L": None,
+}
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
+  """A mesh over ``devices`` with axes MESH_AXES; unnamed axes get size 1, and
+  a single ``-1`` takes the remaining devices (default: all on ``fsdp``)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = dict(shape or {"fsdp": -1})
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid axes: {MESH_AXES}")
+  sizes = [shape.get(a, 1) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {shape}: at most one axis may be -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"but {len(devices)} are available")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def axis_letters(path: tuple[str, ...], ndim: int) -> str:
+  """The axis letters of the parameter at ``path`` (e.g. ('layers','attn','q_dnh') -> 'Ldnh')."""
+  name = path[-1]
+  letters = name.rsplit("_", 1)[-1] if "_" in name else ""
+  if "layers" in path:
+    letters = "L" + letters
+  assert len(letters) == ndim, f"parameter {'/'.join(path)}: name says {letters!r} but ndim={ndim}"
+  return letters
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+
+
+def spec_for(path: tuple[str, ...], shape: Sequence[int], mesh: Mesh,
+             rules: Mapping[str, object] = DEFAULT_RULES) -> P:
+  """PartitionSpec of one parameter: its letters through ``rules``, dropping mesh
+  axes that do not divide the dimension or are already used by another dim."""
+  used: set[str] = set()
+  spec = []
+  for letter, dim in zip(axis_letters(path, len(shape)), shape):
+    axes = rules.get(letter)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if not axes or dim % size:
+      spec.append(None)
+      continue
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def param_shardings(params, mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES):
+  """A NamedSharding tree matching ``params`` (arrays or ShapeDtypeStructs)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, spec_for(_path_names(path), x.shape, mesh, rules)),
+      params)

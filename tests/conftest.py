@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny tokenizer and tiny random Hugging Face models, built
+on the fly with transformers (no network, nothing downloaded)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+import hf_builders  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+  """A directory holding a tiny byte-level BPE tokenizer with a chat template."""
+  d = tmp_path_factory.mktemp("tokenizer")
+  hf_builders.build_tokenizer().save_pretrained(d)
+  return d
+
+
+@pytest.fixture(scope="session")
+def hf_model_factory(tmp_path_factory):
+  """``make(variant, **config_overrides) -> (dir, torch_model)``; cached per arguments."""
+  cache = {}
+
+  def make(variant: str = "llama", **overrides):
+    key = (variant, tuple(sorted(overrides.items())))
+    if key not in cache:
+      d = tmp_path_factory.mktemp(variant)
+      model = hf_builders.build_model(variant, **overrides)
+      model.save_pretrained(d)
+      hf_builders.build_tokenizer().save_pretrained(d)
+      cache[key] = (d, model)
+    return cache[key]
+
+  return make
