@@ -1,0 +1,120 @@
+"""Export a model as a Hugging Face directory that transformers loads.
+
+  python -m jaxsft.export --checkpoint PATH --out DIR [--dtype bfloat16|float16|float32]
+      [--max-shard-size 5GB] [--overwrite] [--trust-remote-code]
+
+PATH is a jaxsft checkpoint (see ``jaxsft.checkpoint``) or a Hugging Face
+model directory (re-exported, e.g. to change dtype or sharding). The output
+holds config.json, generation_config.json, safetensors and the tokenizer files.
+Mistakes in the arguments or inputs print ``error: …`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+
+import jax
+
+from jaxsft import checkpoint as checkpoint_lib
+from jaxsft import hf
+from jaxsft import sharding as sharding_lib
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+  """Bytes in a size such as "5GB" (10^9, as transformers counts), "500MiB" or "1024"."""
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+  unit = m and m.group(2).lower()
+  if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+    raise ValueError(f"size {text!r} is not a positive size like 5GB, 500MB or 2GiB")
+  return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _check_tokenizer(src: pathlib.Path, trust_remote_code: bool) -> None:
+  """Fail before writing anything if transformers cannot load the tokenizer."""
+  import transformers  # only needed here, and slow to import
+
+  try:
+    transformers.AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+  except Exception as e:  # noqa: BLE001 — any load failure is a problem with the input files
+    hint = "" if trust_remote_code else (
+        "; if the tokenizer needs its own code and you trust it, pass --trust-remote-code")
+    raise ValueError(f"the tokenizer in {src} does not load with transformers: {e}{hint}"
+                     ) from None
+
+
+def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
+           max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, trust_remote_code: bool = False,
+           overwrite: bool = False) -> pathlib.Path:
+  """Write the model at ``source`` (jaxsft checkpoint or HF directory) to ``out``
+  in Hugging Face format; see the module docstring."""
+  source = pathlib.Path(source)
+  if not source.is_dir():
+    raise ValueError(f"checkpoint {source} does not exist (or is not a directory)")
+  # Spread the weights over every local device, so a model larger than one
+  # device's memory still exports.
+  mesh = sharding_lib.make_mesh() if jax.local_device_count() > 1 else None
+  if checkpoint_lib.is_checkpoint(source):
+    cfg, params = checkpoint_lib.load_model(source, mesh)
+    tokenizer_src = source / checkpoint_lib.TOKENIZER_DIR
+  elif (source / hf.CONFIG_FILE).is_file():
+    cfg, params = hf.load_params(source, mesh=mesh)
+    tokenizer_src = source
+  else:
+    raise ValueError(f"{source} is neither a jaxsft checkpoint ({checkpoint_lib.CONFIG_FILE} "
+                     f"and {checkpoint_lib.PARAMS_DIR}/) nor a Hugging Face model directory "
+                     f"({hf.CONFIG_FILE} and safetensors)")
+  if any((tokenizer_src / name).is_file() for name in hf.TOKENIZER_FILES):
+    _check_tokenizer(tokenizer_src, trust_remote_code)
+  else:
+    print(f"warning: no tokenizer files in {tokenizer_src}; the export will have none",
+          file=sys.stderr)
+    tokenizer_src = None
+  return hf.save_params(params, cfg, out, tokenizer_src=tokenizer_src,
+                        max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
+
+
+def _size_arg(text: str) -> int:
+  try:
+    return parse_size(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m jaxsft.export", description=__doc__.split(
+      "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True,
+                      help="a jaxsft checkpoint or a Hugging Face model directory")
+  parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
+  parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                      help="dtype of the saved weights (default: the model's parameter dtype)")
+  parser.add_argument("--max-shard-size", type=_size_arg, default=hf.DEFAULT_MAX_SHARD_BYTES,
+                      help="largest safetensors file, e.g. 5GB (default) or 2GiB")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace --out if it exists and is not empty")
+  parser.add_argument("--trust-remote-code", action="store_true",
+                      help="allow a tokenizer that ships its own Python code to be loaded "
+                           "(to check it) — only for code you trust")
+  parser.add_argument("--peft", action="store_true", help="export PEFT adapters (not yet)")
+  args = parser.parse_args(argv)
+  try:
+    if args.peft:
+      raise ValueError("--peft is not yet supported: exporting PEFT adapters comes with PEFT "
+                       "support; export the merged model without --peft")
+    out = export(args.checkpoint, args.out, dtype=args.dtype,
+                 max_shard_bytes=args.max_shard_size, trust_remote_code=args.trust_remote_code,
+                 overwrite=args.overwrite)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
