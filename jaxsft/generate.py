@@ -1,0 +1,267 @@
+"""Batched autoregressive generation over a KV cache, and its CLI.
+
+    python -m jaxsft.generate --model PATH --prompt TEXT [--chat] [--system TEXT]
+        [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--trust-remote-code]
+
+PATH is a Hugging Face model directory or a jaxsft checkpoint. The CLI prints
+the completion only: the new tokens, decoded without special tokens.
+
+How a batch runs: prompts are left-padded to a common length, so every row's
+last prompt token sits in the same column and new tokens are written to the
+same cache slot in every row. One ``decode_step`` over the whole prompt fills
+the cache; then a ``lax.while_loop`` feeds one token per step until every row
+has produced an end-of-sequence token or the budget runs out. Shapes are
+bucketed (batch, prompt length, new-token budget) so that similar calls reuse
+one compiled program.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsft import checkpoint
+from jaxsft import hf
+from jaxsft.models import llama
+from jaxsft.models.model_config import ModelConfig
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Keep the smallest set of highest-probability tokens whose mass reaches
+  ``top_p`` (at least one token); the rest get -inf."""
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = mass_before < top_p
+  keep = keep.at[:, 0].set(True)
+  cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def _next_token(logits, rng, temperature, top_p, sample: bool):
+  """Greedy (first maximum, as torch.argmax) or temperature + nucleus sampling."""
+  if not sample:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = _top_p_filter(logits / temperature, top_p)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_out", "sample"))
+def _generate_padded(cfg: ModelConfig, params, tokens, valid, max_new_tokens, eos_ids,
+                     temperature, top_p, rng, pad_id, *, max_out: int, sample: bool):
+  """New tokens [B, max_out] for left-padded ``tokens`` [B, P] (``valid`` marks
+  real tokens; a row whose last column is invalid is a batch-padding row).
+
+  ``max_new_tokens`` ≤ ``max_out`` is traced, so budgets within one bucket
+  share a compilation. Entries after a row's end-of-sequence token, and past
+  the budget, are ``pad_id``.
+  """
+  b, p = tokens.shape
+  # Positions count real tokens only (HF: cumsum(attention_mask) - 1).
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+  # Slots: P for the prompt, then one per fed-back token (the last new token is
+  # never fed back, so max_out - 1 would do; one spare keeps the arithmetic plain).
+  cache = llama.init_cache(cfg, b, p + max_out)
+  # Prefill. Its logits are unused, so XLA drops the [B, P, V] projection.
+  _, cache = llama.decode_step(cfg, params, cache, tokens, positions, valid)
+  # The loop's first step re-runs the last prompt token in its own slot: that
+  # rewrites the same key/value (same token, same position, same RoPE — also
+  # for dynamic NTK, whose base follows the largest position in the call) and
+  # yields the logits of the first new token, without a special first step.
+  cache["index"] = cache["index"] - 1
+
+  def cond(state):
+    step, _, _, _, _, done = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, token, position, cache, out, done = state
+    logits, cache = llama.decode_step(cfg, params, cache, token[:, None], position[:, None],
+                                      jnp.ones((b, 1), bool))
+    new = _next_token(logits[:, 0], jax.random.fold_in(rng, step), temperature, top_p, sample)
+    new = jnp.where(done, pad_id, new)
+    out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], step, axis=1)
+    done = done | jnp.any(new[:, None] == eos_ids[None, :], axis=-1)
+    return step + 1, new, position + 1, cache, out, done
+
+  state = (jnp.zeros((), jnp.int32), tokens[:, -1], positions[:, -1], cache,
+           jnp.full((b, max_out), pad_id, jnp.int32), ~valid[:, -1])
+  return jax.lax.while_loop(cond, body, state)[4]
+
+
+def _bucket(n: int, minimum: int) -> int:
+  """Round ``n`` up to one of four sizes per power of two (≤ 25% padding)."""
+  if n <= minimum:
+    return minimum
+  step = max(minimum, 1 << max(0, n.bit_length() - 3))
+  return -(-n // step) * step
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, rng: jax.Array | None = None,
+             eos_token_ids: Sequence[int] | None = None) -> list[list[int]]:
+  """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
+
+  Returns the new tokens of each prompt. A row stops after its first token in
+  ``eos_token_ids`` (default ``cfg.eos_token_ids``; pass ``()`` to never stop),
+  which is included, as in the sequences transformers' ``generate`` returns.
+  ``temperature`` 0 is greedy decoding; otherwise logits are divided by it and
+  sampled from the smallest set of tokens with probability mass ≥ ``top_p``,
+  with ``rng`` (default ``jax.random.key(0)``). Positions may run past
+  ``cfg.max_position_embeddings``: callers that must stay inside the trained
+  context check it themselves (the CLI does).
+  """
+  if not prompts:
+    return []
+  empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+  if empty:
+    raise ValueError(f"prompts {empty} are empty; every prompt needs at least one token")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be ≥ 0 (0 = greedy)")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must be in (0, 1]")
+  out_of_vocab = sorted({t for p in prompts for t in p if not 0 <= t < cfg.vocab_size})
+  if out_of_vocab:
+    raise ValueError(f"token ids {out_of_vocab[:5]} are outside the vocabulary "
+                     f"[0, {cfg.vocab_size}); was the prompt tokenized for another model?")
+  eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+  pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+
+  n = len(prompts)
+  batch = _bucket(n, 1)
+  length = _bucket(max(len(p) for p in prompts), 16)
+  max_out = _bucket(max_new_tokens, 16)
+  tokens = np.full((batch, length), pad_id, np.int32)
+  valid = np.zeros((batch, length), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, length - len(p):] = p
+    valid[i, length - len(p):] = True
+
+  # -1 never matches a token; a fixed length keeps eos sets from recompiling.
+  eos_ids = np.full(max(4, len(eos)), -1, np.int32)
+  eos_ids[:len(eos)] = eos
+
+  out = _generate_padded(
+      cfg, params, jnp.asarray(tokens), jnp.asarray(valid), jnp.int32(max_new_tokens),
+      jnp.asarray(eos_ids), jnp.float32(max(temperature, 1e-6)),
+      jnp.float32(top_p), jax.random.key(0) if rng is None else rng, jnp.int32(pad_id),
+      max_out=max_out, sample=temperature > 0)
+  out = np.asarray(out)[:n, :max_new_tokens].tolist()
+  results = []
+  for row in out:
+    stop = next((i for i, t in enumerate(row) if t in eos), None)
+    results.append(row if stop is None else row[:stop + 1])
+  return results
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_for_inference(path, trust_remote_code: bool = False):
+  """(cfg, params, tokenizer) from a Hugging Face model directory or a jaxsft
+  checkpoint (whose tokenizer lives in ``PATH/tokenizer``)."""
+  import transformers  # only for the tokenizer; slow to import, so not at module load
+
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise ValueError(f"model path {path} does not exist")
+  if checkpoint.is_checkpoint(path):
+    tokenizer_dir = path / checkpoint.TOKENIZER_DIR
+    if not tokenizer_dir.is_dir():
+      raise ValueError(f"checkpoint {path} has no {checkpoint.TOKENIZER_DIR}/ directory (it was "
+                       "saved without a tokenizer source); copy the base model's tokenizer "
+                       f"files into {tokenizer_dir}")
+    cfg, params = checkpoint.load_model(path)
+  else:
+    cfg, params = hf.load_params(path)
+    tokenizer_dir = path
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        tokenizer_dir, trust_remote_code=trust_remote_code)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"could not load a tokenizer from {tokenizer_dir}: {e}") from None
+  return cfg, params, tokenizer
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def prompt_tokens(tokenizer, prompt: str, chat: bool, system: str | None) -> list[int]:
+  """The prompt's token ids: ``tokenizer(prompt)`` as is, or, with ``chat``,
+  the tokenizer's chat template with a generation prompt (system message first)."""
+  if not chat:
+    if system is not None:
+      raise ValueError("--system needs --chat (a system message only exists in a conversation)")
+    return list(tokenizer(prompt)["input_ids"])
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError("--chat: this model's tokenizer has no chat template; run without --chat "
+                     "to feed the prompt as plain text")
+  messages = [{"role": "system", "content": system}] if system is not None else []
+  messages.append({"role": "user", "content": prompt})
+  encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)
+  return list(encoded["input_ids"])
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(prog="python -m jaxsft.generate", description=__doc__.split(
+      "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", required=True,
+                      help="Hugging Face model directory or jaxsft checkpoint")
+  parser.add_argument("--prompt", required=True)
+  parser.add_argument("--chat", action="store_true",
+                      help="wrap the prompt in the tokenizer's chat template")
+  parser.add_argument("--system", default=None, help="system message (with --chat)")
+  parser.add_argument("--max-new-tokens", type=int, default=None,
+                      help=f"default: {DEFAULT_MAX_NEW_TOKENS}, or what the context leaves")
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  parser.add_argument("--top-p", type=float, default=1.0)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--trust-remote-code", action="store_true",
+                      help="allow custom tokenizer code shipped with the model")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse_args(argv)
+  try:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+      raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    cfg, params, tokenizer = load_for_inference(args.model, args.trust_remote_code)
+    tokens = prompt_tokens(tokenizer, args.prompt, args.chat, args.system)
+    if not tokens:
+      raise ValueError("the prompt is empty after tokenization; give a non-empty --prompt")
+    context = cfg.max_position_embeddings
+    if len(tokens) >= context:
+      raise ValueError(f"the prompt is {len(tokens)} tokens, but the model's context is "
+                       f"{context} tokens (max_position_embeddings); shorten the prompt")
+    if args.max_new_tokens is None:  # not asked for: stop where the context ends
+      args.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, context - len(tokens))
+    if len(tokens) + args.max_new_tokens > context:
+      raise ValueError(
+          f"the prompt ({len(tokens)} tokens) plus --max-new-tokens={args.max_new_tokens} "
+          f"exceeds the model's context of {context} tokens (max_position_embeddings); "
+          f"use --max-new-tokens {context - len(tokens)} or less")
+    [new] = generate(cfg, params, [tokens], args.max_new_tokens, temperature=args.temperature,
+                     top_p=args.top_p, rng=jax.random.key(args.seed))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(tokenizer.decode(new, skip_special_tokens=True))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,223 @@
+"""Generation against transformers' greedy ``generate``, batching, sampling and the CLI."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxsft import checkpoint
+from jaxsft import generate as gen
+from jaxsft import hf
+
+NEW_TOKENS = 24
+
+
+def _prompt(length, seed=0):
+  # Ids 5.. avoid the special tokens (pad, <s>, </s>, chat markers).
+  return np.random.default_rng(seed).integers(5, 300, size=length).tolist()
+
+
+def _hf_greedy(model, prompt, new_tokens=NEW_TOKENS, **kw):
+  with torch.no_grad():
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                         dtype=torch.long), do_sample=False, max_new_tokens=new_tokens, **kw)
+  return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama_model(hf_model_factory):
+  d, model = hf_model_factory("llama")
+  cfg, params = hf.load_params(d)
+  return d, model, cfg, params
+
+
+# The mistral prompt (13 tokens) is longer than its 8-token sliding window, so
+# the window matters in the prefill and in every decode step.
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral", "mixtral"])
+def test_greedy_matches_transformers(hf_model_factory, variant):
+  d, model = hf_model_factory(variant)
+  cfg, params = hf.load_params(d)
+  prompt = _prompt(13)
+  want = _hf_greedy(model, prompt)
+  assert len(want) == NEW_TOKENS, "the random model stopped at eos; pick another prompt"
+  got = gen.generate(cfg, params, [prompt], NEW_TOKENS)[0]
+  assert got == want
+  if variant == "mistral":
+    # The comparison above would not notice a decode that ignores the window.
+    unwindowed = gen.generate(cfg.replace(sliding_window=None), params, [prompt], NEW_TOKENS)[0]
+    assert unwindowed != want
+
+
+# Dynamic NTK RoPE grows its base with the largest position seen, and this
+# model's max_position_embeddings is 16: generation runs past it, and the long
+# prompt is past it already in the prefill.
+@pytest.mark.parametrize("prompt_len", [10, 20])
+def test_greedy_matches_transformers_dynamic_rope(hf_model_factory, prompt_len):
+  d, _ = hf_model_factory("llama_dynamic")
+  # A freshly loaded model: transformers keeps the grown base between calls.
+  model = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+  cfg, params = hf.load_params(d)
+  prompt = _prompt(prompt_len, seed=1)
+  want = _hf_greedy(model, prompt)
+  assert len(want) == NEW_TOKENS
+  assert gen.generate(cfg, params, [prompt], NEW_TOKENS)[0] == want
+
+
+def test_stops_at_eos_like_transformers(llama_model):
+  _, model, cfg, params = llama_model
+  prompt = _prompt(13)
+  free = _hf_greedy(model, prompt, eos_token_id=None)
+  eos = free[5]  # make the 6th new token (or an earlier copy of it) the end
+  want = _hf_greedy(model, prompt, eos_token_id=eos)
+  assert want[-1] == eos and len(want) <= 6
+  assert gen.generate(cfg, params, [prompt], NEW_TOKENS, eos_token_ids=[eos])[0] == want
+  assert gen.generate(cfg, params, [prompt], NEW_TOKENS, eos_token_ids=())[0][:6] == free[:6]
+
+
+# Prompt lengths and budgets below stay in the buckets of the tests above
+# (prompt ≤ 16, new tokens ≤ 32), so they reuse compiled programs.
+BATCH = [_prompt(n, seed=n) for n in (3, 14, 9, 1)]
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral"])
+def test_batched_equals_one_by_one(hf_model_factory, variant):
+  d, _ = hf_model_factory(variant)
+  cfg, params = hf.load_params(d)
+  single = [gen.generate(cfg, params, [p], NEW_TOKENS, eos_token_ids=())[0] for p in BATCH]
+  assert gen.generate(cfg, params, BATCH, NEW_TOKENS, eos_token_ids=()) == single
+  # A row that ends early stops (eos kept, nothing after it) while the others go on.
+  eos = single[1][3]
+  ended = gen.generate(cfg, params, BATCH, NEW_TOKENS, eos_token_ids=[eos])
+  for row, full in zip(ended, single):
+    stop = full.index(eos) + 1 if eos in full else len(full)
+    assert row == full[:stop]
+  assert len(ended[1]) <= 4
+
+
+def test_similar_calls_compile_once(llama_model):
+  _, _, cfg, params = llama_model
+  gen.generate(cfg, params, BATCH, NEW_TOKENS)
+  compiled = gen._generate_padded._cache_size()
+  # Other prompt lengths, budgets, eos, top_p in the same buckets.
+  gen.generate(cfg, params, [_prompt(16), _prompt(2), _prompt(5), _prompt(7)], 17)
+  gen.generate(cfg, params, BATCH[::-1], 30, top_p=0.5, eos_token_ids=[7])
+  assert gen._generate_padded._cache_size() == compiled
+
+
+def test_top_p_filter_keeps_the_nucleus():
+  logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+  kept = lambda p: np.isfinite(np.asarray(gen._top_p_filter(logits, jnp.float32(p))))[0].tolist()
+  assert kept(0.4) == [False, True, False, False]
+  assert kept(0.7) == [False, True, False, True]  # 0.5 + 0.3 ≥ 0.7
+  assert kept(0.85) == [False, True, True, True]
+  assert kept(1.0) == [True, True, True, True]
+
+
+def test_sampling_is_seeded(llama_model):
+  _, _, cfg, params = llama_model
+  sample = lambda seed, **kw: gen.generate(cfg, params, BATCH, NEW_TOKENS, temperature=1.5,
+                                           rng=jax.random.key(seed), eos_token_ids=(), **kw)
+  assert sample(0) == sample(0)
+  assert sample(0) != sample(1)
+  # A nucleus this small holds only the most likely token: greedy decoding.
+  greedy = gen.generate(cfg, params, BATCH, NEW_TOKENS, eos_token_ids=())
+  assert sample(1, top_p=1e-6) == greedy
+
+
+def test_generate_rejects_bad_arguments(llama_model):
+  _, _, cfg, params = llama_model
+  with pytest.raises(ValueError, match=r"prompts \[1\] are empty"):
+    gen.generate(cfg, params, [[5], []], 4)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    gen.generate(cfg, params, [[5, cfg.vocab_size]], 4)
+  with pytest.raises(ValueError, match="top_p"):
+    gen.generate(cfg, params, [[5]], 4, temperature=1.0, top_p=0.0)
+
+
+def test_load_for_inference_reads_hf_dirs_and_checkpoints(llama_model, tmp_path):
+  d, _, cfg, params = llama_model
+  ckpt = checkpoint.save_model(tmp_path / "ckpt", params, cfg, tokenizer_src=d)
+  want = transformers.AutoTokenizer.from_pretrained(d)
+  for path in (d, ckpt):
+    got_cfg, got_params, tokenizer = gen.load_for_inference(path)
+    assert got_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, got_params, params)
+    assert tokenizer("Hello 你好")["input_ids"] == want("Hello 你好")["input_ids"]
+    assert tokenizer.chat_template == want.chat_template
+
+  bare = checkpoint.save_model(tmp_path / "bare", params, cfg)
+  with pytest.raises(ValueError, match="has no tokenizer/ directory"):
+    gen.load_for_inference(bare)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _run_cli(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "jaxsft.generate", *map(str, args)],
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_prints_the_greedy_continuation(llama_model):
+  d, model, _, _ = llama_model
+  tokenizer = transformers.AutoTokenizer.from_pretrained(d)
+  text = "The quick brown fox"
+  want = _hf_greedy(model, tokenizer(text)["input_ids"], 20)
+  assert tokenizer.decode(want, skip_special_tokens=True).strip()  # something to compare
+  result = _run_cli("--model", d, "--prompt", text, "--max-new-tokens", 20)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == tokenizer.decode(want, skip_special_tokens=True) + "\n"
+
+
+def test_cli_chat_uses_the_chat_template(llama_model, capsys):
+  d, model, _, _ = llama_model
+  tokenizer = transformers.AutoTokenizer.from_pretrained(d)
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]
+  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+  want = _hf_greedy(model, ids["input_ids"], 20)
+  assert tokenizer.decode(want, skip_special_tokens=True).strip()
+  # In-process (the subprocess test above covers the entry point; a process costs seconds).
+  assert gen.main(["--model", str(d), "--prompt", "你好", "--chat", "--system", "Be brief.",
+                   "--max-new-tokens", "20"]) == 0
+  assert capsys.readouterr().out == tokenizer.decode(want, skip_special_tokens=True) + "\n"
+
+
+def test_cli_errors(llama_model, tmp_path, capsys):
+  d, _, cfg, _ = llama_model
+  tokenizer = transformers.AutoTokenizer.from_pretrained(d)
+
+  # main()'s return value is the exit status (``sys.exit(main())``).
+  def error(*args):
+    assert gen.main(["--model", str(d), *map(str, args)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+  long_prompt = "The quick brown fox jumps over the lazy dog. " * 40
+  assert f"model's context is {cfg.max_position_embeddings} tokens" in error(
+      "--prompt", long_prompt)
+  err = error("--prompt", "hello", "--max-new-tokens", 1000)
+  room = cfg.max_position_embeddings - len(tokenizer("hello")["input_ids"])
+  assert "--max-new-tokens=1000" in err and f"use --max-new-tokens {room} or less" in err
+  assert "--system needs --chat" in error("--prompt", "hi", "--system", "sys")
+
+  no_template = tmp_path / "plain"
+  no_template.mkdir()
+  for f in d.iterdir():
+    if f.name in ("config.json", "generation_config.json", "model.safetensors"):
+      shutil.copy(f, no_template)
+  tokenizer.chat_template = None
+  tokenizer.save_pretrained(no_template)
+  assert gen.main(["--model", str(no_template), "--prompt", "hi", "--chat"]) == 2
+  assert "no chat template" in capsys.readouterr().err
+
+  assert gen.main(["--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+  assert "does not exist" in capsys.readouterr().err
