@@ -1,0 +1,174 @@
+"""Parity of jaxsft's decoder family with transformers (fp32, CPU, tiny random models)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import hf_builders
+from jaxsft import hf
+from jaxsft.models import ModelConfig, llama
+
+ALL_VARIANTS = sorted(hf_builders.VARIANTS)
+SEQ = 24  # longer than mistral's window (8) and llama_dynamic's max positions (16)
+
+
+def _tokens(batch=2, seq=SEQ, seed=0):
+  return np.random.RandomState(seed).randint(3, hf_builders.VOCAB, (batch, seq))
+
+
+def _load(hf_model_factory, variant, **overrides):
+  path, torch_model = hf_model_factory(variant, **overrides)
+  cfg, params = hf.load_params(path)
+  return cfg, params, torch_model
+
+
+def _torch_forward(model, tokens, **kw):
+  with torch.no_grad():
+    return model(torch.tensor(tokens), **kw)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_logits_match_transformers(hf_model_factory, variant):
+  cfg, params, model = _load(hf_model_factory, variant)
+  tokens = _tokens()
+  ref = _torch_forward(model, tokens).logits.numpy()
+  logits, _ = llama.forward(cfg, params, jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant,change", [
+    ("mistral", dict(sliding_window=None)),
+    ("llama_dynamic", dict(rope_scaling=())),
+    ("llama3", dict(rope_scaling=())),
+    ("llama_yarn", dict(rope_scaling=())),
+    ("llama_linear", dict(rope_scaling=())),
+])
+def test_feature_under_test_is_exercised(hf_model_factory, variant, change):
+  """Without the sliding window / rope scaling the logits differ: the parity
+  test above really covers those features at this sequence length."""
+  cfg, params, model = _load(hf_model_factory, variant)
+  ref = _torch_forward(model, _tokens()).logits.numpy()
+  logits, _ = llama.forward(cfg.replace(**change), params, jnp.asarray(_tokens()))
+  assert np.abs(np.asarray(logits) - ref).max() > 1e-3
+
+
+def test_mixtral_aux_loss_matches_transformers(hf_model_factory):
+  cfg, params, model = _load(hf_model_factory, "mixtral")
+  tokens = _tokens(batch=3)
+  ref = _torch_forward(model, tokens, output_router_logits=True)
+  _, aux = llama.forward(cfg, params, jnp.asarray(tokens))
+  np.testing.assert_allclose(float(aux["aux_loss"]), float(ref.aux_loss), rtol=1e-5)
+  fractions = np.asarray(aux["expert_fractions"])
+  np.testing.assert_allclose(fractions.sum(), 1.0, rtol=1e-6)
+  assert (fractions > 0.05).sum() >= 3, f"router should pick varied experts, got {fractions}"
+
+
+def test_mixtral_aux_loss_ignores_padding(hf_model_factory):
+  """Padding (segment 0) neither routes nor counts, as with transformers' attention_mask."""
+  cfg, params, model = _load(hf_model_factory, "mixtral")
+  tokens = _tokens(batch=2)
+  mask = np.ones_like(tokens)
+  mask[1, 15:] = 0
+  ref = _torch_forward(model, tokens, attention_mask=torch.tensor(mask), output_router_logits=True)
+  _, aux = llama.forward(cfg, params, jnp.asarray(tokens), segment_ids=jnp.asarray(mask))
+  np.testing.assert_allclose(float(aux["aux_loss"]), float(ref.aux_loss), rtol=1e-5)
+
+
+def _pack(examples, row_len):
+  tokens = np.zeros((1, row_len), np.int32)
+  segments = np.zeros((1, row_len), np.int32)
+  positions = np.zeros((1, row_len), np.int32)
+  at = 0
+  for i, ex in enumerate(examples):
+    tokens[0, at:at + len(ex)] = ex
+    segments[0, at:at + len(ex)] = i + 1
+    positions[0, at:at + len(ex)] = np.arange(len(ex))
+    at += len(ex)
+  return tokens, segments, positions
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "mixtral", "llama_dynamic"])
+def test_packed_segments_equal_separate_runs(hf_model_factory, variant):
+  cfg, params, _ = _load(hf_model_factory, variant)
+  rng = np.random.RandomState(1)
+  examples = [rng.randint(3, hf_builders.VOCAB, n) for n in (11, 5, 14)]
+  tokens, segments, positions = _pack(examples, row_len=36)  # 6 padding slots at the end
+  packed, _ = llama.forward(cfg, params, jnp.asarray(tokens), jnp.asarray(positions),
+                            jnp.asarray(segments))
+  at = 0
+  for ex in examples:
+    alone, _ = llama.forward(cfg, params, jnp.asarray(ex)[None])
+    np.testing.assert_allclose(np.asarray(packed[0, at:at + len(ex)]), np.asarray(alone[0]),
+                               atol=1e-5, rtol=0)
+    at += len(ex)
+
+
+def _tiny(**kw):
+  base = dict(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+              num_heads=4, num_kv_heads=2, head_dim=8)
+  return ModelConfig(**{**base, **kw})
+
+
+def _loss_fn(cfg):
+  def loss(params, tokens):
+    logits, _ = llama.forward(cfg, params, tokens)
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+  return loss
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "save_attention_out"])
+def test_remat_policies_keep_gradients(remat):
+  cfg = _tiny()
+  params = llama.init_params(cfg, jax.random.key(0))
+  tokens = jnp.asarray(_tokens(seq=12) % 64)
+  ref = jax.grad(_loss_fn(cfg))(params, tokens)
+  got = jax.grad(_loss_fn(cfg.replace(remat=remat)))(params, tokens)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, got)
+
+
+def test_layer_scan_program_size_does_not_grow_with_depth():
+  """The lowered forward+backward of 32 layers is the same program as for 2:
+  the layer loop is a scan, not unrolled (compile *time* is benchmarked in
+  docs/BENCHMARKS.md; this is its deterministic cause)."""
+  sizes = {}
+  for layers in (2, 32):
+    cfg = _tiny(num_layers=layers)
+    abstract = llama.abstract_params(cfg)
+    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    text = jax.jit(jax.grad(_loss_fn(cfg))).lower(abstract, tokens).as_text()
+    sizes[layers] = (text.count("\n"), text.count("dot_general"))
+  assert sizes[32] == sizes[2], sizes
+
+
+def test_bf16_compute_policy_close_to_fp32():
+  cfg = _tiny()
+  params = llama.init_params(cfg, jax.random.key(0))
+  tokens = jnp.asarray(_tokens(seq=12) % 64)
+  ref, _ = llama.forward(cfg, params, tokens)
+  got, _ = llama.forward(cfg.replace(dtype="bfloat16"), params, tokens)
+  assert got.dtype == jnp.float32  # logits come out in fp32 for the loss
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=5e-2)
+  bf16_params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+  got2, _ = llama.forward(cfg.replace(dtype="bfloat16", param_dtype="bfloat16"), bf16_params, tokens)
+  np.testing.assert_allclose(np.asarray(got2), np.asarray(ref), atol=5e-2)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(family="gpt2"), "family"),
+    (dict(num_heads=6, num_kv_heads=4), "multiple of num_kv_heads"),
+    (dict(remat="sometimes"), "remat"),
+    (dict(rope_scaling=(("rope_type", "longrope"),)), "rope_scaling type"),
+    (dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
+])
+def test_model_config_rejects_bad_values(bad, match):
+  with pytest.raises(ValueError, match=match):
+    _tiny(**bad)
+
+
+def test_model_config_json_round_trip():
+  cfg = _tiny(rope_scaling=(("factor", 8.0), ("rope_type", "llama3")), eos_token_ids=(2, 7))
+  assert ModelConfig.from_json(cfg.to_json()) == cfg
