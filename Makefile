@@ -25,7 +25,7 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 demo: $(STAMP)
-	$(VPY) -m jaxsft.demo
+	$(VPY) tools/foundation_demo.py --out runs/demo
 
 clean:
 	rm -rf $(VENV) runs/demo
