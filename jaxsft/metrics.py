@@ -1,0 +1,176 @@
+"""FLOP/MFU accounting, the metrics.jsonl writer, the loss plot and the progress bar.
+
+Model FLOPs of one forward+backward step over B·T tokens (L layers, D width,
+N/K query/kv heads of size H, F ffn width, V vocab, E experts of which k are
+active):
+
+    flops = 6 · N_matmul · B·T  +  12 · L · B · P · N·H
+
+  * ``N_matmul`` = L·(2·D·N·H + 2·D·K·H + 3·D·F·k' + D·E) + D·V: the weights
+    that take part in a matmul per token (q/o and k/v projections, the SwiGLU
+    gate/up/down with k' active experts (1 when dense), the MoE router, the
+    output projection). The embedding lookup is a gather; norms and biases are
+    negligible. Each matmul weight costs 2 FLOPs per token forward, 4 backward.
+  * ``P`` = Σ_t min(t+1, W): the (query, key) pairs a causal (sliding-window)
+    mask keeps per sequence; QKᵀ and PV cost 2·2·P·N·H forward, ×3 with backward.
+
+Recomputation (remat, the chunked loss's backward) is not counted: this is MFU,
+not hardware utilization. MFU = flops / step time / peak, with the dense bf16
+peak of the device from ``PEAK_TFLOPS``; None on CPU, in fp32, or when unknown.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from jaxsft.models.model_config import ModelConfig
+
+# Dense bf16 tensor-core peak, TFLOP/s, by a substring of ``device.device_kind``
+# (first match wins, so more specific names come first). Sparsity excluded.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),  # SXM5 / HBM3
+    ("H200", 989.4),
+    ("H800", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("TPU v6", 918.0),  # Trillium (v6e, "TPU v6 lite")
+    ("TPU v5 lite", 197.0),  # v5e
+    ("TPU v5", 459.0),  # v5p
+    ("TPU v4", 275.0),
+)
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Weights that take part in a matmul per token (active experts only)."""
+  d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  if cfg.is_moe:
+    ffn = 3 * d * cfg.intermediate_size * cfg.num_experts_per_tok + d * cfg.num_experts
+  else:
+    ffn = 3 * d * cfg.intermediate_size
+  per_layer = 2 * d * n * h + 2 * d * k * h + ffn
+  return cfg.num_layers * per_layer + d * cfg.vocab_size
+
+
+def attended_pairs(cfg: ModelConfig, seq_len: int) -> int:
+  """(query, key) pairs per sequence under the causal (and sliding-window) mask."""
+  t = np.arange(1, seq_len + 1)
+  if cfg.sliding_window is not None:
+    t = np.minimum(t, cfg.sliding_window)
+  return int(t.sum())
+
+
+def train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
+  """Model FLOPs of one forward+backward step over ``batch`` × ``seq_len`` tokens."""
+  dense = 6 * matmul_params(cfg) * batch * seq_len
+  attention = (12 * cfg.num_layers * batch * attended_pairs(cfg, seq_len)
+               * cfg.num_heads * cfg.head_dim)
+  return float(dense + attention)
+
+
+def peak_tflops(device, dtype: str) -> float | None:
+  """The documented dense bf16 peak of ``device``; None on CPU, for fp32, or if unknown."""
+  if device.platform == "cpu" or dtype != "bfloat16":
+    return None
+  for name, tflops in PEAK_TFLOPS:
+    if name.lower() in device.device_kind.lower():
+      return tflops
+  return None
+
+
+class MetricsWriter:
+  """Appends rows to ``OUT/metrics.jsonl`` (and TensorBoard, if tensorboardX is
+  installed) and redraws ``OUT/loss.png``. Only one process writes."""
+
+  def __init__(self, out: pathlib.Path, enabled: bool = True):
+    self.path = out / "metrics.jsonl"
+    self.plot_path = out / "loss.png"
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      try:
+        import tensorboardX  # noqa: PLC0415  (optional)
+        self._tb = tensorboardX.SummaryWriter(str(out / "tensorboard"))
+      except ImportError:
+        pass
+
+  def write(self, row: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for key, value in row.items():
+        if isinstance(value, (int, float)) and key != "step":
+          self._tb.add_scalar(f"{row['stage']}/{row.get('split', 'train')}/{key}", value,
+                              row["step"])
+
+  def rows(self) -> list[dict[str, Any]]:
+    if not self.path.is_file():
+      return []
+    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+  def plot(self) -> None:
+    """Train and eval loss per stage, stages laid end to end on one step axis."""
+    if not self.enabled:
+      return
+    plot_loss(self.rows(), self.plot_path)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def plot_loss(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+  import matplotlib  # noqa: PLC0415  (slow import, only when plotting)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+  offset, stages = 0, []
+  for row in rows:
+    if row["stage"] not in stages:
+      stages.append(row["stage"])
+  for i, stage in enumerate(stages):
+    color = f"C{i}"
+    last = 0
+    for split, style in (("train", "-"), ("eval", "o--")):
+      pts = [(r["step"], r["loss"]) for r in rows
+             if r["stage"] == stage and r.get("split", "train") == split and r["loss"] is not None]
+      if pts:
+        steps, loss = zip(*pts)
+        ax.plot([offset + s for s in steps], loss, style, color=color, label=f"{stage} {split}")
+        last = max(last, max(steps))
+    if i:
+      ax.axvline(offset, color="grey", lw=0.5)
+    offset += last
+  ax.set_xlabel("step (stages end to end)")
+  ax.set_ylabel("loss")
+  ax.grid(alpha=0.3)
+  if stages:
+    ax.legend()
+  fig.tight_layout()
+  tmp = path.with_suffix(".tmp.png")
+  fig.savefig(tmp)
+  plt.close(fig)
+  tmp.replace(path)
+
+
+class Progress:
+  """A progress bar: stage, step/total, loss, lr, tokens/s and ETA (tqdm)."""
+
+  def __init__(self, stage: str, total: int, start: int):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    self.bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True,
+                    unit="step", mininterval=1.0)
+
+  def update(self, step: int, row: dict[str, Any]) -> None:
+    self.bar.update(step - self.bar.n)
+    self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                         tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+
+  def close(self) -> None:
+    self.bar.close()
