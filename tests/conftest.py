@@ -3,8 +3,11 @@ on the fly with transformers (no network, nothing downloaded)."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tokenized-data caches of test runs stay out of the user's ~/.cache.
+os.environ.setdefault("JAXSFT_CACHE_DIR", tempfile.mkdtemp(prefix="jaxsft-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

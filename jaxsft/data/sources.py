@@ -69,31 +69,42 @@ def load_examples(spec: Mapping[str, Any]) -> list[Conversation]:
   return list(iter_examples(spec))
 
 
-def iter_rows(path: str, split: str | None = None) -> Iterator[tuple[str, dict]]:
-  """``(source, row)`` for every row under ``path``; ``source`` is
-  ``FILE:LINE`` for JSON Lines and ``FILE:row N`` otherwise."""
+def locate(path: str) -> tuple[str, Any]:
+  """Where ``path``'s rows come from, without reading them: ``("saved", dir)``,
+  ``("files", [file, ...])`` or ``("hub", name)``. Raises ValueError for a
+  local path that does not exist, so configs can be checked up front."""
   if os.path.isdir(path):
     if _is_saved_dataset(path):
-      yield from _read_saved(path, split)
-      return
+      return "saved", path
     files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                    if f.endswith(FILE_TYPES) and os.path.isfile(f))
     if not files:
       raise ValueError(f"{path}: a directory with no {'/'.join(FILE_TYPES)} files and no "
                        "saved dataset (dataset_info.json / dataset_dict.json) in it")
-  elif os.path.isfile(path):
-    files = [path]
-  elif glob.has_magic(path):
+    return "files", files
+  if os.path.isfile(path):
+    return "files", [path]
+  if glob.has_magic(path):
     files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     if not files:
       raise ValueError(f"{path}: no files match this pattern")
-  elif _looks_local(path):
+    return "files", files
+  if _looks_local(path):
     raise ValueError(f"{path}: no such file or directory")
+  return "hub", path
+
+
+def iter_rows(path: str, split: str | None = None) -> Iterator[tuple[str, dict]]:
+  """``(source, row)`` for every row under ``path``; ``source`` is
+  ``FILE:LINE`` for JSON Lines and ``FILE:row N`` otherwise."""
+  kind, where = locate(path)
+  if kind == "saved":
+    yield from _read_saved(where, split)
+  elif kind == "hub":
+    yield from _read_hub(where, split)
   else:
-    yield from _read_hub(path, split)
-    return
-  for f in files:
-    yield from read_file(f)
+    for f in where:
+      yield from read_file(f)
 
 
 def read_file(path: str) -> Iterator[tuple[str, dict]]:
