@@ -62,7 +62,8 @@ def axis_letters(path: tuple[str, ...], ndim: int) -> str:
   return letters
 
 
-def _path_names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
+  """The string keys of a jax tree path."""
   return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
 
 
@@ -88,5 +89,5 @@ def spec_for(path: tuple[str, ...], shape: Sequence[int], mesh: Mesh,
 def param_shardings(params, mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES):
   """A NamedSharding tree matching ``params`` (arrays or ShapeDtypeStructs)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, spec_for(_path_names(path), x.shape, mesh, rules)),
+      lambda path, x: NamedSharding(mesh, spec_for(path_names(path), x.shape, mesh, rules)),
       params)

@@ -1,0 +1,192 @@
+"""Run configuration: defaults, stage builder and validation.
+
+A config file defines ``get_config()`` returning a ConfigDict built from
+``base_config()``; every key can be overridden on the command line
+(``--config.stages.sft.lr=2e-5``). The keys, with the field's practice:
+
+  output_dir        where metrics.jsonl, loss.png, checkpoints and exports go
+  seed              one seed for initialization and the data order
+  model.source      Hugging Face directory or jaxsft checkpoint to start from
+  model.init        or: ModelConfig fields to build a model from scratch
+  model.dtype       compute dtype (bfloat16: bf16 matmuls, fp32 master weights)
+  model.param_dtype parameter dtype (bfloat16 here = pure-bf16 training)
+  model.remat       rematerialization policy of each layer (models/model_config.py)
+  model.attention   auto | xla | cudnn
+  model.trust_remote_code   never true unless you trust the model's own code
+  tokenizer         tokenizer directory (default: model.source)
+  mesh              sizes of the data / fsdp / tensor / expert mesh axes (-1: the rest)
+  stages            name -> stage (``stage()``), run in the order written
+  export.hf         write a Hugging Face directory to OUTPUT/hf after the last stage
+  export.dtype      its dtype (default: the model's parameter dtype)
+
+A stage (``stage(**overrides)``):
+
+  objective   lm (continued pre-training) | sft (answer-only loss)
+  method      full (every weight trains)
+  lr          peak learning rate. SFT uses about 0.1x the pre-training lr
+              (e.g. 1e-5..2e-5 for 7B-70B chat models, 1e-4 for small ones)
+  schedule    cosine | linear | constant, after warmup; min_lr_ratio sets the floor
+  warmup_ratio / warmup_steps   a small warmup (1-5% of steps), longer for larger lr
+  epochs / steps  SFT stops by loss convergence: ~2 epochs for >=100k samples,
+              more for small sets; steps overrides epochs
+  batch_size  sequences per optimizer step (global); or batch_tokens
+  grad_accum  micro-batches per step (token-weighted, same update as one big batch)
+  seq_len     packed row length
+  weight_decay, b1, b2, eps, grad_clip   AdamW and global-norm clipping
+  log_every, eval_every, eval_batches, checkpoint_every, keep_checkpoints
+  data        the stage's data mixture (``jaxsft.data.pipeline`` documents it)
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from jaxsft.data import pipeline as data_pipeline
+from jaxsft.data import sources as data_sources
+from jaxsft.models.model_config import ATTENTION_IMPLS, REMAT_POLICIES
+from jaxsft.sharding import MESH_AXES
+
+OBJECTIVES = ("lm", "sft")
+LATER_OBJECTIVES = ("cls", "reward")  # task heads arrive with their own issue
+METHODS = ("full",)
+LATER_METHODS = ("lora", "dora", "full_then_lora", "freeze", "adapter", "prefix", "prompt",
+                 "p_tuning")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every run-level key with its default (module docstring)."""
+  c = ml_collections.ConfigDict()
+  c.output_dir = "runs/default"
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      source=placeholder(str), init=placeholder(dict), dtype="bfloat16",
+      param_dtype="float32", remat="none", attention="auto", trust_remote_code=False))
+  c.tokenizer = placeholder(str)
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  c.stages = ml_collections.ConfigDict()
+  c.export = ml_collections.ConfigDict(dict(hf=False, dtype=placeholder(str)))
+  return c
+
+
+def stage_defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      objective="sft", method="full",
+      lr=1e-5, schedule="cosine", min_lr_ratio=0.0,
+      warmup_ratio=0.03, warmup_steps=placeholder(int),
+      epochs=placeholder(float), steps=placeholder(int),
+      batch_size=8, batch_tokens=placeholder(int), grad_accum=1, seq_len=2048,
+      weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
+      log_every=10, eval_every=0, eval_batches=placeholder(int),
+      checkpoint_every=500, keep_checkpoints=2,
+      data=data_pipeline.default_config()))
+
+
+def stage(**overrides) -> ml_collections.ConfigDict:
+  """A stage ConfigDict: the defaults with ``overrides`` applied (``data`` may be a dict)."""
+  s = stage_defaults()
+  _check_keys(overrides, s, "stage")
+  data = overrides.pop("data", None)
+  s.update(overrides)
+  if data is not None:
+    _check_keys(data, s.data, "stage.data")
+    s.data.update(data)
+  return s
+
+
+def _check_keys(given: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> None:
+  for key in given:
+    if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.5)
+      hint = f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
+      raise ValueError(f"{where}: unknown key {key!r}{hint} (valid keys: "
+                       f"{', '.join(sorted(defaults))})")
+
+
+def _one_of(value, choices, where, later=()) -> None:
+  if value in later:
+    raise ValueError(f"{where}={value!r} is not available yet (it comes with its own issue); "
+                     f"available now: {', '.join(choices)}")
+  if value not in choices:
+    raise ValueError(f"{where}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Check a run config before anything heavy starts; raise ValueError naming the key."""
+  _check_keys(config, base_config(), "config")
+  _check_keys(config.model, base_config().model, "config.model")
+  _check_keys(config.mesh, base_config().mesh, "config.mesh")
+  _check_keys(config.export, base_config().export, "config.export")
+  m = config.model
+  if (m.source is None) == (m.init is None):
+    raise ValueError("config.model: set exactly one of model.source (a Hugging Face directory "
+                     "or jaxsft checkpoint) and model.init (fields of a new model)")
+  if m.init is not None and config.tokenizer is None:
+    raise ValueError("config.tokenizer: a model built from model.init needs a tokenizer "
+                     "directory")
+  _one_of(m.dtype, DTYPES, "config.model.dtype")
+  _one_of(m.param_dtype, DTYPES, "config.model.param_dtype")
+  _one_of(m.remat, REMAT_POLICIES, "config.model.remat")
+  _one_of(m.attention, ATTENTION_IMPLS, "config.model.attention")
+  sizes = [config.mesh[a] for a in MESH_AXES]
+  if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: sizes must be positive, with at most one -1; got "
+                     f"{config.mesh.to_dict()}")
+  if not config.stages:
+    raise ValueError("config.stages is empty: add at least one stage, e.g. "
+                     "config.stages.sft = jaxsft.config.stage(lr=1e-5, data=dict(datasets=[...]))")
+  for name, s in config.stages.items():
+    validate_stage(name, s)
+  if config.export.dtype is not None:
+    _one_of(config.export.dtype, DTYPES, "config.export.dtype")
+
+
+def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
+  where = f"config.stages.{name}"
+  _check_keys(s, stage_defaults(), where)
+  _check_keys(s.data, stage_defaults().data, f"{where}.data")
+  _one_of(s.objective, OBJECTIVES, f"{where}.objective", LATER_OBJECTIVES)
+  _one_of(s.method, METHODS, f"{where}.method", LATER_METHODS)
+  _one_of(s.schedule, SCHEDULES, f"{where}.schedule")
+  if not s.data.datasets:
+    raise ValueError(f"{where}.data.datasets is empty: list the files this stage trains on")
+  for key in ("datasets", "eval_datasets"):
+    for i, spec in enumerate(s.data[key]):
+      path = spec if isinstance(spec, str) else spec.get("path")
+      if path is not None:
+        try:
+          data_sources.locate(str(path))
+        except ValueError as e:
+          raise ValueError(f"{where}.data.{key}[{i}]: {e}") from None
+  if s.lr <= 0:
+    raise ValueError(f"{where}.lr={s.lr} must be positive")
+  if s.epochs is not None and s.epochs <= 0 or s.steps is not None and s.steps <= 0:
+    raise ValueError(f"{where}: epochs and steps must be positive")
+  if s.batch_tokens is not None:
+    if s.batch_tokens % s.seq_len:
+      raise ValueError(f"{where}.batch_tokens={s.batch_tokens} is not a multiple of "
+                       f"seq_len={s.seq_len}")
+  elif s.batch_size < 1:
+    raise ValueError(f"{where}.batch_size={s.batch_size} must be at least 1")
+  if s.grad_accum < 1 or batch_size(s) % s.grad_accum:
+    raise ValueError(f"{where}: batch of {batch_size(s)} sequences is not divisible into "
+                     f"grad_accum={s.grad_accum} micro-batches")
+  if not 0 <= s.warmup_ratio < 1:
+    raise ValueError(f"{where}.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
+  if not 0 <= s.min_lr_ratio <= 1:
+    raise ValueError(f"{where}.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "seq_len"):
+    if s[key] < 1:
+      raise ValueError(f"{where}.{key}={s[key]} must be at least 1")
+  if s.eval_every and not (s.data.eval_fraction or s.data.eval_datasets):
+    raise ValueError(f"{where}.eval_every={s.eval_every} needs evaluation data: set "
+                     "data.eval_fraction or data.eval_datasets")
+
+
+def batch_size(s: ml_collections.ConfigDict) -> int:
+  """Sequences per optimizer step."""
+  return s.batch_tokens // s.seq_len if s.batch_tokens is not None else s.batch_size

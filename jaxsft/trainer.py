@@ -1,0 +1,388 @@
+"""One training run: the stage pipeline, and the loop of one stage.
+
+Per stage: build the data stream, the optimizer and the jitted step; restore
+the latest checkpoint of the stage if there is one; loop (log, evaluate,
+checkpoint); write the stage's final model checkpoint, which the next stage
+starts from and which is never rotated away.
+
+Layout of a run directory:
+  config.json               the resolved config
+  metrics.jsonl, loss.png   one JSON object per logged step (train and eval rows)
+  stages/NAME/checkpoints/  orbax CheckpointManager: state + data position, every N steps
+  stages/NAME/final/        the stage's final model (jaxsft.checkpoint format)
+  hf/                       Hugging Face export, when config.export.hf
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsft import checkpoint as checkpoint_lib
+from jaxsft import config as config_lib
+from jaxsft import hf, losses, metrics, optim
+from jaxsft import sharding as sharding_lib
+from jaxsft.data import pipeline as data_pipeline
+from jaxsft.models import llama
+from jaxsft.models.model_config import ModelConfig
+
+log = logging.getLogger("jaxsft")
+
+BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
+
+
+class TrainingDiverged(ValueError):
+  """The loss became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------- the step
+
+def stage_loss(cfg: ModelConfig, params, batch):
+  """(objective to differentiate, (loss_sum, token_count, aux)) of one micro-batch.
+
+  The objective is the summed token loss plus, for MoE models, the
+  load-balancing loss scaled by the token count, so that dividing the
+  accumulated gradient by the total token count gives transformers'
+  ``loss + router_aux_loss_coef * aux_loss`` in expectation.
+  """
+  hidden, aux = llama.hidden_states(cfg, params, batch["tokens"], batch["positions"],
+                                    batch["segment_ids"])
+  targets, weights = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
+                                               batch["loss_mask"])
+  loss_sum, count = losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params),
+                                                targets, weights)
+  objective = loss_sum
+  if cfg.is_moe:
+    objective = objective + cfg.router_aux_loss_coef * aux["aux_loss"] * count
+  return objective, (loss_sum, count, aux)
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, grad_accum: int):
+  """``train_step(state, batch) -> (state, metrics)``: pure, for ``jax.jit``.
+
+  The batch's rows split into ``grad_accum`` micro-batches (row i goes to
+  micro-batch i mod K, so each device keeps its own rows); gradients of the
+  summed loss add up and are divided once by the total trained-token count:
+  the same update as one batch of all the tokens.
+  """
+  grad_fn = jax.value_and_grad(lambda p, b: stage_loss(cfg, p, b), has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    micro = jax.tree_util.tree_map(
+        lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+        batch)
+
+    def accumulate(carry, mb):
+      grads, loss_sum, count, aux_loss = carry
+      (_, (ls, cnt, aux)), g = grad_fn(state.params, mb)
+      grads = jax.tree_util.tree_map(jnp.add, grads, g)
+      return (grads, loss_sum + ls, count + cnt, aux_loss + aux.get("aux_loss", 0.0)), aux
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32))
+    (grads, loss_sum, count, aux_loss), auxes = jax.lax.scan(accumulate, init, micro)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = {
+        "loss": loss_sum / denom,
+        "trained_tokens": count,
+        "grad_norm": optim.global_norm(grads),
+        "lr": lr_fn(state.step),
+    }
+    if cfg.is_moe:
+      out["aux_loss"] = aux_loss / grad_accum
+      out["expert_fractions"] = jnp.mean(auxes["expert_fractions"], axis=0)
+    return TrainState(state.step + 1, params, opt_state), out
+
+  return train_step
+
+
+def make_eval_step(cfg: ModelConfig):
+  def eval_step(params, batch):
+    _, (loss_sum, count, _) = stage_loss(cfg, params, batch)
+    return loss_sum, count
+  return eval_step
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def _state_shardings(abstract_state: TrainState, param_shardings, mesh):
+  """Shardings for the whole state: optimizer moments follow their parameter
+  (matched by the parameter's path being a suffix of the moment's path)."""
+  by_path = {sharding_lib.path_names(p): s for p, s in
+             jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, x):
+    names = sharding_lib.path_names(path)
+    for i in range(len(names)):
+      s = by_path.get(names[i:])
+      if s is not None and len(s.spec) <= x.ndim:
+        return s
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(("data", "fsdp"), None))
+
+
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Global host batch → sharded arrays; each process fills only its own devices'
+  rows, so this works unchanged when several processes feed one mesh."""
+  return {k: jax.make_array_from_callback(batch[k].shape, sharding,
+                                          lambda idx, a=batch[k]: a[idx])
+          for k in BATCH_KEYS}
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class Run:
+  """What stays the same across stages."""
+  config: Any
+  out: pathlib.Path
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  tokenizer_dir: pathlib.Path
+  writer: metrics.MetricsWriter
+
+
+def load_tokenizer(path, trust_remote_code: bool):
+  import transformers  # noqa: PLC0415  (slow import, only when a run starts)
+  try:
+    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"could not load a tokenizer from {path}: {e}") from None
+
+
+def _policy(config) -> dict:
+  m = config.model
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
+
+
+def initial_model(config, mesh) -> tuple[ModelConfig, Any]:
+  """The starting weights: a Hugging Face directory, a jaxsft checkpoint, or new."""
+  m = config.model
+  if m.init is not None:
+    try:
+      cfg = ModelConfig(**{**dict(m.init), **_policy(config)})
+    except TypeError as e:
+      raise ValueError(f"config.model.init: {e}") from None
+    shardings = sharding_lib.param_shardings(llama.abstract_params(cfg), mesh)
+    init = jax.jit(lambda k: llama.init_params(cfg, k), out_shardings=shardings)
+    return cfg, init(jax.random.key(config.seed))
+  source = pathlib.Path(m.source)
+  if checkpoint_lib.is_checkpoint(source):
+    cfg, params = checkpoint_lib.load_model(source, mesh)
+    cfg = cfg.replace(**_policy(config))
+    return cfg, jax.tree_util.tree_map(lambda x: x.astype(cfg.param_dtype), params)
+  cfg = hf.config_from_hf(source, **_policy(config))
+  return hf.load_params(source, cfg=cfg, mesh=mesh)
+
+
+def _check_run_dir(out: pathlib.Path, config) -> None:
+  """Refuse an output dir that holds a different run (model or stages differ)."""
+  previous = out / "config.json"
+  if not previous.is_file():
+    return
+  old = json.loads(previous.read_text())
+  new = json.loads(config.to_json_best_effort())
+  for key in ("model", "stages"):
+    a, b = old.get(key), new.get(key)
+    if key == "stages":
+      a, b = _stage_shapes(a or {}), _stage_shapes(b or {})
+    if a != b:
+      raise ValueError(
+          f"{out} holds another run whose {key!r} differs from this config's, so its "
+          f"checkpoints cannot be resumed; choose another --config.output_dir or delete {out}")
+
+
+def _stage_shapes(stages: dict) -> dict:
+  return {name: {k: s.get(k) for k in ("method", "seq_len")} for name, s in stages.items()}
+
+
+def train(config) -> pathlib.Path:
+  """Run every stage of ``config`` (resuming where a previous run stopped)."""
+  config_lib.validate(config)
+  out = pathlib.Path(config.output_dir)
+  _check_run_dir(out, config)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+  mesh = sharding_lib.make_mesh({k: v for k, v in config.mesh.items()})
+  tokenizer_dir = pathlib.Path(config.tokenizer or config.model.source)
+  if checkpoint_lib.is_checkpoint(tokenizer_dir):
+    tokenizer_dir = tokenizer_dir / checkpoint_lib.TOKENIZER_DIR
+  tokenizer = load_tokenizer(tokenizer_dir, config.model.trust_remote_code)
+  run = Run(config, out, mesh, tokenizer, tokenizer_dir,
+            metrics.MetricsWriter(out, enabled=jax.process_index() == 0))
+
+  names = list(config.stages.keys())
+  finals = [out / "stages" / n / "final" for n in names]
+  # Stages up to the last one with a final checkpoint are done; the next starts from it.
+  done = max((i for i, f in enumerate(finals) if checkpoint_lib.is_checkpoint(f)), default=-1)
+  if done >= 0:
+    log.info("stages %s already complete; continuing from %s", names[:done + 1], finals[done])
+    cfg, params = checkpoint_lib.load_model(finals[done], mesh)
+    cfg = cfg.replace(**_policy(config))
+    params = jax.tree_util.tree_map(lambda x: x.astype(cfg.param_dtype), params)
+  else:
+    cfg, params = initial_model(config, mesh)
+  for name in names[done + 1:]:
+    params = run_stage(run, name, config.stages[name], cfg, params)
+    run.writer.plot()
+
+  if config.export.hf and jax.process_index() == 0:
+    hf.save_params(params, cfg, out / "hf", tokenizer_src=tokenizer_dir,
+                   dtype=config.export.dtype, overwrite=True)
+  run.writer.close()
+  return out
+
+
+def _total_steps(stage, pipe, batch: int) -> int:
+  if stage.steps is not None:
+    return int(stage.steps)
+  epochs = stage.epochs if stage.epochs is not None else 1.0
+  return max(1, int(math.ceil(epochs * pipe.steps_per_epoch(batch))))
+
+
+def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
+  """Train one stage from ``params``; returns the final parameters."""
+  config, mesh = run.config, run.mesh
+  batch = config_lib.batch_size(stage)
+  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch % (data_shards * stage.grad_accum):
+    raise ValueError(
+        f"config.stages.{name}: a batch of {batch} sequences cannot be split over "
+        f"{data_shards} data-parallel devices x grad_accum={stage.grad_accum}; use a batch "
+        f"divisible by {data_shards * stage.grad_accum}")
+  if stage.seq_len > cfg.max_position_embeddings:
+    raise ValueError(f"config.stages.{name}.seq_len={stage.seq_len} exceeds the model's "
+                     f"context of {cfg.max_position_embeddings} tokens (max_position_embeddings)")
+
+  pipe = data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len, seed=config.seed)
+  steps = _total_steps(stage, pipe, batch)
+  tx, lr_fn = optim.build(stage, steps, params)
+
+  param_shardings = sharding_lib.param_shardings(params, mesh)
+  abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), params)
+  state_shardings = _state_shardings(abstract, param_shardings, mesh)
+  bsh = batch_sharding(mesh)
+
+  step_fn = jax.jit(make_train_step(cfg, tx, lr_fn, stage.grad_accum),
+                    in_shardings=(state_shardings, bsh), out_shardings=(state_shardings, None),
+                    donate_argnums=0)
+  eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(param_shardings, bsh))
+
+  stage_dir = run.out / "stages" / name
+  manager = ocp.CheckpointManager(
+      (stage_dir / "checkpoints").resolve(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=stage.keep_checkpoints,
+                                           enable_async_checkpointing=True),
+      item_names=("state", "data"))
+  data_state = None
+  latest = manager.latest_step()
+  if latest is not None:
+    restored = manager.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract, state_shardings)),
+        data=ocp.args.JsonRestore()))
+    state, data_state = restored.state, restored.data
+    log.info("stage %s: resumed from step %d", name, latest)
+  else:
+    state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                    out_shardings=state_shardings)(params)
+  del params
+
+  batches = pipe.batches(batch, state=data_state)
+  start = int(state.step)
+  flops_per_step = metrics.train_flops(cfg, batch, stage.seq_len)
+  peak = metrics.peak_tflops(jax.devices()[0], cfg.dtype)
+  progress = metrics.Progress(name, steps, start)
+  timer_start, timer_step, seen_tokens = time.perf_counter(), start, 0
+  last_saved = latest
+  try:
+    for step in range(start, steps):
+      host_batch = next(batches)
+      seen_tokens += int((host_batch["segment_ids"] != 0).sum())
+      state, step_metrics = step_fn(state, put_batch(host_batch, bsh))
+      done = step + 1
+      save_now = done % stage.checkpoint_every == 0 or done == steps
+      if done % stage.log_every == 0 or save_now or done == start + 1:
+        m = jax.device_get(step_metrics)
+        if not np.isfinite(m["loss"]):
+          raise TrainingDiverged(
+              f"stage {name!r}, step {done}: the loss is {m['loss']}; stopping. The last good "
+              f"checkpoint ({'step ' + str(last_saved) if last_saved else 'none'}) is kept "
+              f"in {stage_dir / 'checkpoints'}; lower stages.{name}.lr or check the data")
+        elapsed = time.perf_counter() - timer_start
+        n_steps = done - timer_step
+        row = {"stage": name, "step": done, "split": "train",
+               "loss": float(m["loss"]), "lr": float(m["lr"]),
+               "grad_norm": float(m["grad_norm"]), "trained_tokens": int(m["trained_tokens"]),
+               "tokens_per_s": batch * stage.seq_len * n_steps / elapsed,
+               "nonpad_tokens_per_s": seen_tokens / elapsed,
+               "step_s": elapsed / n_steps,
+               "mfu": (None if peak is None else
+                       flops_per_step * n_steps / elapsed / (peak * 1e12))}
+        if cfg.is_moe:
+          row["aux_loss"] = float(m["aux_loss"])
+          row["expert_fractions"] = [round(float(f), 4) for f in m["expert_fractions"]]
+        run.writer.write(row)
+        progress.update(done, row)
+        timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
+      paused = False
+      if stage.eval_every and (done % stage.eval_every == 0 or done == steps):
+        run.writer.write(evaluate(eval_fn, state.params, pipe, batch, bsh, stage, name, done))
+        run.writer.plot()
+        paused = True
+      if save_now:
+        manager.save(done, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(batches.state())))
+        last_saved, paused = done, True
+      if paused:  # throughput counts training steps only
+        timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    progress.close()
+
+  checkpoint_lib.save_model(stage_dir / "final", state.params, cfg,
+                            tokenizer_src=run.tokenizer_dir, overwrite=True)
+  return state.params
+
+
+def evaluate(eval_fn, params, pipe, batch: int, bsh, stage, name: str, step: int) -> dict:
+  total = count = 0.0
+  for i, b in enumerate(pipe.eval_batches(batch)):
+    if stage.eval_batches is not None and i >= stage.eval_batches:
+      break
+    s, c = jax.device_get(eval_fn(params, put_batch(b, bsh)))
+    total, count = total + float(s), count + float(c)
+  return {"stage": name, "step": step, "split": "eval",
+          "loss": total / count if count else None, "trained_tokens": int(count)}

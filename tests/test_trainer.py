@@ -1,0 +1,305 @@
+"""The training loop: stages, accumulation, checkpoints and resume, logging, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import train_fixtures
+from jaxsft import checkpoint, config as config_lib, trainer
+from jaxsft.models import ModelConfig, llama
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _rows(out):
+  return [json.loads(l) for l in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_params(out, stage="sft"):
+  return checkpoint.load_model(pathlib.Path(out) / "stages" / stage / "final")[1]
+
+
+def _assert_trees_equal(a, b, atol=0.0):
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), atol=atol, rtol=0), a, b)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("run")
+  config = train_fixtures.tiny_config(root / "data", root / "out", cpt_steps=24, sft_steps=8)
+  config.stages.sft.eval_every = 4
+  config.stages.sft.data.eval_fraction = 0.1
+  config.export.hf = True
+  trainer.train(config)
+  return root / "out"
+
+
+def test_run_writes_what_the_design_promises(finished_run):
+  out = finished_run
+  for name in ("config.json", "metrics.jsonl", "loss.png", "hf/config.json",
+               "hf/model.safetensors", "hf/tokenizer.json",
+               "stages/cpt/final/model_config.json", "stages/sft/final/params"):
+    assert (out / name).exists(), name
+  rows = _rows(out)
+  train = [r for r in rows if r["split"] == "train"]
+  assert {r["stage"] for r in train} == {"cpt", "sft"}
+  for key in ("stage", "step", "loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens",
+              "mfu", "nonpad_tokens_per_s"):
+    assert key in train[0], key
+  assert any(r["split"] == "eval" and r["loss"] is not None for r in rows)
+  cpt = [r["loss"] for r in train if r["stage"] == "cpt"]
+  assert cpt[-1] < cpt[0] - 0.5, f"the CPT loss should fall: {cpt}"
+
+
+def test_export_loads_in_transformers_with_the_same_logits(finished_run):
+  import torch
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(finished_run / "hf").eval()
+  cfg, params = checkpoint.load_model(finished_run / "stages" / "sft" / "final")
+  tokens = np.arange(3, 23)[None]
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens)).logits.numpy()
+  ours, _ = llama.forward(cfg, params, jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
+
+
+def test_rerun_of_a_finished_run_does_nothing_new(finished_run, tmp_path):
+  before = _rows(finished_run)
+  config = train_fixtures.tiny_config(finished_run.parent / "data", finished_run, cpt_steps=24,
+                                      sft_steps=8)
+  config.stages.sft.eval_every = 4
+  config.stages.sft.data.eval_fraction = 0.1
+  config.export.hf = True
+  trainer.train(config)
+  assert _rows(finished_run) == before
+
+
+def _batch(cfg, rows=8, seq=16, seed=0):
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(3, cfg.vocab_size, (rows, seq)).astype(np.int32)
+  segments = np.ones_like(tokens)
+  segments[::3, seq - 5:] = 0  # some padding
+  loss_mask = (rng.rand(rows, seq) > 0.3).astype(np.int32)
+  positions = np.broadcast_to(np.arange(seq, dtype=np.int32), tokens.shape).copy()
+  return {"tokens": tokens, "loss_mask": loss_mask, "segment_ids": segments,
+          "positions": positions}
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  cfg = ModelConfig(**{**train_fixtures.TINY_MODEL, "vocab_size": 64})
+  params = llama.init_params(cfg, jax.random.key(0))
+  # Plain SGD with lr 1: the update is the gradient itself (Adam's first step
+  # would normalize it away and hide an accumulation bug).
+  tx, lr = optax.sgd(1.0), optax.constant_schedule(1.0)
+  batch = _batch(cfg)
+  results = {}
+  for k in (1, 4):
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    step = jax.jit(trainer.make_train_step(cfg, tx, lr, k))
+    new_state, m = step(state, batch)
+    results[k] = (new_state.params, float(m["loss"]), float(m["trained_tokens"]))
+  # the token-weighted mean differs from a mean of per-micro-batch means here
+  assert len({int(m) for m in _batch(cfg)["loss_mask"].reshape(4, -1).sum(1)}) > 1
+  for k in (4,):
+    _assert_trees_equal(results[1][0], results[k][0], atol=1e-6)
+    assert results[k][1] == pytest.approx(results[1][1], abs=1e-6)
+    assert results[k][2] == results[1][2]
+
+
+def test_the_step_compiles_once_per_stage(tmp_path):
+  compiles = []
+
+  def listener(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    counts = []
+    for steps in (2, 6):
+      compiles.clear()
+      config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / f"out{steps}",
+                                          cpt_steps=steps)
+      del config.stages["sft"]
+      trainer.train(config)
+      counts.append(len(compiles))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert counts[0] == counts[1], f"more steps compiled more programs: {counts}"
+
+
+# ----------------------------------------------------------------------------- resume
+
+def _train_cli(config_path, out, extra=(), **popen):
+  cmd = [sys.executable, "-m", "jaxsft.train", f"--config={config_path}",
+         f"--config.output_dir={out}", *extra]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _config_file(tmp_path, cpt_steps, sft_steps):
+  path = tmp_path / "run_config.py"
+  path.write_text(f"""
+import pathlib, sys
+sys.path.insert(0, {str(REPO / 'tests')!r})
+import train_fixtures
+
+def get_config():
+  return train_fixtures.tiny_config(pathlib.Path({str(tmp_path / 'data')!r}),
+                                    pathlib.Path('unused'), cpt_steps={cpt_steps},
+                                    sft_steps={sft_steps})
+""")
+  return path
+
+
+def _kill_when(proc, condition, timeout=240):
+  start = time.time()
+  while not condition():
+    if proc.poll() is not None:
+      raise AssertionError(f"the run ended before it could be killed:\n{proc.stdout.read()}")
+    if time.time() - start > timeout:
+      proc.kill()
+      raise AssertionError("timed out waiting to kill the run")
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+def _checkpoint_steps(out, stage):
+  d = pathlib.Path(out) / "stages" / stage / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_kill_9_mid_stage_and_between_stages_resumes_exactly(tmp_path):
+  """A real SIGKILL mid-stage (after a checkpoint), then, in the resumed run,
+  another between the stages; re-running the same command finishes with the
+  same parameters as an uninterrupted run."""
+  train_fixtures.write_data(tmp_path / "data")
+  config = _config_file(tmp_path, cpt_steps=12, sft_steps=8)
+  ref_out = tmp_path / "uninterrupted"
+  ref = _train_cli(config, ref_out)
+  assert ref.wait() == 0, ref.stdout.read()
+
+  out = tmp_path / "killed"
+  _kill_when(_train_cli(config, out), lambda: 4 in _checkpoint_steps(out, "cpt"))
+  assert not (out / "stages" / "cpt" / "final").exists()
+  _kill_when(_train_cli(config, out), lambda: (out / "stages" / "cpt" / "final").is_dir())
+  assert not (out / "stages" / "sft" / "final").exists()
+  last = _train_cli(config, out)
+  assert last.wait() == 0, last.stdout.read()
+  _assert_trees_equal(_final_params(ref_out, "cpt"), _final_params(out, "cpt"))
+  _assert_trees_equal(_final_params(ref_out), _final_params(out))
+  assert _rows(out)[-1]["loss"] == pytest.approx(_rows(ref_out)[-1]["loss"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _error(config):
+  with pytest.raises(ValueError) as e:
+    trainer.train(config)
+  return str(e.value)
+
+
+def test_config_typo_names_the_nearest_key(tmp_path):
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out")
+  config.stages.cpt.lrr = 1e-3
+  assert "did you mean 'lr'" in _error(config)
+
+
+def test_missing_model_dir(tmp_path):
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out")
+  config.model.init = None
+  config.model.source = str(tmp_path / "nope")
+  assert "does not exist" in _error(config)
+
+
+def test_missing_dataset_path(tmp_path):
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out")
+  config.stages.sft.data.datasets = [str(tmp_path / "missing.jsonl")]
+  msg = _error(config)
+  assert "config.stages.sft.data.datasets[0]" in msg and "missing.jsonl" in msg
+  assert not (tmp_path / "out").exists()  # refused before anything heavy started
+
+
+def test_seq_len_beyond_the_context(tmp_path):
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", seq_len=512)
+  msg = _error(config)
+  assert "seq_len=512" in msg and "256" in msg
+
+
+def test_batch_not_divisible_by_accumulation(tmp_path):
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", batch_size=6,
+                                      grad_accum=4)
+  assert "grad_accum=4" in _error(config)
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path):
+  out = tmp_path / "out"
+  config = train_fixtures.tiny_config(tmp_path / "data", out, cpt_steps=2)
+  del config.stages["sft"]
+  trainer.train(config)
+  other = train_fixtures.tiny_config(tmp_path / "data", out, cpt_steps=2)
+  del other.stages["sft"]
+  other.model.init = {**other.model.init, "hidden_size": 64, "head_dim": 16}
+  assert "another run" in _error(other)
+
+
+def test_nan_loss_stops_with_stage_and_step_and_keeps_the_checkpoint(tmp_path):
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", cpt_steps=12)
+  del config.stages["sft"]
+  config.stages.cpt.lr = 1e30  # diverges after the first updates
+  config.stages.cpt.grad_clip = 0.0
+  with pytest.raises(trainer.TrainingDiverged) as e:
+    trainer.train(config)
+  assert "stage 'cpt'" in str(e.value) and "step" in str(e.value)
+  assert not (tmp_path / "out" / "stages" / "cpt" / "final").exists()
+
+
+# ----------------------------------------------------------------------------- sharding
+
+_SHARDED_RUN = """
+import os, sys, json, pathlib
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, {tests!r})
+import jax
+import train_fixtures
+from jaxsft import trainer
+config = train_fixtures.tiny_config(pathlib.Path({data!r}), pathlib.Path({out!r}), cpt_steps=6,
+                                    batch_size=8, log_every=1)
+del config.stages["sft"]
+config.mesh.fsdp, config.mesh.tensor = 4, 2
+assert len(jax.devices()) == 8
+trainer.train(config)
+"""
+
+
+def test_fsdp_x_tensor_mesh_on_8_devices_matches_one_device(tmp_path):
+  """fsdp=4 x tensor=2 over 8 simulated CPU devices: the same losses as one device."""
+  data = tmp_path / "data"
+  single = train_fixtures.tiny_config(data, tmp_path / "single", cpt_steps=6, batch_size=8,
+                                      log_every=1)
+  del single.stages["sft"]
+  trainer.train(single)
+  script = _SHARDED_RUN.format(tests=str(REPO / "tests"), data=str(data),
+                               out=str(tmp_path / "sharded"))
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  one = [r["loss"] for r in _rows(tmp_path / "single") if r["split"] == "train"]
+  eight = [r["loss"] for r in _rows(tmp_path / "sharded") if r["split"] == "train"]
+  assert len(one) == len(eight) == 6
+  np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
