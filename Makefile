@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,11 @@ test: $(STAMP)
 	@$(VPY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
+# Trains configs/demo.py into runs/demo (re-running resumes or, once finished,
+# only reports), then prints where things are and sample generations.
 demo: $(STAMP)
-	$(VPY) tools/foundation_demo.py --out runs/demo
+	$(VPY) -m jaxsft.train --config configs/demo.py
+	$(VPY) tools/demo_report.py runs/demo
 
 clean:
 	rm -rf $(VENV) runs/demo

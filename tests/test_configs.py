@@ -1,0 +1,114 @@
+"""Every config file loads and validates; overrides and typos behave as on the CLI."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from jaxsft import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def load(path: pathlib.Path):
+  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_there_are_recipes():
+  names = {p.stem for p in CONFIGS}
+  assert {"demo", "qwen1.5-72b-chat_domain_sft", "yi-34b-chat_domain_sft",
+          "mixtral-8x7b-instruct_domain_sft", "llama3-8b_cpt_then_sft",
+          "qwen2-7b_cpt_sftmix_then_mixed_sft", "qwen2-7b-instruct_domain_sft"} <= names
+
+
+def dataset_paths(config) -> list[str]:
+  return [spec if isinstance(spec, str) else spec["path"]
+          for stage in config.stages.values()
+          for key in ("datasets", "eval_datasets") for spec in stage.data[key]]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_and_validates(path, tmp_path, monkeypatch):
+  config = load(path).get_config()
+  # Recipes name placeholder data (data/your_domain_sft.jsonl, relative to the
+  # working directory) that the user replaces; validation checks files exist,
+  # so stand-ins are made in a scratch working directory.
+  monkeypatch.chdir(tmp_path)
+  for data in dataset_paths(config):
+    if not pathlib.Path(data).is_absolute():
+      (tmp_path / data).parent.mkdir(parents=True, exist_ok=True)
+      (tmp_path / data).touch()
+  config_lib.validate(config)
+  assert config.stages, path
+  json.loads(config.to_json())  # the resolved config is written to the run dir as JSON
+
+
+def parse_cli(argv: list[str]):
+  """Parse ``argv`` exactly as ``python -m jaxsft.train`` does, on private flags."""
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
+                                           lock_config=False, sys_argv=argv)
+  fv(argv)
+  return holder.value
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # in config_flags
+def test_cli_overrides_reach_the_config():
+  config = parse_cli(["train", "--config", str(ROOT / "configs" / "demo.py"),
+                      "--config.stages.sft.lr=2e-5", "--config.stages.cpt.steps=7",
+                      "--config.model.init.hidden_size=64"])
+  assert config.stages.sft.lr == 2e-5
+  assert config.stages.cpt.steps == 7
+  assert config.model.init["hidden_size"] == 64
+  config_lib.validate(config)
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_cli_typo_names_the_nearest_key():
+  with pytest.raises(AttributeError, match='Did you mean "lr"'):
+    parse_cli(["train", "--config", str(ROOT / "configs" / "demo.py"),
+               "--config.stages.sft.lrr=2e-5"])
+
+
+def test_validate_names_the_nearest_key_of_a_typo():
+  config = load(ROOT / "configs" / "demo.py").get_config()
+  config.stages.sft.lrr = 2e-5  # an unlocked ConfigDict takes new keys silently
+  with pytest.raises(ValueError, match=r"stages\.sft: unknown key 'lrr'; did you mean 'lr'"):
+    config_lib.validate(config)
+  config = load(ROOT / "configs" / "demo.py").get_config()
+  config.stages.cpt.data.eval_fractions = 0.1
+  with pytest.raises(ValueError, match="did you mean 'eval_fraction'"):
+    config_lib.validate(config)
+
+
+def test_methods_that_come_later_are_explained():
+  config = load(ROOT / "configs" / "qwen1.5-72b-chat_domain_sft.py").get_config()
+  config.stages.sft.method = "lora"
+  with pytest.raises(ValueError, match="comes with its own issue"):
+    config_lib.validate(config)
+
+
+def test_demo_matches_its_data_and_tokenizer():
+  demo = load(ROOT / "configs" / "demo.py")
+  config = demo.get_config()
+  tokenizer = json.loads((pathlib.Path(config.tokenizer) / "tokenizer.json").read_text())
+  vocab = tokenizer["model"]["vocab"]
+  init = config.model.init
+  assert init["vocab_size"] == len(vocab)
+  assert init["pad_token_id"] == vocab["<pad>"]
+  assert init["bos_token_id"] == vocab["<s>"]
+  assert init["eos_token_ids"] == (vocab["<|im_end|>"], vocab["</s>"])
+  for stage in config.stages.values():
+    for spec in stage.data.datasets:
+      assert pathlib.Path(spec["path"]).is_file(), spec["path"]
+  # The tokenizer was trained on the system prompts the demo uses.
+  script = load(ROOT / "tools" / "make_demo_data.py")
+  assert {demo.SUPPORT, demo.INTENT, demo.GENERAL} == set(script.SYSTEM_PROMPTS.values())
