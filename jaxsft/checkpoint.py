@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxsft import hf
 from jaxsft import sharding as sharding_lib
@@ -49,14 +51,50 @@ def save_model(path: PathLike, params, cfg: ModelConfig,
     raise ValueError(f"params do not match the model config at {diff[:5]}: got "
                      f"{[got.get(k) for k in diff[:5]]}, the config implies "
                      f"{[want.get(k) for k in diff[:5]]} (shape, dtype)")
+  if jax.process_count() > 1:
+    return _save_model_multiprocess(pathlib.Path(path), params, cfg, tokenizer_src, overwrite)
   with hf.staged_dir(path, overwrite) as tmp:
+    _write(tmp, params, cfg, tokenizer_src)
+  return pathlib.Path(path)
+
+
+def _write(tmp: pathlib.Path, params, cfg: ModelConfig, tokenizer_src, primary: bool = True):
+  if primary:
     (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
-    # Leaving the block waits for orbax's background writes to finish.
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp.resolve() / PARAMS_DIR, params)
     if tokenizer_src is not None:
       hf.copy_tokenizer_files(tokenizer_src, tmp / TOKENIZER_DIR)
-  return pathlib.Path(path)
+  # Leaving the block waits for orbax's background writes to finish.
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp.resolve() / PARAMS_DIR, params)
+
+
+def _save_model_multiprocess(path: pathlib.Path, params, cfg, tokenizer_src, overwrite):
+  """The same, when several processes hold parts of ``params``: every process
+  writes its shards through orbax into one staging directory (the run
+  directory is on a filesystem they share); process 0 writes the rest and
+  moves the directory into place once all have finished."""
+  primary = jax.process_index() == 0
+  tmp = path.with_name(f".{path.name}.partial")
+  if primary:
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+      raise ValueError(f"output directory {path} is not empty; choose another one or "
+                       "overwrite it")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+  multihost_utils.sync_global_devices(f"jaxsft save_model {path}: staged")
+  _write(tmp, params, cfg, tokenizer_src, primary)
+  multihost_utils.sync_global_devices(f"jaxsft save_model {path}: written")
+  if primary:
+    if path.exists():
+      old = path.with_name(f".{path.name}.old")
+      shutil.rmtree(old, ignore_errors=True)
+      path.rename(old)
+      tmp.rename(path)
+      shutil.rmtree(old)
+    else:
+      tmp.rename(path)
+  multihost_utils.sync_global_devices(f"jaxsft save_model {path}: done")
+  return path
 
 
 def load_model(path: PathLike, mesh=None, rules=None) -> tuple[ModelConfig, dict]:

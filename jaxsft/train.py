@@ -19,10 +19,26 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a config file
 
 
 def _maybe_initialize_distributed() -> None:
-  """Join a multi-process run when launched as one (SLURM, TPU pods, or explicit env)."""
+  """Join a multi-process run when launched as one.
+
+  Under SLURM (several tasks) and on TPU pods, ``jax.distributed.initialize()``
+  finds its peers itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of
+  process 0) with JAXSFT_NUM_PROCESSES and JAXSFT_PROCESS_ID on every process.
+  """
   import jax  # noqa: PLC0415
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAXSFT_DISTRIBUTED"):
-    jax.distributed.initialize()
+  slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  explicit = "JAXSFT_NUM_PROCESSES" in os.environ
+  if not (slurm or tpu_pod or explicit or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    return
+  # CPU processes need a collectives backend to talk to each other (GPU and
+  # TPU use NCCL / ICI); it is harmless elsewhere.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if explicit:
+    kwargs = dict(num_processes=int(os.environ["JAXSFT_NUM_PROCESSES"]),
+                  process_id=int(os.environ["JAXSFT_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
 
 
 def main(argv) -> None:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft import checkpoint as checkpoint_lib
@@ -230,8 +231,10 @@ def train(config) -> pathlib.Path:
   config_lib.validate(config)
   out = pathlib.Path(config.output_dir)
   _check_run_dir(out, config)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  primary = jax.process_index() == 0
+  if primary:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
   mesh = sharding_lib.make_mesh({k: v for k, v in config.mesh.items()})
   tokenizer_dir = pathlib.Path(config.tokenizer or config.model.source)
@@ -239,7 +242,7 @@ def train(config) -> pathlib.Path:
     tokenizer_dir = tokenizer_dir / checkpoint_lib.TOKENIZER_DIR
   tokenizer = load_tokenizer(tokenizer_dir, config.model.trust_remote_code)
   run = Run(config, out, mesh, tokenizer, tokenizer_dir,
-            metrics.MetricsWriter(out, enabled=jax.process_index() == 0))
+            metrics.MetricsWriter(out, enabled=primary))
 
   names = list(config.stages.keys())
   finals = [out / "stages" / n / "final" for n in names]
@@ -256,9 +259,13 @@ def train(config) -> pathlib.Path:
     params = run_stage(run, name, config.stages[name], cfg, params)
     run.writer.plot()
 
-  if config.export.hf and jax.process_index() == 0:
-    hf.save_params(params, cfg, out / "hf", tokenizer_src=tokenizer_dir,
-                   dtype=config.export.dtype, overwrite=True)
+  if config.export.hf:
+    if jax.process_count() > 1:
+      # Every process takes part in gathering the weights; one writes them.
+      params = multihost_utils.process_allgather(params, tiled=True)
+    if primary:
+      hf.save_params(params, cfg, out / "hf", tokenizer_src=tokenizer_dir,
+                     dtype=config.export.dtype, overwrite=True)
   run.writer.close()
   return out
 

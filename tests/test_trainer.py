@@ -303,3 +303,40 @@ def test_fsdp_x_tensor_mesh_on_8_devices_matches_one_device(tmp_path):
   eight = [r["loss"] for r in _rows(tmp_path / "sharded") if r["split"] == "train"]
   assert len(one) == len(eight) == 6
   np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_process_run_matches_one_process(tmp_path):
+  """Two CPU processes joined by jax.distributed (one device each, fsdp=2)
+  train, checkpoint and export like one process: the same losses."""
+  train_fixtures.write_data(tmp_path / "data")
+  config = _config_file(tmp_path, cpt_steps=6, sft_steps=4)
+  single = _train_cli(config, tmp_path / "single", ["--config.stages.cpt.log_every=1"])
+  assert single.wait() == 0, single.stdout.read()
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAXSFT_NUM_PROCESSES": "2",
+           "JAXSFT_PROCESS_ID": str(i)}
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "jaxsft.train", f"--config={config}",
+         f"--config.output_dir={tmp_path / 'two'}", "--config.stages.cpt.log_every=1",
+         "--config.export.hf=True"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  for p in procs:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+  one = [r["loss"] for r in _rows(tmp_path / "single") if r["split"] == "train"]
+  two = [r["loss"] for r in _rows(tmp_path / "two") if r["split"] == "train"]
+  assert len(one) == len(two) >= 8
+  np.testing.assert_allclose(two, one, atol=1e-5, rtol=0)
+  _assert_trees_equal(_final_params(tmp_path / "single"), _final_params(tmp_path / "two"),
+                      atol=1e-5)
+  assert (tmp_path / "two" / "hf" / "model.safetensors").is_file()
