@@ -14,6 +14,7 @@ Layout of a run directory:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -46,6 +47,10 @@ BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
 
 class TrainingDiverged(ValueError):
   """The loss became NaN or infinite."""
+
+
+class CheckpointSaveFailed(ValueError):
+  """Writing a checkpoint failed (e.g. the disk is full); earlier ones are intact."""
 
 
 @flax.struct.dataclass
@@ -309,7 +314,8 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
   manager = ocp.CheckpointManager(
       (stage_dir / "checkpoints").resolve(),
       options=ocp.CheckpointManagerOptions(max_to_keep=stage.keep_checkpoints,
-                                           enable_async_checkpointing=True),
+                                           enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True),
       item_names=("state", "data"))
   data_state = None
   latest = manager.latest_step()
@@ -369,19 +375,45 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
         run.writer.plot()
         paused = True
       if save_now:
-        manager.save(done, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(batches.state())))
+        # A failed asynchronous write surfaces at the next save (or the final wait).
+        with _reporting_save_failure(name, (last_saved, done), manager, stage_dir):
+          manager.save(done, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(batches.state())))
         last_saved, paused = done, True
       if paused:  # throughput counts training steps only
         timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
   finally:
-    manager.wait_until_finished()
-    manager.close()
     progress.close()
+    with _reporting_save_failure(name, (last_saved,), manager, stage_dir):
+      manager.wait_until_finished()
+    manager.close()
 
   checkpoint_lib.save_model(stage_dir / "final", state.params, cfg,
                             tokenizer_src=run.tokenizer_dir, overwrite=True)
   return state.params
+
+
+@contextlib.contextmanager
+def _reporting_save_failure(name: str, steps, manager, stage_dir: pathlib.Path):
+  """Turn a failed (possibly asynchronous) checkpoint write of one of ``steps``
+  into one clear error naming the step that failed and the one that is intact."""
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    if isinstance(e, (TrainingDiverged, CheckpointSaveFailed)):
+      raise
+    saved = set(manager.all_steps())
+    failed = min((s for s in steps if s is not None and s not in saved), default=steps[-1])
+    intact = sorted(s for s in saved if s != failed)
+    kept = f"step {intact[-1]}" if intact else "none yet"
+    why = " ".join(str(e).split()) or type(e).__name__
+    if len(why) > 400:  # orbax names the file first and the OS reason last
+      why = why[:150] + " ... " + why[-220:]
+    raise CheckpointSaveFailed(
+        f"stage {name!r}: writing the checkpoint of step {failed} to "
+        f"{stage_dir / 'checkpoints'} failed ({why}). The previous checkpoint "
+        f"({kept}) is intact; free disk space (or lower keep_checkpoints) and re-run the "
+        "same command to resume from it") from None
 
 
 def evaluate(eval_fn, params, pipe, batch: int, bsh, stage, name: str, step: int) -> dict:

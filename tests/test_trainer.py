@@ -340,3 +340,32 @@ def test_two_process_run_matches_one_process(tmp_path):
   _assert_trees_equal(_final_params(tmp_path / "single"), _final_params(tmp_path / "two"),
                       atol=1e-5)
   assert (tmp_path / "two" / "hf" / "model.safetensors").is_file()
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
+  """A real full filesystem (a 700 KiB tmpfs: one checkpoint fits, the second
+  does not): a clear error, the step-4 checkpoint intact, and after making room
+  the same command resumes and finishes like an uninterrupted run."""
+  mount = tmp_path / "small_disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  try:
+    def config(out):
+      c = train_fixtures.tiny_config(tmp_path / "data", out, cpt_steps=12)
+      del c.stages["sft"]
+      return c
+
+    with pytest.raises(trainer.CheckpointSaveFailed) as e:
+      trainer.train(config(mount / "out"))
+    msg = str(e.value)
+    assert "step 8" in msg and "No space left" in msg and "previous checkpoint (step 4)" in msg
+    assert _checkpoint_steps(mount / "out", "cpt") == [4]
+    subprocess.run(["mount", "-o", "remount,size=8m", str(mount)], check=True)
+    trainer.train(config(mount / "out"))
+    trainer.train(config(tmp_path / "uninterrupted"))
+    _assert_trees_equal(_final_params(tmp_path / "uninterrupted", "cpt"),
+                        _final_params(mount / "out", "cpt"))
+  finally:
+    subprocess.run(["umount", str(mount)], capture_output=True)
