@@ -369,3 +369,16 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
                         _final_params(mount / "out", "cpt"))
   finally:
     subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_pure_bf16_training(tmp_path):
+  """param_dtype=bfloat16: weights, gradients and Adam moments all in bf16."""
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", cpt_steps=12,
+                                      log_every=1)
+  del config.stages["sft"]
+  config.model.dtype = config.model.param_dtype = "bfloat16"
+  trainer.train(config)
+  params = _final_params(tmp_path / "out", "cpt")
+  assert {str(x.dtype) for x in jax.tree_util.tree_leaves(params)} == {"bfloat16"}
+  losses = [r["loss"] for r in _rows(tmp_path / "out")]
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.3, losses
