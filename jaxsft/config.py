@@ -25,6 +25,8 @@ A stage (``stage(**overrides)``):
   method      full (every weight trains)
   lr          peak learning rate. SFT uses about 0.1x the pre-training lr
               (e.g. 1e-5..2e-5 for 7B-70B chat models, 1e-4 for small ones)
+  lr_groups   {regex over parameter paths: lr multiplier}, first match wins,
+              e.g. {"embed|lm_head": 0.1} to move the embeddings more gently
   schedule    cosine | linear | constant, after warmup; min_lr_ratio sets the floor
   warmup_ratio / warmup_steps   a small warmup (1-5% of steps), longer for larger lr
   epochs / steps  SFT stops by loss convergence: ~2 epochs for >=100k samples,
@@ -39,6 +41,7 @@ A stage (``stage(**overrides)``):
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Mapping
 
 import ml_collections
@@ -76,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
 def stage_defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       objective="sft", method="full",
-      lr=1e-5, schedule="cosine", min_lr_ratio=0.0,
+      lr=1e-5, lr_groups=placeholder(dict), schedule="cosine", min_lr_ratio=0.0,
       warmup_ratio=0.03, warmup_steps=placeholder(int),
       epochs=placeholder(float), steps=placeholder(int),
       batch_size=8, batch_tokens=placeholder(int), grad_accum=1, seq_len=2048,
@@ -164,6 +167,13 @@ def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
           raise ValueError(f"{where}.data.{key}[{i}]: {e}") from None
   if s.lr <= 0:
     raise ValueError(f"{where}.lr={s.lr} must be positive")
+  for pattern, scale in dict(s.lr_groups or {}).items():
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"{where}.lr_groups: {pattern!r} is not a valid regex ({e})") from None
+    if not isinstance(scale, (int, float)) or scale < 0:
+      raise ValueError(f"{where}.lr_groups[{pattern!r}]={scale!r} must be a number >= 0")
   if s.epochs is not None and s.epochs <= 0 or s.steps is not None and s.steps <= 0:
     raise ValueError(f"{where}: epochs and steps must be positive")
   if s.batch_tokens is not None:

@@ -3,9 +3,12 @@
 Trainable and frozen parameters are told apart by a label tree (one label per
 leaf, derived from the stage's method by path rules); ``optax.multi_transform``
 applies a transformation per label. With method ``full`` every weight carries
-the label ``"train"``.
+the label ``"train"``, or a per-group label when a stage's ``lr_groups`` gives
+its path a learning-rate multiplier (e.g. ``{"embed|lm_head": 0.1}``).
 """
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,21 +46,36 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def labels(params, method: str):
-  """The label of every parameter under ``method`` (``full``: all ``"train"``)."""
+def labels(params, method: str, lr_groups=None):
+  """The label of every parameter: ``"train"``, or ``"group:<pattern>"`` for the
+  first ``lr_groups`` pattern (a regex searched in the path, e.g.
+  ``"layers/attn/q_dnh"``) that matches it. ``method`` ``full`` trains all."""
   assert method == "full", method  # config.validate refuses the others for now
-  return jax.tree_util.tree_map(lambda _: "train", params)
+  patterns = list(lr_groups or {})
+
+  def label(path, _):
+    name = "/".join(sharding_lib.path_names(path))
+    return next((f"group:{p}" for p in patterns if re.search(p, name)), "train")
+
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def build(stage, total_steps: int, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Global-norm clipping and AdamW for the trainable labels, per the stage config."""
+  """Global-norm clipping, then AdamW per label: the stage's lr for ``train``,
+  scaled by the group's multiplier for each ``lr_groups`` entry."""
   lr = schedule(stage, total_steps)
-  adamw = optax.chain(
+  groups = dict(stage.lr_groups or {})
+
+  def adamw(scale: float):
+    rate = lr if scale == 1.0 else (lambda step: scale * lr(step))
+    return optax.adamw(rate, b1=stage.b1, b2=stage.b2, eps=stage.eps,
+                       weight_decay=stage.weight_decay, mask=decay_mask(params))
+
+  transforms = {"train": adamw(1.0), "frozen": optax.set_to_zero()}
+  transforms.update({f"group:{p}": adamw(float(m)) for p, m in groups.items()})
+  tx = optax.chain(
       optax.clip_by_global_norm(stage.grad_clip) if stage.grad_clip else optax.identity(),
-      optax.adamw(lr, b1=stage.b1, b2=stage.b2, eps=stage.eps,
-                  weight_decay=stage.weight_decay, mask=decay_mask(params)))
-  tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
-                             labels(params, stage.method))
+      optax.multi_transform(transforms, labels(params, stage.method, groups)))
   return tx, lr
 
 

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import train_fixtures
-from jaxsft import checkpoint, config as config_lib, trainer
+from jaxsft import checkpoint, config as config_lib, optim, trainer
 from jaxsft.models import ModelConfig, llama
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -283,6 +283,13 @@ config = train_fixtures.tiny_config(pathlib.Path({data!r}), pathlib.Path({out!r}
 del config.stages["sft"]
 config.mesh.fsdp, config.mesh.tensor = 4, 2
 assert len(jax.devices()) == 8
+config.stages.cpt.batch_size = 6  # not divisible over fsdp=4: refused before any work
+try:
+  trainer.train(config)
+  raise SystemExit("a batch of 6 over 4 data-parallel devices was accepted")
+except ValueError as e:
+  assert "batch of 6 sequences cannot be split over 4 data-parallel devices" in str(e), e
+config.stages.cpt.batch_size = 8
 trainer.train(config)
 """
 
@@ -382,3 +389,27 @@ def test_pure_bf16_training(tmp_path):
   assert {str(x.dtype) for x in jax.tree_util.tree_leaves(params)} == {"bfloat16"}
   losses = [r["loss"] for r in _rows(tmp_path / "out")]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.3, losses
+
+
+def test_lr_groups_scale_the_update_of_matching_parameters():
+  """lr_groups gives matching parameters their own optimizer (label) and lr:
+  with multiplier 0 they stay put, with 1 they move as without groups."""
+  cfg = ModelConfig(**{**train_fixtures.TINY_MODEL, "vocab_size": 64})
+  params = llama.init_params(cfg, jax.random.key(0))
+  batch = _batch(cfg)
+
+  def one_step(lr_groups):
+    stage = config_lib.stage(lr=1e-2, steps=2, warmup_ratio=0.0, lr_groups=lr_groups)
+    tx, lr = optim.build(stage, 2, params)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    return jax.jit(trainer.make_train_step(cfg, tx, lr, 1))(state, batch)[0].params
+
+  plain = one_step(None)
+  grouped = one_step({"embed": 0.0, "attn/q_": 1.0})
+  np.testing.assert_array_equal(grouped["embed"]["embedding_vd"], params["embed"]["embedding_vd"])
+  np.testing.assert_allclose(grouped["layers"]["attn"]["q_dnh"], plain["layers"]["attn"]["q_dnh"],
+                             atol=1e-7)
+  assert not np.allclose(plain["embed"]["embedding_vd"], params["embed"]["embedding_vd"])
+  labels = optim.labels(params, "full", {"embed": 0.0})
+  assert labels["embed"]["embedding_vd"] == "group:embed"
+  assert labels["layers"]["mlp"]["up_df"] == "train"
