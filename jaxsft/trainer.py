@@ -55,9 +55,17 @@ class CheckpointSaveFailed(ValueError):
 
 @flax.struct.dataclass
 class TrainState:
+  """What a checkpoint holds besides the data position. ``rng`` is a raw
+  uint32 key, split every step, so anything random (dropout, sampling during
+  evaluation) resumes exactly."""
   step: jax.Array
   params: Any
   opt_state: Any
+  rng: jax.Array
+
+
+def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -120,7 +128,8 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
     if cfg.is_moe:
       out["aux_loss"] = aux_loss / grad_accum
       out["expert_fractions"] = jnp.mean(auxes["expert_fractions"], axis=0)
-    return TrainState(state.step + 1, params, opt_state), out
+    rng, _ = jax.random.split(state.rng)
+    return TrainState(state.step + 1, params, opt_state, rng), out
 
   return train_step
 
@@ -301,7 +310,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
   tx, lr_fn = optim.build(stage, steps, params)
 
   param_shardings = sharding_lib.param_shardings(params, mesh)
-  abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), params)
+  abstract = jax.eval_shape(lambda p: init_state(p, tx, config.seed), params)
   state_shardings = _state_shardings(abstract, param_shardings, mesh)
   bsh = batch_sharding(mesh)
 
@@ -328,7 +337,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
     state, data_state = restored.state, restored.data
     log.info("stage %s: resumed from step %d", name, latest)
   else:
-    state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+    state = jax.jit(lambda p: init_state(p, tx, config.seed),
                     out_shardings=state_shardings)(params)
   del params
 

@@ -106,7 +106,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   batch = _batch(cfg)
   results = {}
   for k in (1, 4):
-    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state = trainer.init_state(params, tx, seed=0)
     step = jax.jit(trainer.make_train_step(cfg, tx, lr, k))
     new_state, m = step(state, batch)
     results[k] = (new_state.params, float(m["loss"]), float(m["trained_tokens"]))
@@ -401,7 +401,7 @@ def test_lr_groups_scale_the_update_of_matching_parameters():
   def one_step(lr_groups):
     stage = config_lib.stage(lr=1e-2, steps=2, warmup_ratio=0.0, lr_groups=lr_groups)
     tx, lr = optim.build(stage, 2, params)
-    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state = trainer.init_state(params, tx, seed=0)
     return jax.jit(trainer.make_train_step(cfg, tx, lr, 1))(state, batch)[0].params
 
   plain = one_step(None)
