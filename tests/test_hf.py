@@ -98,14 +98,15 @@ def test_unsharded_export_writes_one_file(hf_model_factory, tmp_path):
   _assert_same_tensors(_tensors(src), _tensors(tmp_path / "out"))
 
 
-def test_bf16_source_round_trips_in_bf16(tmp_path):
-  src = tmp_path / "bf16"
-  hf_builders.build_model("llama_bias").to(torch.bfloat16).save_pretrained(src)
-  cfg, params = hf.load_params(src, dtype="bfloat16")
-  assert cfg.param_dtype == "bfloat16"
-  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_source_round_trips_in_its_dtype(tmp_path, dtype):
+  src = tmp_path / dtype
+  hf_builders.build_model("llama_bias").to(getattr(torch, dtype)).save_pretrained(src)
+  cfg, params = hf.load_params(src, dtype=dtype)
+  assert cfg.param_dtype == dtype
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(dtype)}
   hf.save_params(params, cfg, tmp_path / "out", max_shard_bytes=SHARD_BYTES)
-  assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == dtype
   _assert_same_tensors(_tensors(src), _tensors(tmp_path / "out"))
   # Upcasting to the default fp32 params is exact too.
   _, params32 = hf.load_params(src)
