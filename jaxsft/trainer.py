@@ -199,24 +199,40 @@ def _policy(config) -> dict:
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
 
 
-def initial_model(config, mesh) -> tuple[ModelConfig, Any]:
-  """The starting weights: a Hugging Face directory, a jaxsft checkpoint, or new."""
+def initial_config(config) -> ModelConfig:
+  """The starting model's config (no weights read) with the run's dtype/remat policy."""
   m = config.model
   if m.init is not None:
     try:
-      cfg = ModelConfig(**{**dict(m.init), **_policy(config)})
+      return ModelConfig(**{**dict(m.init), **_policy(config)})
     except TypeError as e:
       raise ValueError(f"config.model.init: {e}") from None
+  source = pathlib.Path(m.source)
+  if checkpoint_lib.is_checkpoint(source):
+    return ModelConfig.from_json(
+        (source / checkpoint_lib.CONFIG_FILE).read_text()).replace(**_policy(config))
+  return hf.config_from_hf(source, **_policy(config))
+
+
+def initial_model(config, mesh) -> tuple[ModelConfig, Any]:
+  """The starting weights: a Hugging Face directory, a jaxsft checkpoint, or new."""
+  cfg = initial_config(config)
+  if config.model.init is not None:
     shardings = sharding_lib.param_shardings(llama.abstract_params(cfg), mesh)
     init = jax.jit(lambda k: llama.init_params(cfg, k), out_shardings=shardings)
     return cfg, init(jax.random.key(config.seed))
-  source = pathlib.Path(m.source)
+  source = pathlib.Path(config.model.source)
   if checkpoint_lib.is_checkpoint(source):
-    cfg, params = checkpoint_lib.load_model(source, mesh)
-    cfg = cfg.replace(**_policy(config))
+    _, params = checkpoint_lib.load_model(source, mesh)
     return cfg, jax.tree_util.tree_map(lambda x: x.astype(cfg.param_dtype), params)
-  cfg = hf.config_from_hf(source, **_policy(config))
   return hf.load_params(source, cfg=cfg, mesh=mesh)
+
+
+def _has_step_checkpoint(stage_dir: pathlib.Path) -> bool:
+  """Whether the stage has a finished step checkpoint (orbax names them by step;
+  unfinished ones carry a temporary suffix)."""
+  d = stage_dir / "checkpoints"
+  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
 def _check_run_dir(out: pathlib.Path, config) -> None:
@@ -262,8 +278,16 @@ def train(config) -> pathlib.Path:
   finals = [out / "stages" / n / "final" for n in names]
   # Stages up to the last one with a final checkpoint are done; the next starts from it.
   done = max((i for i, f in enumerate(finals) if checkpoint_lib.is_checkpoint(f)), default=-1)
+  resuming = done + 1 < len(names) and _has_step_checkpoint(out / "stages" / names[done + 1])
   if done >= 0:
     log.info("stages %s already complete; continuing from %s", names[:done + 1], finals[done])
+  if resuming:
+    # The stage's own checkpoint holds the weights: read none from the source
+    # (a 72B model need not be loaded only to be replaced), only their shapes.
+    cfg = (ModelConfig.from_json((finals[done] / checkpoint_lib.CONFIG_FILE).read_text())
+           .replace(**_policy(config)) if done >= 0 else initial_config(config))
+    params = llama.abstract_params(cfg)
+  elif done >= 0:
     cfg, params = checkpoint_lib.load_model(finals[done], mesh)
     cfg = cfg.replace(**_policy(config))
     params = jax.tree_util.tree_map(lambda x: x.astype(cfg.param_dtype), params)
@@ -292,7 +316,8 @@ def _total_steps(stage, pipe, batch: int) -> int:
 
 
 def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
-  """Train one stage from ``params``; returns the final parameters."""
+  """Train one stage from ``params``; returns the final parameters. ``params``
+  may be abstract (ShapeDtypeStructs) when the stage has a checkpoint to resume."""
   config, mesh = run.config, run.mesh
   batch = config_lib.batch_size(stage)
   data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -337,6 +362,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
     state, data_state = restored.state, restored.data
     log.info("stage %s: resumed from step %d", name, latest)
   else:
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
+      raise ValueError(f"stage {name!r}: {stage_dir / 'checkpoints'} holds a step directory "
+                       "that orbax does not recognize as a finished checkpoint; move it away "
+                       "to restart the stage")
     state = jax.jit(lambda p: init_state(p, tx, config.seed),
                     out_shardings=state_shardings)(params)
   del params
