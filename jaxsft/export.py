@@ -34,19 +34,6 @@ def parse_size(text: str) -> int:
   return int(float(m.group(1)) * _UNITS[unit])
 
 
-def _check_tokenizer(src: pathlib.Path, trust_remote_code: bool) -> None:
-  """Fail before writing anything if transformers cannot load the tokenizer."""
-  import transformers  # only needed here, and slow to import
-
-  try:
-    transformers.AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-  except Exception as e:  # noqa: BLE001 — any load failure is a problem with the input files
-    hint = "" if trust_remote_code else (
-        "; if the tokenizer needs its own code and you trust it, pass --trust-remote-code")
-    raise ValueError(f"the tokenizer in {src} does not load with transformers: {e}{hint}"
-                     ) from None
-
-
 def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
            max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, trust_remote_code: bool = False,
            overwrite: bool = False) -> pathlib.Path:
@@ -69,7 +56,7 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
                      f"and {checkpoint_lib.PARAMS_DIR}/) nor a Hugging Face model directory "
                      f"({hf.CONFIG_FILE} and safetensors)")
   if any((tokenizer_src / name).is_file() for name in hf.TOKENIZER_FILES):
-    _check_tokenizer(tokenizer_src, trust_remote_code)
+    hf.load_tokenizer(tokenizer_src, trust_remote_code)  # fail before writing anything
   else:
     print(f"warning: no tokenizer files in {tokenizer_src}; the export will have none",
           file=sys.stderr)

@@ -173,8 +173,6 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
 def load_for_inference(path, trust_remote_code: bool = False):
   """(cfg, params, tokenizer) from a Hugging Face model directory or a jaxsft
   checkpoint (whose tokenizer lives in ``PATH/tokenizer``)."""
-  import transformers  # only for the tokenizer; slow to import, so not at module load
-
   path = pathlib.Path(path)
   if not path.exists():
     raise ValueError(f"model path {path} does not exist")
@@ -188,12 +186,7 @@ def load_for_inference(path, trust_remote_code: bool = False):
   else:
     cfg, params = hf.load_params(path)
     tokenizer_dir = path
-  try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        tokenizer_dir, trust_remote_code=trust_remote_code)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"could not load a tokenizer from {tokenizer_dir}: {e}") from None
-  return cfg, params, tokenizer
+  return cfg, params, hf.load_tokenizer(tokenizer_dir, trust_remote_code)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -614,6 +614,22 @@ def staged_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[pathlib.P
     raise
 
 
+def load_tokenizer(path: PathLike, trust_remote_code: bool = False):
+  """``transformers.AutoTokenizer`` from ``path``; any failure becomes one
+  ValueError naming the directory (and the flag, when custom code may be why)."""
+  import transformers  # noqa: PLC0415  (slow to import; only tokenizer users pay)
+
+  try:
+    return transformers.AutoTokenizer.from_pretrained(str(path),
+                                                      trust_remote_code=trust_remote_code)
+  except Exception as e:  # noqa: BLE001 — any load failure is a problem with the input files
+    hint = "" if trust_remote_code else (
+        "; if the tokenizer needs its own code and you trust it, pass --trust-remote-code "
+        "(config.model.trust_remote_code in a run config)")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"could not load a tokenizer from {path}: {first}{hint}") from None
+
+
 def copy_tokenizer_files(src: PathLike, dst: PathLike) -> list[str]:
   """Copy the tokenizer files found in directory ``src`` into ``dst``; their names.
 

@@ -186,14 +186,6 @@ class Run:
   writer: metrics.MetricsWriter
 
 
-def load_tokenizer(path, trust_remote_code: bool):
-  import transformers  # noqa: PLC0415  (slow import, only when a run starts)
-  try:
-    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"could not load a tokenizer from {path}: {e}") from None
-
-
 def _policy(config) -> dict:
   m = config.model
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
@@ -270,7 +262,7 @@ def train(config) -> pathlib.Path:
   tokenizer_dir = pathlib.Path(config.tokenizer or config.model.source)
   if checkpoint_lib.is_checkpoint(tokenizer_dir):
     tokenizer_dir = tokenizer_dir / checkpoint_lib.TOKENIZER_DIR
-  tokenizer = load_tokenizer(tokenizer_dir, config.model.trust_remote_code)
+  tokenizer = hf.load_tokenizer(tokenizer_dir, config.model.trust_remote_code)
   run = Run(config, out, mesh, tokenizer, tokenizer_dir,
             metrics.MetricsWriter(out, enabled=primary))
 

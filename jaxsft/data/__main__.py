@@ -27,6 +27,7 @@ from typing import Any, TextIO
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxsft import hf
 from jaxsft.data import pipeline, report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a get_config() module).")
@@ -64,16 +65,12 @@ def select_stage(config, name: str | None) -> Any:
 
 def load_tokenizer(config):
   """The tokenizer of ``config.tokenizer``, else ``config.model.source``."""
-  import transformers  # noqa: PLC0415  (slow to import)
-
   path = _get(config, "tokenizer") or _get(_get(config, "model", {}), "source")
   if not path:
     raise ValueError("the config names no tokenizer: set config.tokenizer (or model.source) to a "
                      "tokenizer or model directory")
-  try:
-    return transformers.AutoTokenizer.from_pretrained(str(path))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"could not load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+  trust = bool(_get(_get(config, "model", {}), "trust_remote_code", False))
+  return hf.load_tokenizer(path, trust)
 
 
 def run(config, stage: str | None = None, show: int = 3, score_with: str | None = None,
