@@ -191,6 +191,18 @@ def _policy(config) -> dict:
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
 
 
+def _checkpoint_config(path: pathlib.Path, config) -> ModelConfig:
+  return ModelConfig.from_json(
+      (path / checkpoint_lib.CONFIG_FILE).read_text()).replace(**_policy(config))
+
+
+def _checkpoint_model(path: pathlib.Path, config, mesh) -> tuple[ModelConfig, Any]:
+  """A jaxsft checkpoint's weights, cast to the run's parameter dtype."""
+  cfg = _checkpoint_config(path, config)
+  _, params = checkpoint_lib.load_model(path, mesh)
+  return cfg, jax.tree_util.tree_map(lambda x: x.astype(cfg.param_dtype), params)
+
+
 def initial_config(config) -> ModelConfig:
   """The starting model's config (no weights read) with the run's dtype/remat policy."""
   m = config.model
@@ -201,8 +213,7 @@ def initial_config(config) -> ModelConfig:
       raise ValueError(f"config.model.init: {e}") from None
   source = pathlib.Path(m.source)
   if checkpoint_lib.is_checkpoint(source):
-    return ModelConfig.from_json(
-        (source / checkpoint_lib.CONFIG_FILE).read_text()).replace(**_policy(config))
+    return _checkpoint_config(source, config)
   return hf.config_from_hf(source, **_policy(config))
 
 
@@ -215,8 +226,7 @@ def initial_model(config, mesh) -> tuple[ModelConfig, Any]:
     return cfg, init(jax.random.key(config.seed))
   source = pathlib.Path(config.model.source)
   if checkpoint_lib.is_checkpoint(source):
-    _, params = checkpoint_lib.load_model(source, mesh)
-    return cfg, jax.tree_util.tree_map(lambda x: x.astype(cfg.param_dtype), params)
+    return _checkpoint_model(source, config, mesh)
   return hf.load_params(source, cfg=cfg, mesh=mesh)
 
 
@@ -276,13 +286,10 @@ def train(config) -> pathlib.Path:
   if resuming:
     # The stage's own checkpoint holds the weights: read none from the source
     # (a 72B model need not be loaded only to be replaced), only their shapes.
-    cfg = (ModelConfig.from_json((finals[done] / checkpoint_lib.CONFIG_FILE).read_text())
-           .replace(**_policy(config)) if done >= 0 else initial_config(config))
+    cfg = _checkpoint_config(finals[done], config) if done >= 0 else initial_config(config)
     params = llama.abstract_params(cfg)
   elif done >= 0:
-    cfg, params = checkpoint_lib.load_model(finals[done], mesh)
-    cfg = cfg.replace(**_policy(config))
-    params = jax.tree_util.tree_map(lambda x: x.astype(cfg.param_dtype), params)
+    cfg, params = _checkpoint_model(finals[done], config, mesh)
   else:
     cfg, params = initial_model(config, mesh)
   for name in names[done + 1:]:
