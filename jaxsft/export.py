@@ -1,7 +1,11 @@
 """Export a model as a Hugging Face directory that transformers loads.
 
   python -m jaxsft.export --checkpoint PATH --out DIR [--dtype bfloat16|float16|float32]
-      [--max-shard-size 5GB] [--overwrite] [--trust-remote-code]
+      [--max-shard-size 5GB] [--overwrite] [--trust-remote-code] [--peft [--base-model ID]]
+
+LoRA/DoRA adapters are merged into the weights; with ``--peft`` the adapters
+are written as a PEFT adapter directory instead (``jaxsft.peft.export``),
+which ``peft.PeftModel.from_pretrained(base, DIR)`` loads.
 
 PATH is a jaxsft checkpoint (see ``jaxsft.checkpoint``) or a Hugging Face
 model directory (re-exported, e.g. to change dtype or sharding). The output
@@ -11,15 +15,19 @@ Mistakes in the arguments or inputs print ``error: …`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import re
 import sys
 
 import jax
+import numpy as np
 
 from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import hf
 from jaxsft import sharding as sharding_lib
+from jaxsft.peft import export as peft_export
+from jaxsft.peft import methods as peft_methods
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -36,9 +44,11 @@ def parse_size(text: str) -> int:
 
 def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
            max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, trust_remote_code: bool = False,
-           overwrite: bool = False) -> pathlib.Path:
+           overwrite: bool = False, peft: bool = False,
+           base_model: str | None = None) -> pathlib.Path:
   """Write the model at ``source`` (jaxsft checkpoint or HF directory) to ``out``
-  in Hugging Face format; see the module docstring."""
+  in Hugging Face format, adapters merged; with ``peft``, a PEFT adapter
+  directory instead (see the module docstring)."""
   source = pathlib.Path(source)
   if not source.is_dir():
     raise ValueError(f"checkpoint {source} does not exist (or is not a directory)")
@@ -61,8 +71,42 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
     print(f"warning: no tokenizer files in {tokenizer_src}; the export will have none",
           file=sys.stderr)
     tokenizer_src = None
+  if peft:
+    return _export_peft(source, cfg, params, pathlib.Path(out), tokenizer_src, dtype,
+                        max_shard_bytes, overwrite, base_model)
+  cfg, params = peft_methods.merge(cfg, params)
   return hf.save_params(params, cfg, out, tokenizer_src=tokenizer_src,
                         max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
+
+
+def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer_src, dtype,
+                 max_shard_bytes: int, overwrite: bool, base_model: str | None) -> pathlib.Path:
+  """The adapter as a PEFT directory. Its base model is ``base_model`` if given,
+  else the Hugging Face directory the checkpoint recorded as identical to its
+  frozen weights, else those weights exported to ``OUT/base``."""
+  if cfg.adapters is None:
+    raise ValueError(f"{source} has no adapters (method 'full'); export it without --peft")
+  if base_model is None and (source / peft_export.BASE_FILE).is_file():
+    base_model = json.loads((source / peft_export.BASE_FILE).read_text())[
+        "base_model_name_or_path"]
+  np_dtype = {"bfloat16": None, "float16": np.float16, "float32": np.float32, None: np.float32}[
+      dtype]
+  if np_dtype is None:
+    raise ValueError("--dtype bfloat16 is not supported for PEFT adapters (safetensors from "
+                     "numpy); use float32 or float16")
+  base_cfg = cfg.replace(adapters=None)
+  with hf.staged_dir(out, overwrite) as tmp:
+    peft_export.save_adapter(cfg, params, tmp, base_model, np_dtype)  # refuses unsupported kinds
+    if base_model is None:
+      base = peft_methods.base_params(params)
+      hf.save_params(base, base_cfg, tmp / "base", tokenizer_src=tokenizer_src,
+                     max_shard_bytes=max_shard_bytes, overwrite=True)
+      config = json.loads((tmp / peft_export.ADAPTER_CONFIG).read_text())
+      config["base_model_name_or_path"] = str((out / "base").resolve())
+      (tmp / peft_export.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer_src is not None:
+      hf.copy_tokenizer_files(tokenizer_src, tmp)
+  return out
 
 
 def _size_arg(text: str) -> int:
@@ -87,15 +131,18 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--trust-remote-code", action="store_true",
                       help="allow a tokenizer that ships its own Python code to be loaded "
                            "(to check it) — only for code you trust")
-  parser.add_argument("--peft", action="store_true", help="export PEFT adapters (not yet)")
+  parser.add_argument("--peft", action="store_true",
+                      help="write a PEFT adapter directory (LoRA, DoRA, prompt/P-/prefix "
+                           "tuning) instead of merged weights")
+  parser.add_argument("--base-model",
+                      help="with --peft: the adapter config's base_model_name_or_path (e.g. a "
+                           "hub id); default: the recorded source directory, or the "
+                           "checkpoint's base weights exported to OUT/base")
   args = parser.parse_args(argv)
   try:
-    if args.peft:
-      raise ValueError("--peft is not yet supported: exporting PEFT adapters comes with PEFT "
-                       "support; export the merged model without --peft")
     out = export(args.checkpoint, args.out, dtype=args.dtype,
                  max_shard_bytes=args.max_shard_size, trust_remote_code=args.trust_remote_code,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, peft=args.peft, base_model=args.base_model)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -4,17 +4,22 @@ Trainable and frozen parameters are told apart by a label tree (one label per
 leaf, derived from the stage's method by path rules); ``optax.multi_transform``
 applies a transformation per label. With method ``full`` every weight carries
 the label ``"train"``, or a per-group label when a stage's ``lr_groups`` gives
-its path a learning-rate multiplier (e.g. ``{"embed|lm_head": 0.1}``).
+its path a learning-rate multiplier (e.g. ``{"embed|lm_head": 0.1}``); other
+methods freeze most weights (``jaxsft.peft.methods``), and frozen weights are
+split off before differentiation (``partition``), so they cost no gradient
+computation and no optimizer state.
 """
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxsft import sharding as sharding_lib
+from jaxsft.peft import methods as peft_methods
 
 
 def schedule(stage, total_steps: int) -> optax.Schedule:
@@ -46,36 +51,67 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def labels(params, method: str, lr_groups=None):
-  """The label of every parameter: ``"train"``, or ``"group:<pattern>"`` for the
-  first ``lr_groups`` pattern (a regex searched in the path, e.g.
-  ``"layers/attn/q_dnh"``) that matches it. ``method`` ``full`` trains all."""
-  assert method == "full", method  # config.validate refuses the others for now
-  patterns = list(lr_groups or {})
+def labels(params, stage) -> Any:
+  """The label of every parameter: ``"frozen"`` where the stage's method does
+  not train it (``jaxsft.peft.methods.trainable``), else ``"group:<pattern>"``
+  for the first ``lr_groups`` pattern (a regex searched in the path, e.g.
+  ``"layers/attn/q_dnh"``) that matches it, else ``"train"``."""
+  patterns = list(stage.lr_groups or {})
+  lora = peft_methods.has_lora(params)
+  peft = stage.get("peft")
 
   def label(path, _):
-    name = "/".join(sharding_lib.path_names(path))
+    names = sharding_lib.path_names(path)
+    if not peft_methods.trainable(names, stage.method, peft, lora):
+      return "frozen"
+    name = "/".join(names)
     return next((f"group:{p}" for p in patterns if re.search(p, name)), "train")
 
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def trainable_mask(params, stage) -> Any:
+  """True for every parameter that trains in this stage."""
+  return jax.tree_util.tree_map(lambda label: label != "frozen", labels(params, stage))
+
+
+def partition(params, mask) -> tuple[Any, Any]:
+  """Split ``params`` into (trainable, frozen) trees of the same structure, the
+  other side's leaves replaced by ``optax.MaskedNode()`` (an empty node, so
+  gradients and optimizer state exist for trainable leaves only)."""
+  train = jax.tree_util.tree_map(lambda p, m: p if m else optax.MaskedNode(), params, mask)
+  frozen = jax.tree_util.tree_map(lambda p, m: optax.MaskedNode() if m else p, params, mask)
+  return train, frozen
+
+
+def combine(train, frozen) -> Any:
+  """Inverse of ``partition``."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  return jax.tree_util.tree_map(lambda a, b: b if masked(a) else a, train, frozen,
+                                is_leaf=masked)
+
+
 def build(stage, total_steps: int, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Global-norm clipping, then AdamW per label: the stage's lr for ``train``,
-  scaled by the group's multiplier for each ``lr_groups`` entry."""
+  scaled by the group's multiplier for each ``lr_groups`` entry. The
+  transformation applies to the trainable part of ``params`` only (see
+  ``partition``): frozen parameters get neither gradients nor optimizer state."""
   lr = schedule(stage, total_steps)
   groups = dict(stage.lr_groups or {})
+  mask = trainable_mask(params, stage)
+  train, _ = partition(params, mask)
+  train_labels, _ = partition(labels(params, stage), mask)
 
   def adamw(scale: float):
     rate = lr if scale == 1.0 else (lambda step: scale * lr(step))
     return optax.adamw(rate, b1=stage.b1, b2=stage.b2, eps=stage.eps,
-                       weight_decay=stage.weight_decay, mask=decay_mask(params))
+                       weight_decay=stage.weight_decay, mask=decay_mask(train))
 
-  transforms = {"train": adamw(1.0), "frozen": optax.set_to_zero()}
+  transforms = {"train": adamw(1.0)}
   transforms.update({f"group:{p}": adamw(float(m)) for p, m in groups.items()})
   tx = optax.chain(
       optax.clip_by_global_norm(stage.grad_clip) if stage.grad_clip else optax.identity(),
-      optax.multi_transform(transforms, labels(params, stage.method, groups)))
+      optax.multi_transform(transforms, train_labels))
   return tx, lr
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -39,6 +40,8 @@ from jaxsft import sharding as sharding_lib
 from jaxsft.data import pipeline as data_pipeline
 from jaxsft.models import llama
 from jaxsft.models.model_config import ModelConfig
+from jaxsft.peft import export as peft_export
+from jaxsft.peft import methods as peft_methods
 
 log = logging.getLogger("jaxsft")
 
@@ -64,13 +67,16 @@ class TrainState:
   rng: jax.Array
 
 
-def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+def init_state(params, tx: optax.GradientTransformation, seed: int, trainable=None) -> TrainState:
+  """Step 0: the optimizer state covers the ``trainable`` parameters only (a
+  bool tree, as ``optim.trainable_mask``; None: all)."""
+  train = params if trainable is None else optim.partition(params, trainable)[0]
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(train), jax.random.PRNGKey(seed))
 
 
 # ----------------------------------------------------------------------------- the step
 
-def stage_loss(cfg: ModelConfig, params, batch):
+def stage_loss(cfg: ModelConfig, params, batch, dropout_rng=None):
   """(objective to differentiate, (loss_sum, token_count, aux)) of one micro-batch.
 
   The objective is the summed token loss plus, for MoE models, the
@@ -79,7 +85,7 @@ def stage_loss(cfg: ModelConfig, params, batch):
   ``loss + router_aux_loss_coef * aux_loss`` in expectation.
   """
   hidden, aux = llama.hidden_states(cfg, params, batch["tokens"], batch["positions"],
-                                    batch["segment_ids"])
+                                    batch["segment_ids"], dropout_rng=dropout_rng)
   targets, weights = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
                                                batch["loss_mask"])
   loss_sum, count = losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params),
@@ -90,35 +96,59 @@ def stage_loss(cfg: ModelConfig, params, batch):
   return objective, (loss_sum, count, aux)
 
 
-def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, grad_accum: int):
+def _uses_dropout(cfg: ModelConfig) -> bool:
+  return cfg.adapters is not None and cfg.adapters.lora_dropout > 0
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, grad_accum: int,
+                    trainable=None):
   """``train_step(state, batch) -> (state, metrics)``: pure, for ``jax.jit``.
 
   The batch's rows split into ``grad_accum`` micro-batches (row i goes to
   micro-batch i mod K, so each device keeps its own rows); gradients of the
   summed loss add up and are divided once by the total trained-token count:
   the same update as one batch of all the tokens.
+
+  Only the ``trainable`` parameters (a bool tree, as ``optim.trainable_mask``;
+  None: all) are differentiated: frozen ones enter the loss as constants, so
+  autodiff computes no weight gradient for them, and ``tx`` sees (and keeps
+  state for) the trainable part alone.
   """
-  grad_fn = jax.value_and_grad(lambda p, b: stage_loss(cfg, p, b), has_aux=True)
+  dropout = _uses_dropout(cfg)
+
+  def loss_of(train, frozen, batch, rng):
+    params = train if trainable is None else optim.combine(train, frozen)
+    return stage_loss(cfg, params, batch, dropout_rng=rng if dropout else None)
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
   def train_step(state: TrainState, batch):
+    if trainable is None:
+      train, frozen = state.params, None
+    else:
+      train, frozen = optim.partition(state.params, trainable)
     micro = jax.tree_util.tree_map(
         lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
         batch)
+    rng, step_rng = jax.random.split(state.rng)
 
-    def accumulate(carry, mb):
+    def accumulate(carry, mb_i):
+      mb, i = mb_i
       grads, loss_sum, count, aux_loss = carry
-      (_, (ls, cnt, aux)), g = grad_fn(state.params, mb)
+      (_, (ls, cnt, aux)), g = grad_fn(train, frozen, mb, jax.random.fold_in(step_rng, i))
       grads = jax.tree_util.tree_map(jnp.add, grads, g)
       return (grads, loss_sum + ls, count + cnt, aux_loss + aux.get("aux_loss", 0.0)), aux
 
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), train)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
             jnp.zeros((), jnp.float32))
-    (grads, loss_sum, count, aux_loss), auxes = jax.lax.scan(accumulate, init, micro)
+    (grads, loss_sum, count, aux_loss), auxes = jax.lax.scan(
+        accumulate, init, (micro, jnp.arange(grad_accum)))
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, train)
+    updates, opt_state = tx.update(grads, state.opt_state, train)
+    train = optax.apply_updates(train, updates)
+    params = train if trainable is None else optim.combine(train, frozen)
     out = {
         "loss": loss_sum / denom,
         "trained_tokens": count,
@@ -128,7 +158,6 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
     if cfg.is_moe:
       out["aux_loss"] = aux_loss / grad_accum
       out["expert_fractions"] = jnp.mean(auxes["expert_fractions"], axis=0)
-    rng, _ = jax.random.split(state.rng)
     return TrainState(state.step + 1, params, opt_state, rng), out
 
   return train_step
@@ -292,11 +321,19 @@ def train(config) -> pathlib.Path:
     cfg, params = _checkpoint_model(finals[done], config, mesh)
   else:
     cfg, params = initial_model(config, mesh)
-  for name in names[done + 1:]:
-    params = run_stage(run, name, config.stages[name], cfg, params)
+  for i, name in enumerate(names):
+    if i <= done:
+      continue
+    # A PEFT adapter of the first stage applies to the source model itself.
+    base = None
+    if i == 0 and config.model.source is not None and not checkpoint_lib.is_checkpoint(
+        pathlib.Path(config.model.source)):
+      base = str(pathlib.Path(config.model.source).resolve())
+    cfg, params = run_stage(run, name, config.stages[name], cfg, params, base_model=base)
     run.writer.plot()
 
   if config.export.hf:
+    cfg, params = peft_methods.merge(cfg, params)
     if jax.process_count() > 1:
       # Every process takes part in gathering the weights; one writes them.
       params = multihost_utils.process_allgather(params, tiled=True)
@@ -314,10 +351,13 @@ def _total_steps(stage, pipe, batch: int) -> int:
   return max(1, int(math.ceil(epochs * pipe.steps_per_epoch(batch))))
 
 
-def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
-  """Train one stage from ``params``; returns the final parameters. ``params``
-  may be abstract (ShapeDtypeStructs) when the stage has a checkpoint to resume."""
+def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: str | None = None):
+  """Train one stage from ``params``; returns the final (config, parameters).
+  ``params`` may be abstract (ShapeDtypeStructs) when the stage has a
+  checkpoint to resume. ``base_model``: the Hugging Face directory the stage's
+  frozen base weights are identical to, if any (recorded for PEFT export)."""
   config, mesh = run.config, run.mesh
+  incoming_adapters = cfg.adapters
   batch = config_lib.batch_size(stage)
   data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch % (data_shards * stage.grad_accum):
@@ -331,17 +371,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
 
   pipe = data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len, seed=config.seed)
   steps = _total_steps(stage, pipe, batch)
-  tx, lr_fn = optim.build(stage, steps, params)
-
-  param_shardings = sharding_lib.param_shardings(params, mesh)
-  abstract = jax.eval_shape(lambda p: init_state(p, tx, config.seed), params)
-  state_shardings = _state_shardings(abstract, param_shardings, mesh)
-  bsh = batch_sharding(mesh)
-
-  step_fn = jax.jit(make_train_step(cfg, tx, lr_fn, stage.grad_accum),
-                    in_shardings=(state_shardings, bsh), out_shardings=(state_shardings, None),
-                    donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(param_shardings, bsh))
+  switch = peft_methods.switch_step(stage, steps)
+  # Adapter initialization is seeded by the run and the stage, so a resumed
+  # run (or a rerun) builds the very same LoRA factors at the switch.
+  adapter_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), _stable_hash(name))
 
   stage_dir = run.out / "stages" / name
   manager = ocp.CheckpointManager(
@@ -350,13 +383,18 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True),
       item_names=("state", "data"))
-  data_state = None
   latest = manager.latest_step()
+  # full_then_lora checkpoints up to the switch hold the full phase's state.
+  phase = 0 if switch is not None and (latest is None or latest <= switch) else 1
+  cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase)
+  ph = _Phase(cfg, params, stage, steps, mesh, config.seed)
+
+  data_state = None
   if latest is not None:
     restored = manager.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract, state_shardings)),
+            ph.abstract_state, ph.state_shardings)),
         data=ocp.args.JsonRestore()))
     state, data_state = restored.state, restored.data
     log.info("stage %s: resumed from step %d", name, latest)
@@ -365,12 +403,15 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
       raise ValueError(f"stage {name!r}: {stage_dir / 'checkpoints'} holds a step directory "
                        "that orbax does not recognize as a finished checkpoint; move it away "
                        "to restart the stage")
-    state = jax.jit(lambda p: init_state(p, tx, config.seed),
-                    out_shardings=state_shardings)(params)
+    state = ph.init(params)
   del params
 
+  bsh = batch_sharding(mesh)
   batches = pipe.batches(batch, state=data_state)
   start = int(state.step)
+  if phase == 0 and start == switch:  # resumed from the checkpoint taken at the switch
+    ph, state = _switch_to_lora(ph, state, stage, steps, mesh, config.seed, adapter_rng)
+    phase = 1
   flops_per_step = metrics.train_flops(cfg, batch, stage.seq_len)
   peak = metrics.peak_tflops(jax.devices()[0], cfg.dtype)
   progress = metrics.Progress(name, steps, start)
@@ -380,9 +421,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
     for step in range(start, steps):
       host_batch = next(batches)
       seen_tokens += int((host_batch["segment_ids"] != 0).sum())
-      state, step_metrics = step_fn(state, put_batch(host_batch, bsh))
+      state, step_metrics = ph.step_fn(state, put_batch(host_batch, bsh))
       done = step + 1
-      save_now = done % stage.checkpoint_every == 0 or done == steps
+      switching = phase == 0 and done == switch
+      save_now = done % stage.checkpoint_every == 0 or done == steps or switching
       if done % stage.log_every == 0 or save_now or done == start + 1:
         m = jax.device_get(step_metrics)
         if not np.isfinite(m["loss"]):
@@ -408,7 +450,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
         timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
       paused = False
       if stage.eval_every and (done % stage.eval_every == 0 or done == steps):
-        run.writer.write(evaluate(eval_fn, state.params, pipe, batch, bsh, stage, name, done))
+        run.writer.write(evaluate(ph.eval_fn, state.params, pipe, batch, bsh, stage, name, done))
         run.writer.plot()
         paused = True
       if save_now:
@@ -417,6 +459,12 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
           manager.save(done, args=ocp.args.Composite(
               state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(batches.state())))
         last_saved, paused = done, True
+      if switching:
+        with _reporting_save_failure(name, (last_saved,), manager, stage_dir):
+          manager.wait_until_finished()
+        ph, state = _switch_to_lora(ph, state, stage, steps, mesh, config.seed, adapter_rng)
+        phase = 1
+        log.info("stage %s: switched to LoRA after step %d", name, done)
       if paused:  # throughput counts training steps only
         timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
   finally:
@@ -425,9 +473,54 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
       manager.wait_until_finished()
     manager.close()
 
-  checkpoint_lib.save_model(stage_dir / "final", state.params, cfg,
+  checkpoint_lib.save_model(stage_dir / "final", state.params, ph.cfg,
                             tokenizer_src=run.tokenizer_dir, overwrite=True)
-  return state.params
+  if (ph.cfg.adapters is not None and base_model is not None and incoming_adapters is None
+      and stage.method != "full_then_lora" and jax.process_index() == 0):
+    (stage_dir / "final" / peft_export.BASE_FILE).write_text(
+        json.dumps({"base_model_name_or_path": base_model}) + "\n")
+  return ph.cfg, state.params
+
+
+def _stable_hash(text: str) -> int:
+  return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def _switch_to_lora(ph: "_Phase", state: TrainState, stage, steps: int, mesh, seed: int,
+                    adapter_rng) -> tuple["_Phase", TrainState]:
+  """Full → LoRA on the updated weights: the base weights' Adam moments are
+  dropped, the LoRA factors start with fresh ones, and the same schedule (a
+  function of the step) continues."""
+  cfg, params = peft_methods.prepare(ph.cfg, state.params, stage, adapter_rng, 1)
+  step_now, rng_now = state.step, state.rng
+  del state
+  ph = _Phase(cfg, params, stage, steps, mesh, seed)
+  return ph, ph.init(params).replace(step=step_now, rng=rng_now)
+
+
+class _Phase:
+  """What a stage compiles for one set of trainable parameters: the optimizer,
+  the trainable mask, shardings and the jitted steps. ``full_then_lora`` builds
+  a second one at the switch."""
+
+  def __init__(self, cfg: ModelConfig, params, stage, steps: int, mesh, seed: int):
+    self.cfg, self.seed = cfg, seed
+    self.tx, self.lr_fn = optim.build(stage, steps, params)
+    self.mask = optim.trainable_mask(params, stage)
+    param_shardings = sharding_lib.param_shardings(params, mesh)
+    self.abstract_state = jax.eval_shape(
+        lambda q: init_state(q, self.tx, seed, self.mask), params)
+    self.state_shardings = _state_shardings(self.abstract_state, param_shardings, mesh)
+    bsh = batch_sharding(mesh)
+    self.step_fn = jax.jit(
+        make_train_step(cfg, self.tx, self.lr_fn, stage.grad_accum, self.mask),
+        in_shardings=(self.state_shardings, bsh), out_shardings=(self.state_shardings, None),
+        donate_argnums=0)
+    self.eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(param_shardings, bsh))
+
+  def init(self, params) -> TrainState:
+    return jax.jit(lambda q: init_state(q, self.tx, self.seed, self.mask),
+                   out_shardings=self.state_shardings, donate_argnums=0)(params)
 
 
 @contextlib.contextmanager

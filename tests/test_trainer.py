@@ -410,6 +410,6 @@ def test_lr_groups_scale_the_update_of_matching_parameters():
   np.testing.assert_allclose(grouped["layers"]["attn"]["q_dnh"], plain["layers"]["attn"]["q_dnh"],
                              atol=1e-7)
   assert not np.allclose(plain["embed"]["embedding_vd"], params["embed"]["embedding_vd"])
-  labels = optim.labels(params, "full", {"embed": 0.0})
+  labels = optim.labels(params, config_lib.stage(lr_groups={"embed": 0.0}))
   assert labels["embed"]["embedding_vd"] == "group:embed"
   assert labels["layers"]["mlp"]["up_df"] == "train"

@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxsft.models import attention as attn_lib
 from jaxsft.models import mixtral
 from jaxsft.models.model_config import ModelConfig
+from jaxsft.peft import lora as lora_lib
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -48,8 +49,12 @@ class RMSNorm(nn.Module):
     return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def _proj(x, w, spec, dtype):
-  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype))
+def _proj(mdl: nn.Module, x, name: str, shape, init):
+  """``x`` times the weight ``name`` (created here), with its LoRA term if targeted."""
+  cfg = mdl.cfg
+  pdt = jnp.dtype(cfg.param_dtype)
+  w = mdl.param(name, init, shape, pdt)
+  return lora_lib.project(mdl, x, w, name, cfg.adapters, jnp.dtype(cfg.dtype), pdt)
 
 
 class Attention(nn.Module):
@@ -61,9 +66,9 @@ class Attention(nn.Module):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     init = _dense_init(cfg)
-    q = _proj(x, self.param("q_dnh", init, (d, n, h), pdt), "BTD,DNH->BTNH", dt)
-    key = _proj(x, self.param("k_dkh", init, (d, k, h), pdt), "BTD,DKH->BTKH", dt)
-    val = _proj(x, self.param("v_dkh", init, (d, k, h), pdt), "BTD,DKH->BTKH", dt)
+    q = _proj(self, x, "q_dnh", (d, n, h), init)
+    key = _proj(self, x, "k_dkh", (d, k, h), init)
+    val = _proj(self, x, "v_dkh", (d, k, h), init)
     if cfg.qkv_bias:
       q = q + self.param("q_bias_nh", nn.initializers.zeros, (n, h), pdt).astype(dt)
       key = key + self.param("k_bias_kh", nn.initializers.zeros, (k, h), pdt).astype(dt)
@@ -87,7 +92,7 @@ class Attention(nn.Module):
           sliding_window=cfg.sliding_window)
       new_cache = (k_cache, v_cache)
     out = checkpoint_name(out, "attention_out")
-    y = _proj(out, self.param("o_nhd", init, (n, h, d), pdt), "BTNH,NHD->BTD", dt)
+    y = _proj(self, out, "o_nhd", (n, h, d), init)
     if cfg.o_bias:
       y = y + self.param("o_bias_d", nn.initializers.zeros, (d,), pdt).astype(dt)
     return y, new_cache
@@ -103,12 +108,12 @@ class MLP(nn.Module):
     d, f = cfg.hidden_size, cfg.intermediate_size
     pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     init = _dense_init(cfg)
-    gate = _proj(x, self.param("gate_df", init, (d, f), pdt), "BTD,DF->BTF", dt)
-    up = _proj(x, self.param("up_df", init, (d, f), pdt), "BTD,DF->BTF", dt)
+    gate = _proj(self, x, "gate_df", (d, f), init)
+    up = _proj(self, x, "up_df", (d, f), init)
     if cfg.mlp_bias:
       gate = gate + self.param("gate_bias_f", nn.initializers.zeros, (f,), pdt).astype(dt)
       up = up + self.param("up_bias_f", nn.initializers.zeros, (f,), pdt).astype(dt)
-    y = _proj(jax.nn.silu(gate) * up, self.param("down_fd", init, (f, d), pdt), "BTF,FD->BTD", dt)
+    y = _proj(self, jax.nn.silu(gate) * up, "down_fd", (f, d), init)
     if cfg.mlp_bias:
       y = y + self.param("down_bias_d", nn.initializers.zeros, (d,), pdt).astype(dt)
     return y
@@ -133,12 +138,30 @@ class DecoderLayer(nn.Module):
 
 
 class Embed(nn.Module):
+  """Token embeddings; with LoRA on ``embed_tokens``, PEFT's embedding factors
+  (A [V, r] starts at zero, B [r, D] random)."""
   cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
+    pdt = jnp.dtype(cfg.param_dtype)
     self.embedding_vd = self.param("embedding_vd", _dense_init(cfg),
-                                   (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
+                                   (cfg.vocab_size, cfg.hidden_size), pdt)
+    a = cfg.adapters
+    if a is not None and "embed_tokens" in a.lora_targets:
+      self.lora_a_vr = self.param("embedding_lora_a_vr", nn.initializers.zeros,
+                                  (cfg.vocab_size, a.lora_rank), pdt)
+      self.lora_b_rd = self.param("embedding_lora_b_rd", nn.initializers.normal(1.0),
+                                  (a.lora_rank, cfg.hidden_size), pdt)
+
+  def __call__(self, tokens):
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    x = self.embedding_vd[tokens].astype(dt)
+    if hasattr(self, "lora_a_vr"):
+      x = x + cfg.adapters.lora_scale * jnp.einsum(
+          "BTR,RD->BTD", self.lora_a_vr[tokens].astype(dt), self.lora_b_rd.astype(dt))
+    return x
 
 
 class LMHead(nn.Module):
@@ -146,8 +169,22 @@ class LMHead(nn.Module):
 
   def setup(self):
     cfg = self.cfg
+    pdt = jnp.dtype(cfg.param_dtype)
     self.kernel_dv = self.param("kernel_dv", _dense_init(cfg),
-                                (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+                                (cfg.hidden_size, cfg.vocab_size), pdt)
+    a = cfg.adapters
+    if lora_lib.targets(a, "kernel_dv"):
+      name_a, name_b, _ = lora_lib.factor_names("kernel_dv")
+      self.lora_a = self.param(name_a, lora_lib.a_init(a), (cfg.hidden_size, a.lora_rank), pdt)
+      self.lora_b = self.param(name_b, nn.initializers.zeros, (a.lora_rank, cfg.vocab_size), pdt)
+
+  def weight(self):
+    """[D, V]; with LoRA the merged W + s·A·B (the head's factors are small next
+    to its weight, and the chunked loss wants one matrix)."""
+    if not hasattr(self, "lora_a"):
+      return self.kernel_dv
+    return lora_lib.merged_weight(self.kernel_dv, self.lora_a, self.lora_b, None,
+                                  self.cfg.adapters, 1)
 
 
 class Transformer(nn.Module):
@@ -160,7 +197,7 @@ class Transformer(nn.Module):
     if cfg.remat != "none":
       layer = nn.remat(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
     self.layers = nn.scan(
-        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * 5 + (0,), length=cfg.num_layers)(cfg)
     self.embed = Embed(cfg)
     self.final_norm = RMSNorm(cfg)
@@ -170,7 +207,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens, positions, segment_ids, decode=None, cache=None):
     """Final hidden states [B,T,D], the updated per-layer (k, v) cache, MoE stats."""
     cfg = self.cfg
-    x = self.embed.embedding_vd[tokens].astype(jnp.dtype(cfg.dtype))
+    x = self.embed(tokens)
     cos, sin = attn_lib.rope_tables(cfg, positions)
     x, (new_cache, stats) = self.layers(x, cos, sin, segment_ids, positions, decode, cache)
     return self.final_norm(x), new_cache, stats
@@ -179,7 +216,7 @@ class Transformer(nn.Module):
     """The [D, V] output projection (the embedding's transpose when tied)."""
     if self.cfg.tie_word_embeddings:
       return self.embed.embedding_vd.T
-    return self.lm_head.kernel_dv
+    return self.lm_head.weight()
 
   def forward_logits(self, tokens, positions, segment_ids):
     hidden, _, stats = self(tokens, positions, segment_ids)
@@ -214,14 +251,22 @@ def abstract_params(cfg: ModelConfig) -> dict:
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
-def hidden_states(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
+def _rngs(dropout_rng) -> dict:
+  return {} if dropout_rng is None else {"dropout": dropout_rng}
+
+
+def hidden_states(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None,
+                  dropout_rng=None):
   """Final-norm hidden states [B,T,D] and auxiliary outputs (MoE router stats).
 
   ``segment_ids`` [B,T] mark packed examples (0 = padding); ``positions``
   restart at 0 in each segment. Defaults: one segment, positions 0..T-1.
+  ``dropout_rng`` turns on adapter dropout (training); without it the model
+  is deterministic.
   """
   positions, segment_ids = _defaults(tokens, positions, segment_ids)
-  hidden, _, stats = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)
+  hidden, _, stats = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
+                                            rngs=_rngs(dropout_rng))
   return hidden, _aux(cfg, stats, segment_ids)
 
 
@@ -230,11 +275,13 @@ def unembedding(cfg: ModelConfig, params) -> jax.Array:
   return Transformer(cfg).apply({"params": params}, method=Transformer.unembedding)
 
 
-def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
+def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None,
+            dropout_rng=None):
   """fp32 logits [B,T,V] and auxiliary outputs; see ``hidden_states``."""
   positions, segment_ids = _defaults(tokens, positions, segment_ids)
   logits, stats = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
-                                         method=Transformer.forward_logits)
+                                         method=Transformer.forward_logits,
+                                         rngs=_rngs(dropout_rng))
   return logits, _aux(cfg, stats, segment_ids)
 
 

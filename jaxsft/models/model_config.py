@@ -21,6 +21,78 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
+# Weights LoRA can target, by the Hugging Face module name users know them by.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "lm_head", "embed_tokens")
+# PEFT's "all-linear": every linear layer of the decoder, not the output layer.
+ALL_LINEAR = LORA_TARGETS[:7]
+PROMPT_ENCODERS = ("none", "mlp", "lstm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+  """Parameter-efficient additions to the base model (see ``jaxsft/peft``).
+
+  Several may be combined; all default to off. LoRA adds ``scale·B(A(x))`` to
+  each targeted projection (scale = alpha/rank, or alpha/√rank with rsLoRA);
+  DoRA further rescales each output row by a learned magnitude over the norm
+  of the updated weight. Bottleneck adapters add ``up(act(down(h)))`` to the
+  output of attention and of the MLP. Prompt tuning prepends learned virtual
+  token embeddings to every example (P-tuning produces them with an encoder);
+  prefix tuning gives every layer learned key/value prefixes.
+  """
+  lora_targets: tuple[str, ...] = ()
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  rslora: bool = False
+  dora: bool = False
+  lora_dropout: float = 0.0
+  lora_init: str = "kaiming"  # A's init, as PEFT: "kaiming" (uniform) or "gaussian" (std 1/r)
+  bottleneck_size: int = 0
+  prompt_tokens: int = 0
+  prompt_encoder: str = "none"  # P-tuning: "mlp" or "lstm"
+  prompt_encoder_hidden: int = 0
+  prefix_tokens: int = 0
+  prefix_projection_hidden: int = 0  # 0: prefixes are learned directly
+
+  def __post_init__(self):
+    problems = []
+    unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+    if unknown:
+      problems.append(f"LoRA targets {unknown} are not among {LORA_TARGETS}")
+    if self.lora_targets and self.lora_rank <= 0:
+      problems.append(f"lora_rank={self.lora_rank} must be positive")
+    if self.dora and not self.lora_targets:
+      problems.append("dora needs lora_targets")
+    if self.dora and {"lm_head", "embed_tokens"} & set(self.lora_targets):
+      problems.append("DoRA applies to the decoder's linear projections, not to lm_head or "
+                      "embed_tokens; target those with plain LoRA in another stage")
+    if not 0 <= self.lora_dropout < 1:
+      problems.append(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+    if self.lora_init not in ("kaiming", "gaussian"):
+      problems.append(f"lora_init={self.lora_init!r} is not 'kaiming' or 'gaussian'")
+    if self.prompt_encoder not in PROMPT_ENCODERS:
+      problems.append(f"prompt_encoder={self.prompt_encoder!r} is not one of {PROMPT_ENCODERS}")
+    if self.prompt_encoder != "none" and not self.prompt_tokens:
+      problems.append("a prompt encoder needs prompt_tokens > 0")
+    for name in ("bottleneck_size", "prompt_tokens", "prompt_encoder_hidden", "prefix_tokens",
+                 "prefix_projection_hidden"):
+      if getattr(self, name) < 0:
+        problems.append(f"{name}={getattr(self, name)} must be >= 0")
+    if problems:
+      raise ValueError("invalid adapters: " + "; ".join(problems))
+
+  @property
+  def lora_scale(self) -> float:
+    if not self.lora_targets:
+      return 0.0
+    return self.lora_alpha / (self.lora_rank ** 0.5 if self.rslora else self.lora_rank)
+
+  @property
+  def virtual_tokens(self) -> int:
+    """Slots each example reserves at its start for prompt-tuning embeddings."""
+    return self.prompt_tokens
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -64,6 +136,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls and activations
   remat: str = "none"
   attention: str = "auto"  # "auto": cuDNN fused attention on GPU, XLA elsewhere
+  # Parameter-efficient additions (LoRA, DoRA, adapters, prompts); None: none.
+  adapters: Adapters | None = None
 
   def __post_init__(self):
     problems = []
@@ -105,6 +179,8 @@ class ModelConfig:
     d = dataclasses.asdict(self)
     d["rope_scaling"] = self.rope_dict()
     d["eos_token_ids"] = list(self.eos_token_ids)
+    if self.adapters is not None:
+      d["adapters"]["lora_targets"] = list(self.adapters.lora_targets)
     return json.dumps(d, indent=2, sort_keys=True)
 
   @classmethod
@@ -116,4 +192,8 @@ class ModelConfig:
       raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
     d["rope_scaling"] = tuple(sorted(d.get("rope_scaling", {}).items()))
     d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+    if d.get("adapters") is not None:
+      a = dict(d["adapters"])
+      a["lora_targets"] = tuple(a.get("lora_targets", ()))
+      d["adapters"] = Adapters(**a)
     return cls(**d)

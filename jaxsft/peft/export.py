@@ -1,0 +1,97 @@
+"""Write a PEFT adapter directory (``peft.PeftModel.from_pretrained`` loads it).
+
+The directory holds ``adapter_config.json`` (with ``base_model_name_or_path``)
+and ``adapter_model.safetensors`` with PEFT's key names, e.g.
+``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``, plus the
+tokenizer files. LoRA and DoRA factors are written per layer in PEFT's
+layout (``lora_A`` [r, in], ``lora_B`` [out, r], ``lora_magnitude_vector``
+[out]); see ``jaxsft.peft.lora`` for how they map.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from jaxsft.models.model_config import ModelConfig
+from jaxsft.peft import lora as lora_lib
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# In a jaxsft checkpoint: the HF model its frozen base weights are identical to.
+BASE_FILE = "peft_base.json"
+
+# Our module path (under layers/) -> the HF submodule that holds the projection.
+_HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
+
+
+def _np(x) -> np.ndarray:
+  return np.asarray(x, dtype=np.float32)
+
+
+def lora_tensors(cfg: ModelConfig, params, dtype=np.float32) -> dict[str, np.ndarray]:
+  """PEFT's state dict of the LoRA/DoRA factors in ``params``."""
+  out: dict[str, np.ndarray] = {}
+  prefix = "base_model.model"
+
+  def emit(hf_module: str, a, b, m, n_in: int):
+    r = a.shape[-1]
+    out[f"{hf_module}.lora_A.weight"] = a.reshape(-1, r).T
+    out[f"{hf_module}.lora_B.weight"] = b.reshape(r, -1).T
+    if m is not None:
+      out[f"{hf_module}.lora_magnitude_vector"] = m.reshape(-1)
+
+  for group, module in params.get("layers", {}).items():
+    for weight in lora_lib.WEIGHTS:
+      name_a, name_b, name_m = lora_lib.factor_names(weight)
+      if name_a not in module:
+        continue
+      a, b = _np(module[name_a]), _np(module[name_b])
+      m = _np(module[name_m]) if name_m in module else None
+      for i in range(a.shape[0]):
+        hf_module = (f"{prefix}.model.layers.{i}.{_HF_MODULE[group]}."
+                     f"{lora_lib.MODULE_OF[weight]}")
+        emit(hf_module, a[i], b[i], None if m is None else m[i], lora_lib.WEIGHTS[weight][1])
+  head = params.get("lm_head", {})
+  name_a, name_b, _ = lora_lib.factor_names("kernel_dv")
+  if name_a in head:
+    emit(f"{prefix}.lm_head", _np(head[name_a]), _np(head[name_b]), None, 1)
+  emb = params.get("embed", {})
+  if "embedding_lora_a_vr" in emb:
+    out[f"{prefix}.model.embed_tokens.lora_embedding_A"] = _np(emb["embedding_lora_a_vr"]).T
+    out[f"{prefix}.model.embed_tokens.lora_embedding_B"] = _np(emb["embedding_lora_b_rd"]).T
+  return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in out.items()}
+
+
+def lora_config(cfg: ModelConfig, base_model: str | None) -> dict[str, Any]:
+  a = cfg.adapters
+  return {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+      "r": a.lora_rank, "lora_alpha": a.lora_alpha, "lora_dropout": a.lora_dropout,
+      "target_modules": sorted(a.lora_targets), "use_rslora": a.rslora, "use_dora": a.dora,
+      "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+      "init_lora_weights": True, "modules_to_save": None,
+  }
+
+
+def save_adapter(cfg: ModelConfig, params, out_dir: pathlib.Path, base_model: str | None,
+                 dtype=np.float32) -> pathlib.Path:
+  """Write the adapters of ``cfg``/``params`` as a PEFT directory in ``out_dir``
+  (which must exist and be empty; ``hf.staged_dir`` gives one)."""
+  a = cfg.adapters
+  if a is None:
+    raise ValueError("this checkpoint has no adapters (it was trained with method 'full'); "
+                     "export it without --peft")
+  if a.bottleneck_size:
+    raise ValueError("bottleneck adapters have no PEFT format (and no exact merged form); "
+                     "keep the jaxsft checkpoint, or train LoRA/DoRA for an exportable adapter")
+  if not a.lora_targets:
+    raise ValueError("this checkpoint's adapters have no PEFT export yet")
+  tensors = lora_tensors(cfg, params, dtype)
+  save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+  (out_dir / ADAPTER_CONFIG).write_text(
+      json.dumps(lora_config(cfg, base_model), indent=2, sort_keys=True) + "\n")
+  return out_dir

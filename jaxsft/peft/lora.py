@@ -1,0 +1,136 @@
+"""LoRA and DoRA on the model's projections, with PEFT's semantics.
+
+A targeted projection ``y = x·W`` (W laid out ``[in axes…, out axes…]``, e.g.
+``q_dnh``) gains two factors ``A [in…, r]`` and ``B [r, out…]``:
+
+    LoRA:  y = x·W + s · (drop(x)·A)·B,          s = alpha/r  (alpha/√r with rsLoRA)
+    DoRA:  y = x·W + (g - 1) ⊙ drop(x)·W + g ⊙ s · (drop(x)·A)·B,
+           g = m / ‖W + s·A·B‖  (per output unit; the norm is detached)
+
+exactly as ``peft``'s ``Linear`` and ``DoraLinearLayer`` compute them: PEFT's
+``lora_A.weight`` is ``Aᵀ`` flattened to ``[r, in]``, ``lora_B.weight`` is
+``Bᵀ`` flattened to ``[out, r]``, and DoRA's ``lora_magnitude_vector`` is ``m``
+flattened to ``[out]`` (the norm of each row of HF's ``[out, in]`` weight).
+
+B starts at zero, so a new adapter computes exactly the base model. The
+unmerged form is what trains: the frozen W then needs no weight-gradient
+matmul. ``merge`` folds the factors into W for export.
+
+Parameter names follow the weight: ``q_dnh`` → ``q_lora_a_dr``,
+``q_lora_b_rnh``, ``q_lora_m_nh`` (the axis letters end the name; r is the
+rank axis, never sharded).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsft.models.model_config import Adapters
+
+# Base weight name -> (PEFT/HF module name, number of leading input axes).
+WEIGHTS: dict[str, tuple[str, int]] = {
+    "q_dnh": ("q_proj", 1),
+    "k_dkh": ("k_proj", 1),
+    "v_dkh": ("v_proj", 1),
+    "o_nhd": ("o_proj", 2),
+    "gate_df": ("gate_proj", 1),
+    "up_df": ("up_proj", 1),
+    "down_fd": ("down_proj", 1),
+    "kernel_dv": ("lm_head", 1),
+}
+MODULE_OF = {w: m for w, (m, _) in WEIGHTS.items()}
+
+
+def split_name(weight: str) -> tuple[str, str, str]:
+  """``"o_nhd"`` → (stem ``"o"``, input letters ``"nh"``, output letters ``"d"``)."""
+  stem, letters = weight.rsplit("_", 1)
+  n_in = WEIGHTS[weight][1]
+  return stem, letters[:n_in], letters[n_in:]
+
+
+def factor_names(weight: str) -> tuple[str, str, str]:
+  """Names of the A, B and DoRA magnitude parameters of ``weight``."""
+  stem, ins, outs = split_name(weight)
+  return f"{stem}_lora_a_{ins}r", f"{stem}_lora_b_r{outs}", f"{stem}_lora_m_{outs}"
+
+
+def targets(adapters: Adapters | None, weight: str) -> bool:
+  return adapters is not None and MODULE_OF.get(weight) in adapters.lora_targets
+
+
+def a_init(adapters: Adapters):
+  """PEFT's init of A: kaiming-uniform (bound 1/√fan_in), or normal(1/r)."""
+  def init(rng, shape, dtype):
+    fan_in = int(np.prod(shape[:-1]))
+    if adapters.lora_init == "gaussian":
+      return jax.random.normal(rng, shape, dtype) / adapters.lora_rank
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(rng, shape, dtype, -bound, bound)
+  return init
+
+
+def delta(a: jax.Array, b: jax.Array, n_in: int) -> jax.Array:
+  """A·B laid out like the weight: [in…, out…] (leading batch axes, e.g. L, kept)."""
+  lead = a.ndim - n_in - 1
+  a2 = a.reshape(a.shape[:lead] + (-1, a.shape[-1]))
+  b2 = b.reshape(b.shape[:lead + 1] + (-1,))
+  d = jnp.matmul(a2, b2)
+  return d.reshape(a.shape[:-1] + b.shape[lead + 1:])
+
+
+def weight_norm(w, a, b, scale: float, n_in: int) -> jax.Array:
+  """‖W + s·A·B‖ over the input axes (fp32): one value per output unit."""
+  lead = a.ndim - n_in - 1
+  full = w.astype(jnp.float32) + scale * delta(a.astype(jnp.float32), b.astype(jnp.float32), n_in)
+  axes = tuple(range(lead, lead + n_in))
+  return jnp.sqrt(jnp.sum(jnp.square(full), axis=axes))
+
+
+def project(mdl: nn.Module, x: jax.Array, w: jax.Array, weight: str, adapters: Adapters | None,
+            dtype, param_dtype) -> jax.Array:
+  """``x·w`` for weight ``weight`` (x: [B, T, in…]), plus its LoRA/DoRA term when
+  ``adapters`` target it. Called inside ``mdl``'s compact ``__call__``, so the
+  factors are parameters of ``mdl``. Dropout applies when ``mdl`` was given a
+  ``"dropout"`` rng (training), never otherwise."""
+  _, ins, outs = split_name(weight)
+  i, o = ins.upper(), outs.upper()
+  xd, wd = x.astype(dtype), w.astype(dtype)
+  y = jnp.einsum(f"BT{i},{i}{o}->BT{o}", xd, wd)
+  if not targets(adapters, weight):
+    return y
+  n_in, r = len(ins), adapters.lora_rank
+  name_a, name_b, name_m = factor_names(weight)
+  a = mdl.param(name_a, a_init(adapters), w.shape[:n_in] + (r,), param_dtype)
+  b = mdl.param(name_b, nn.initializers.zeros, (r,) + w.shape[n_in:], param_dtype)
+  xin = xd
+  if adapters.lora_dropout > 0 and mdl.has_rng("dropout"):
+    keep = 1.0 - adapters.lora_dropout
+    mask = jax.random.bernoulli(mdl.make_rng("dropout"), keep, xd.shape)
+    xin = jnp.where(mask, xd / keep, 0).astype(dtype)
+  lora = jnp.einsum(f"BTR,R{o}->BT{o}",
+                    jnp.einsum(f"BT{i},{i}R->BTR", xin, a.astype(dtype)), b.astype(dtype))
+  s = adapters.lora_scale
+  if not adapters.dora:
+    return y + s * lora
+  m = mdl.param(name_m, lambda *_: weight_norm(w, jnp.zeros(a.shape), jnp.zeros(b.shape), 0.0,
+                                               n_in).astype(param_dtype),
+                w.shape[n_in:], param_dtype)
+  g = (m.astype(jnp.float32) / jax.lax.stop_gradient(weight_norm(w, a, b, s, n_in))).astype(dtype)
+  base = y if xin is xd else jnp.einsum(f"BT{i},{i}{o}->BT{o}", xin, wd)
+  return y + (g - 1) * base + g * (s * lora)
+
+
+def merged_weight(w, a, b, m, adapters: Adapters, n_in: int) -> jax.Array:
+  """The plain weight that computes what ``project`` computes (without dropout):
+  W + s·A·B, and for DoRA its rows rescaled to the learned magnitudes."""
+  s = adapters.lora_scale
+  full = w.astype(jnp.float32) + s * delta(a.astype(jnp.float32), b.astype(jnp.float32), n_in)
+  if adapters.dora:
+    lead = a.ndim - n_in - 1
+    norm = weight_norm(w, a, b, s, n_in)
+    g = m.astype(jnp.float32) / norm
+    g = g.reshape(g.shape[:lead] + (1,) * n_in + g.shape[lead:])
+    full = full * g
+  return full.astype(w.dtype)

@@ -1,0 +1,247 @@
+"""What a stage's ``method`` means: the adapters it adds to the model, and which
+parameters train.
+
+Methods (a stage's ``method``; the knobs live in ``stage.peft``):
+  full            every weight trains
+  lora, dora      LoRA / DoRA factors on ``peft.targets`` train; the base is frozen
+  full_then_lora  ``full`` for the first ``peft.switch_at`` of the stage's steps, then
+                  LoRA on top of the updated weights (the trainer does the switch)
+  freeze          only the last ``peft.train_layers`` layers and/or the modules
+                  matching ``peft.train_modules`` train
+  adapter         bottleneck adapters (size ``peft.bottleneck_size``) train
+  prompt          prompt tuning: ``peft.virtual_tokens`` learned embeddings
+  p_tuning        the same virtual tokens, produced by an MLP/LSTM prompt encoder
+  prefix          prefix tuning: learned per-layer key/value prefixes
+
+Whatever the method, ``peft.train_modules`` (a regex over parameter paths such
+as ``"embed|final_norm"``) adds parameters to the trainable set, and task
+heads always train.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from jaxsft import sharding as sharding_lib
+from jaxsft.models import llama
+from jaxsft.models.model_config import ALL_LINEAR, LORA_TARGETS, Adapters, ModelConfig
+from jaxsft.peft import lora as lora_lib
+
+METHODS = ("full", "lora", "dora", "full_then_lora", "freeze", "adapter", "prompt", "p_tuning",
+           "prefix")
+LORA_METHODS = ("lora", "dora", "full_then_lora")
+# Methods whose trainable weights a PEFT adapter directory can hold.
+PEFT_FORMATS = ("lora", "dora", "full_then_lora", "prompt", "p_tuning", "prefix")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """``stage.peft``: the knobs of every method (each method reads its own)."""
+  return ml_collections.ConfigDict(dict(
+      # A name list, "all-linear" or a regex: any type, so a list can replace the string.
+      targets=ml_collections.FieldReference("all-linear", field_type=object), rank=16, alpha=32.0, rslora=False, dropout=0.0, init="kaiming",
+      switch_at=0.2,
+      bottleneck_size=64,
+      virtual_tokens=20, prompt_init_text=placeholder(str), encoder="mlp",
+      encoder_hidden=placeholder(int), prefix_projection_hidden=0,
+      train_layers=placeholder(int), train_modules=placeholder(str)))
+
+
+def lora_targets(spec, where: str = "stage.peft.targets") -> tuple[str, ...]:
+  """Resolve ``peft.targets``: "all-linear", a list of module names, or a regex
+  matched against the module names (``"q_proj|v_proj"``)."""
+  if isinstance(spec, str):
+    if spec == "all-linear":
+      return ALL_LINEAR
+    try:
+      pattern = re.compile(spec)
+    except re.error as e:
+      raise ValueError(f"{where}={spec!r} is not a valid regex ({e})") from None
+    found = tuple(t for t in LORA_TARGETS if pattern.fullmatch(t))
+    if not found:
+      raise ValueError(f"{where}={spec!r} matches no module; available: "
+                       f"{', '.join(LORA_TARGETS)} (or 'all-linear')")
+    return found
+  names = tuple(spec)
+  missing = [n for n in names if n not in LORA_TARGETS]
+  if missing or not names:
+    raise ValueError(f"{where}: {missing or 'an empty list'} names no module; available: "
+                     f"{', '.join(LORA_TARGETS)} (or 'all-linear')")
+  return names
+
+
+def validate(method: str, peft, where: str) -> None:
+  """Check ``stage.peft`` for ``method``; ValueError naming the key."""
+  if method in LORA_METHODS:
+    lora_targets(peft.targets, f"{where}.peft.targets")
+    if peft.rank <= 0:
+      raise ValueError(f"{where}.peft.rank={peft.rank} must be a positive integer")
+    if peft.alpha <= 0:
+      raise ValueError(f"{where}.peft.alpha={peft.alpha} must be positive")
+    if not 0 <= peft.dropout < 1:
+      raise ValueError(f"{where}.peft.dropout={peft.dropout} must be in [0, 1)")
+    if peft.init not in ("kaiming", "gaussian"):
+      raise ValueError(f"{where}.peft.init={peft.init!r} is not 'kaiming' or 'gaussian'")
+  if method == "full_then_lora" and not 0 < peft.switch_at < 1:
+    raise ValueError(f"{where}.peft.switch_at={peft.switch_at} must be a fraction of the "
+                     "stage's steps in (0, 1), e.g. 0.2")
+  if method == "freeze" and peft.train_layers is None and peft.train_modules is None:
+    raise ValueError(f"{where}: method 'freeze' needs peft.train_layers (train the last N "
+                     "layers) and/or peft.train_modules (a regex over parameter paths)")
+  if peft.train_modules is not None:
+    try:
+      re.compile(peft.train_modules)
+    except re.error as e:
+      raise ValueError(f"{where}.peft.train_modules={peft.train_modules!r} is not a valid "
+                       f"regex ({e})") from None
+
+
+def adapters_for(method: str, peft, phase: int = 1) -> Adapters | None:
+  """The adapters a stage with ``method`` adds (``phase`` 0 is the full part of
+  ``full_then_lora``)."""
+  if method in ("lora", "dora") or (method == "full_then_lora" and phase == 1):
+    return Adapters(lora_targets=lora_targets(peft.targets), lora_rank=int(peft.rank),
+                    lora_alpha=float(peft.alpha), rslora=bool(peft.rslora),
+                    dora=method == "dora", lora_dropout=float(peft.dropout),
+                    lora_init=peft.init)
+  return None
+
+
+def add_params(cfg: ModelConfig, params, rng: jax.Array):
+  """``params`` plus freshly initialized parameters for ``cfg.adapters`` (the
+  existing arrays are passed through untouched). Initialization follows each
+  module's own initializers, run by Flax for the missing parameters only."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  positions, segment_ids = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
+
+  def init(params, rng):
+    _, variables = llama.Transformer(cfg).apply(
+        {"params": params}, tokens, positions, segment_ids,
+        method=llama.Transformer.forward_logits, mutable=["params"], rngs={"params": rng})
+    return variables["params"]
+
+  return jax.jit(init, donate_argnums=0)(params, rng)
+
+
+def merge(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
+  """Fold LoRA/DoRA into the base weights: a plain model computing the same
+  function. Adapters with no exact merged form are refused."""
+  a = cfg.adapters
+  if a is None:
+    return cfg, params
+  if a.bottleneck_size or a.prompt_tokens or a.prefix_tokens:
+    kind = ("bottleneck adapters" if a.bottleneck_size else
+            "prompt tuning" if a.prompt_tokens else "prefix tuning")
+    raise ValueError(f"{kind} cannot be merged into the base weights (the result is not a "
+                     "plain model); export it with --peft where PEFT has a format, or keep "
+                     "the jaxsft checkpoint")
+  if "embed_tokens" in a.lora_targets and cfg.tie_word_embeddings:
+    raise ValueError("LoRA on embed_tokens of a model with tied embeddings cannot be merged "
+                     "exactly (the merged embedding would change the output layer too); "
+                     "export with --peft instead")
+
+  def fold(module: dict) -> dict:
+    out = dict(module)
+    for weight, (_, n_in) in lora_lib.WEIGHTS.items():
+      name_a, name_b, name_m = lora_lib.factor_names(weight)
+      if name_a in module:
+        out[weight] = lora_lib.merged_weight(module[weight], module[name_a], module[name_b],
+                                             module.get(name_m), a, n_in)
+        for n in (name_a, name_b, name_m):
+          out.pop(n, None)
+    if "embedding_lora_a_vr" in module:
+      emb = module["embedding_vd"]
+      out["embedding_vd"] = (emb.astype(jnp.float32) + a.lora_scale * jnp.matmul(
+          module["embedding_lora_a_vr"].astype(jnp.float32),
+          module["embedding_lora_b_rd"].astype(jnp.float32))).astype(emb.dtype)
+      out.pop("embedding_lora_a_vr")
+      out.pop("embedding_lora_b_rd")
+    return {k: fold(v) if isinstance(v, dict) else v for k, v in out.items()}
+
+  merged = jax.jit(fold)(_plain(params))
+  return cfg.replace(adapters=None), merged
+
+
+def base_params(params):
+  """``params`` without any adapter parameter: the frozen base model."""
+  def strip(tree):
+    return {k: strip(v) if hasattr(v, "items") else v for k, v in tree.items()
+            if not _is_adapter_name(k)}
+  return strip(params)
+
+
+def _is_adapter_name(name: str) -> bool:
+  return "_lora_" in name or name in ("prompt", "prefix") or name.startswith("adapter")
+
+
+def _plain(tree):
+  """Nested dicts (Flax may hand back FrozenDicts)."""
+  if hasattr(tree, "items"):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
+
+
+def has_lora(params) -> bool:
+  return any("_lora_" in sharding_lib.path_names(p)[-1]
+             for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def trainable(path: tuple[str, ...], method: str, peft, params_have_lora: bool) -> bool:
+  """Whether the parameter at ``path`` trains under ``method``."""
+  name = "/".join(path)
+  if peft is not None and peft.train_modules and re.search(peft.train_modules, name):
+    return True
+  if path[0] in ("head", "score"):  # task heads always train
+    return True
+  leaf = path[-1]
+  if method == "full" or (method == "full_then_lora" and not params_have_lora):
+    return True
+  if method in LORA_METHODS:
+    return "_lora_" in leaf
+  if method == "adapter":
+    return any(p.startswith("adapter") for p in path)
+  if method in ("prompt", "p_tuning"):
+    return path[0] == "prompt"
+  if method == "prefix":
+    return path[0] == "prefix"
+  if method == "freeze":
+    return path[0] == "layers" and peft.train_layers is not None
+  raise AssertionError(method)
+
+
+def _is_abstract(params) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params))
+
+
+def prepare(cfg: ModelConfig, params, stage, rng: jax.Array, phase: int = 1):
+  """The model a stage trains: ``cfg``/``params`` with the adapters of
+  ``stage.method`` added (``phase`` 0: the full part of ``full_then_lora``).
+
+  A model that arrives with other adapters (an earlier LoRA stage) has them
+  merged first, so every stage starts from the previous stage's function.
+  ``params`` may be abstract (resuming): the result is then abstract too.
+  """
+  want = adapters_for(stage.method, stage.peft, phase)
+  abstract = _is_abstract(params)
+  if cfg.adapters is not None and cfg.adapters != want:
+    if abstract:
+      cfg = cfg.replace(adapters=None)
+      params = llama.abstract_params(cfg)
+    else:
+      cfg, params = merge(cfg, params)
+  if want is not None and cfg.adapters != want:
+    cfg = cfg.replace(adapters=want)
+    params = llama.abstract_params(cfg) if abstract else add_params(cfg, params, rng)
+  return cfg, params
+
+
+def switch_step(stage, total_steps: int) -> int | None:
+  """The step after which ``full_then_lora`` changes to LoRA (None otherwise);
+  at least one step on each side."""
+  if stage.method != "full_then_lora":
+    return None
+  return min(max(int(round(stage.peft.switch_at * total_steps)), 1), max(total_steps - 1, 1))
