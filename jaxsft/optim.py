@@ -46,18 +46,25 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def labels(params, method: str, lr_groups=None):
+def labels(params, method: str, lr_groups=None, freeze_router: bool = False):
   """The label of every parameter: ``"train"``, or ``"group:<pattern>"`` for the
   first ``lr_groups`` pattern (a regex searched in the path, e.g.
-  ``"layers/attn/q_dnh"``) that matches it. ``method`` ``full`` trains all."""
+  ``"layers/attn/q_dnh"``) that matches it. ``method`` ``full`` trains all.
+  ``freeze_router`` labels MoE router weights ``"frozen"``."""
   assert method == "full", method  # config.validate refuses the others for now
   patterns = list(lr_groups or {})
 
   def label(path, _):
     name = "/".join(sharding_lib.path_names(path))
+    if freeze_router and "moe/router_de" in name:
+      return "frozen"
     return next((f"group:{p}" for p in patterns if re.search(p, name)), "train")
 
-  return jax.tree_util.tree_map_with_path(label, params)
+  tree = jax.tree_util.tree_map_with_path(label, params)
+  if freeze_router and "frozen" not in jax.tree_util.tree_leaves(tree):
+    raise ValueError("stage.freeze_router=True, but the model has no MoE router to freeze "
+                     "(it is not a mixture of experts); remove freeze_router")
+  return tree
 
 
 def build(stage, total_steps: int, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -75,7 +82,8 @@ def build(stage, total_steps: int, params) -> tuple[optax.GradientTransformation
   transforms.update({f"group:{p}": adamw(float(m)) for p, m in groups.items()})
   tx = optax.chain(
       optax.clip_by_global_norm(stage.grad_clip) if stage.grad_clip else optax.identity(),
-      optax.multi_transform(transforms, labels(params, stage.method, groups)))
+      optax.multi_transform(transforms, labels(params, stage.method, groups,
+                                               stage.freeze_router)))
   return tx, lr
 
 
