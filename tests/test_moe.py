@@ -226,19 +226,23 @@ import jax
 import test_moe
 from jaxsft import trainer
 assert len(jax.devices()) == 8
-for name, mesh in {meshes!r}.items():
+for name, (mesh, dispatch) in {meshes!r}.items():
   config = test_moe._run_config(pathlib.Path({data!r}), pathlib.Path({root!r}) / name,
-                                moe_dispatch="dropless")
+                                moe_dispatch=dispatch)
   config.mesh.update({{**dict(data=1, fsdp=1, tensor=1, expert=1), **mesh}})
   trainer.train(config)
 """
 
-MESHES = {"fsdp2_expert4": dict(fsdp=2, expert=4), "tensor2_expert4": dict(tensor=2, expert=4)}
+MESHES = {"fsdp2_expert4": (dict(fsdp=2, expert=4), "dropless"),
+          "tensor2_expert4": (dict(tensor=2, expert=4), "dropless"),
+          # The dense dispatch (what "auto" picks on CPU and GPU) under GSPMD.
+          "dense_fsdp2_expert4": (dict(fsdp=2, expert=4), "dense")}
 
 
 def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
-  """Dropless MoE training with the expert axis 4 (with fsdp 2, or tensor 2)
-  on 8 simulated CPU devices: the losses and trained weights of one device."""
+  """MoE training with the expert axis 4 (with fsdp 2, or tensor 2) on 8
+  simulated CPU devices: the losses, router statistics and trained weights of
+  one device (dropless there; dense = dropless is tested above)."""
   data = tmp_path / "data"
   single = _run_config(data, tmp_path / "single", moe_dispatch="dropless")
   trainer.train(single)

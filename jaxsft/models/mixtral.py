@@ -21,9 +21,13 @@ Two dispatches compute the same function (``ModelConfig.moe_dispatch``):
   runs under ``shard_map`` (``_dropless_sharded``): each device sorts only its
   own tokens, the tokens of an expert-parallel group are gathered, each device
   computes its local experts, and a reduce-scatter returns every token's sum.
-* ``auto``: ``dense`` on CPU, where XLA emulates ``ragged_dot`` with a masked
-  dense product over all groups (so dropless costs k times dense: measured in
-  docs/BENCHMARKS.md), ``dropless`` on GPU/TPU.
+* ``auto``: ``dropless`` on TPU, where ``ragged_dot`` lowers to a grouped
+  matmul; ``dense`` on CPU and GPU. There XLA rewrites ``ragged_dot`` into a
+  dense product over a group-masked copy of the rows for every group (JAX's
+  CPU lowering; XLA's RaggedDotRewriter on NVIDIA unless its experimental
+  cuDNN fusion is on), so dropless does k times the dense dispatch's FLOPs:
+  measured on CPU in docs/BENCHMARKS.md. ``_expert_ffn`` is the one place a
+  grouped-GEMM kernel goes when one is available there.
 
 The auxiliary loss is transformers' ``load_balancing_loss_func``: over the
 tokens of all layers together, E · Σ_e (fraction of routing slots sent to e) ·
@@ -45,8 +49,8 @@ def resolve_dispatch(cfg: ModelConfig) -> str:
   """The dispatch ``cfg.moe_dispatch`` means on the current backend."""
   if cfg.moe_dispatch != "auto":
     return cfg.moe_dispatch
-  # CPU lowers ragged_dot to a dense product over all groups (see module doc).
-  return "dense" if jax.default_backend() == "cpu" else "dropless"
+  # Only TPU lowers ragged_dot to a grouped matmul (see the module docstring).
+  return "dropless" if jax.default_backend() == "tpu" else "dense"
 
 
 class MoE(nn.Module):
