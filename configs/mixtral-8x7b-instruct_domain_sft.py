@@ -21,8 +21,11 @@ def get_config():
   # 16 x 80 GB (2 nodes) or more.
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
-  # Experts split over the expert axis (one expert per device in a group of 8),
-  # everything else fully sharded over the remaining devices.
+  # Expert parallelism: the 8 experts of each layer over 8 devices (one
+  # expert each, tokens exchanged within the group); the batch rows and every
+  # other weight over all devices (fsdp x expert), the expert weights' D over
+  # fsdp. Without it, FSDP would gather every expert's weights (2.8 GB in bf16
+  # per layer) on every device, forward and backward.
   c.mesh.update(data=1, fsdp=-1, tensor=1, expert=8)
   c.stages.sft = config_lib.stage(
       objective="sft",

@@ -71,8 +71,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft import losses, metrics
-from jaxsft.models import llama
-from jaxsft.models.model_config import REMAT_POLICIES, ModelConfig
+from jaxsft.models import llama, mixtral
+from jaxsft.models.model_config import MOE_DISPATCHES, REMAT_POLICIES, ModelConfig
 
 # Published architectures (the ``config.json`` of the named checkpoints;
 # tests/test_real_sizes.py checks them against jaxsft.hf.config_from_hf).
@@ -81,6 +81,9 @@ SHAPES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         family="llama", vocab_size=8192, hidden_size=256, intermediate_size=688,
         num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64),
+    "tiny-moe": ModelConfig(  # "tiny" with 8 experts, top-2 (a CPU-sized Mixtral)
+        family="mixtral", vocab_size=8192, hidden_size=256, intermediate_size=688,
+        num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, num_experts=8),
     # meta-llama/Llama-3.2-1B
     "llama3.2-1b": ModelConfig(
         family="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
@@ -338,6 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--skip-memory-check", action="store_true",
                  help="run even if the memory estimate exceeds what is available")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--moe-dispatch", default="auto", choices=MOE_DISPATCHES,
+                 help="MoE shapes: how tokens reach experts (models/mixtral.py)")
   args = p.parse_args(argv)
   if args.compile_scaling and args.layers:
     p.error("--layers and --compile-scaling both set the layer count; give one")
@@ -369,7 +374,7 @@ def _print_table(result: dict) -> None:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   cfg = SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.param_dtype,
-                                   remat=args.remat)
+                                   remat=args.remat, moe_dispatch=args.moe_dispatch)
   if args.layers:
     cfg = cfg.replace(num_layers=args.layers)
   device = jax.devices()[0]
@@ -381,6 +386,7 @@ def main(argv=None) -> dict:
       "dtype": args.dtype,
       "param_dtype": args.param_dtype,
       "remat": args.remat,
+      "moe_dispatch": mixtral.resolve_dispatch(cfg) if cfg.is_moe else None,
       "backend": device.platform,
       "device": device.device_kind,
       "device_count": jax.device_count(),

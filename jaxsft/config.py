@@ -13,6 +13,11 @@ A config file defines ``get_config()`` returning a ConfigDict built from
   model.remat       rematerialization policy of each layer (models/model_config.py)
   model.attention   auto | xla | cudnn
   model.trust_remote_code   never true unless you trust the model's own code
+  model.moe_dispatch        MoE models: auto | dense | dropless (models/mixtral.py)
+  model.router_aux_loss_coef   MoE load-balancing loss weight; default: the model's
+              config.json (Mixtral-8x7B: 0.02). Always added in training, unlike
+              transformers' output_router_logits=False default; 0 turns it off
+  model.router_z_loss_coef     ST-MoE router z-loss weight (default 0: off; ~1e-3)
   tokenizer         tokenizer directory (default: model.source)
   mesh              sizes of the data / fsdp / tensor / expert mesh axes (-1: the rest)
   stages            name -> stage (``stage()``), run in the order written
@@ -39,6 +44,7 @@ A stage (``stage(**overrides)``):
   seq_len     packed row length
   weight_decay, b1, b2, eps, grad_clip   AdamW and global-norm clipping
   log_every, eval_every, eval_batches, checkpoint_every, keep_checkpoints
+  freeze_router  MoE: keep the router weights fixed (experts and the rest train)
   data        the stage's data mixture (``jaxsft.data.pipeline`` documents it)
 """
 from __future__ import annotations
@@ -52,7 +58,7 @@ from ml_collections.config_dict import placeholder
 
 from jaxsft.data import pipeline as data_pipeline
 from jaxsft.data import sources as data_sources
-from jaxsft.models.model_config import ATTENTION_IMPLS, REMAT_POLICIES
+from jaxsft.models.model_config import ATTENTION_IMPLS, MOE_DISPATCHES, REMAT_POLICIES
 from jaxsft.peft import methods as peft_methods
 from jaxsft.sharding import MESH_AXES
 
@@ -72,7 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
       source=placeholder(str), init=placeholder(dict), dtype="bfloat16",
-      param_dtype="float32", remat="none", attention="auto", trust_remote_code=False))
+      param_dtype="float32", remat="none", attention="auto", trust_remote_code=False,
+      moe_dispatch="auto", router_aux_loss_coef=placeholder(float),
+      router_z_loss_coef=placeholder(float)))
   c.tokenizer = placeholder(str)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.stages = ml_collections.ConfigDict()
@@ -89,7 +97,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
       batch_size=8, batch_tokens=placeholder(int), grad_accum=1, seq_len=2048,
       weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
       log_every=10, eval_every=0, eval_batches=placeholder(int),
-      checkpoint_every=500, keep_checkpoints=2,
+      checkpoint_every=500, keep_checkpoints=2, freeze_router=False,
       data=data_pipeline.default_config(), peft=peft_methods.default_config()))
 
 
@@ -143,6 +151,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(m.param_dtype, DTYPES, "config.model.param_dtype")
   _one_of(m.remat, REMAT_POLICIES, "config.model.remat")
   _one_of(m.attention, ATTENTION_IMPLS, "config.model.attention")
+  _one_of(m.moe_dispatch, MOE_DISPATCHES, "config.model.moe_dispatch")
+  for key in ("router_aux_loss_coef", "router_z_loss_coef"):
+    if m[key] is not None and not m[key] >= 0:
+      raise ValueError(f"config.model.{key}={m[key]} must be >= 0")
   sizes = [config.mesh[a] for a in MESH_AXES]
   if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
     raise ValueError(f"config.mesh: sizes must be positive, with at most one -1; got "

@@ -75,7 +75,10 @@ _ROPE_KEYS = {
 assert set(_ROPE_KEYS) == set(ROPE_TYPES)
 
 # Fields of ModelConfig that are numeric/execution policy rather than architecture.
-_POLICY_FIELDS = ("param_dtype", "dtype", "remat", "attention")
+# The router loss coefficients count as policy: they only shape training, and a
+# run may override the one config.json carries.
+_POLICY_FIELDS = ("param_dtype", "dtype", "remat", "attention", "moe_dispatch",
+                  "router_aux_loss_coef", "router_z_loss_coef")
 _PARAM_DTYPES = ("float32", "bfloat16", "float16")
 _SAFETENSORS_DTYPES = {"F32", "F16", "BF16", "F64"}
 
@@ -234,7 +237,7 @@ def config_from_hf(source: PathLike | Mapping[str, Any], **policy) -> ModelConfi
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(get("tie_word_embeddings", False)), hidden_act="silu",
         initializer_range=float(get("initializer_range", 0.02)),
-        bos_token_id=bos, eos_token_ids=tuple(eos), pad_token_id=pad, **arch, **policy)
+        bos_token_id=bos, eos_token_ids=tuple(eos), pad_token_id=pad, **{**arch, **policy})
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
 

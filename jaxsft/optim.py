@@ -53,21 +53,30 @@ def decay_mask(params):
 
 def labels(params, stage) -> Any:
   """The label of every parameter: ``"frozen"`` where the stage's method does
-  not train it (``jaxsft.peft.methods.trainable``), else ``"group:<pattern>"``
+  not train it (``jaxsft.peft.methods.trainable``) and for MoE routers with
+  ``stage.freeze_router``, else ``"group:<pattern>"``
   for the first ``lr_groups`` pattern (a regex searched in the path, e.g.
   ``"layers/attn/q_dnh"``) that matches it, else ``"train"``."""
   patterns = list(stage.lr_groups or {})
   lora = peft_methods.has_lora(params)
   peft = stage.get("peft")
+  freeze_router = bool(stage.get("freeze_router", False))
 
   def label(path, _):
     names = sharding_lib.path_names(path)
+    name = "/".join(names)
+    if freeze_router and "moe/router_de" in name:
+      return "frozen"
     if not peft_methods.trainable(names, stage.method, peft, lora):
       return "frozen"
-    name = "/".join(names)
     return next((f"group:{p}" for p in patterns if re.search(p, name)), "train")
 
-  return jax.tree_util.tree_map_with_path(label, params)
+  tree = jax.tree_util.tree_map_with_path(label, params)
+  if freeze_router and not any("router_de" in "/".join(sharding_lib.path_names(p))
+                               for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]):
+    raise ValueError("stage.freeze_router=True, but the model has no MoE router to freeze "
+                     "(it is not a mixture of experts); remove freeze_router")
+  return tree
 
 
 def trainable_mask(params, stage) -> Any:

@@ -7,7 +7,8 @@ from its name — no per-module annotations.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import functools
+from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -16,9 +17,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # Axis letter -> mesh axis (or tuple of mesh axes). Letters not listed are replicated.
 #   V vocab, D model width, N query heads, K kv heads, H head dim,
 #   F ffn width, E experts, L stacked layers.
+# Letters are assigned in name order and a mesh axis serves one dim, so expert
+# weights (``gate_edf``) put E on ``expert`` and D on ``fsdp`` alone, while every
+# other weight is also sharded over ``expert`` (data-parallel outside the MoE).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "v": "tensor",
-    "d": "fsdp",
+    "d": ("fsdp", "expert"),
     "n": "tensor",
     "k": "tensor",
     "h": None,
@@ -28,6 +32,28 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# The mesh axes a batch's rows are split over. The expert axis is data-parallel
+# outside the MoE layers (as in GShard): its devices hold different rows, and
+# the dropless dispatch (models/mixtral.py) gathers the rows of an expert group
+# for the experts each device holds.
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many ways a batch's rows are split (the product of BATCH_AXES)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def with_mesh(mesh: Mesh, fn: Callable) -> Callable:
+  """``fn`` (a jitted step) called under ``jax.set_mesh(mesh)``: model code that
+  needs the mesh while being traced (the MoE dispatch's ``shard_map``) finds it
+  with ``jax.sharding.get_abstract_mesh()``; without a mesh it runs unsharded."""
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:

@@ -93,6 +93,8 @@ def stage_loss(cfg: ModelConfig, params, batch, dropout_rng=None):
   objective = loss_sum
   if cfg.is_moe:
     objective = objective + cfg.router_aux_loss_coef * aux["aux_loss"] * count
+    if cfg.router_z_loss_coef:
+      objective = objective + cfg.router_z_loss_coef * aux["z_loss"] * count
   return objective, (loss_sum, count, aux)
 
 
@@ -158,6 +160,9 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
     if cfg.is_moe:
       out["aux_loss"] = aux_loss / grad_accum
       out["expert_fractions"] = jnp.mean(auxes["expert_fractions"], axis=0)
+      out["z_loss"] = jnp.mean(auxes["z_loss"])
+      per_layer = jnp.mean(auxes["layer_expert_fractions"], axis=0)  # [L, E]
+      out["expert_fraction_min"], out["expert_fraction_max"] = per_layer.min(), per_layer.max()
     return TrainState(state.step + 1, params, opt_state, rng), out
 
   return train_step
@@ -191,7 +196,7 @@ def _state_shardings(abstract_state: TrainState, param_shardings, mesh):
 
 
 def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(("data", "fsdp"), None))
+  return NamedSharding(mesh, P(sharding_lib.BATCH_AXES, None))
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -217,7 +222,12 @@ class Run:
 
 def _policy(config) -> dict:
   m = config.model
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
+  policy = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
+                moe_dispatch=m.moe_dispatch)
+  # Router loss coefficients: the model's own (config.json) unless the run sets them.
+  policy.update({k: float(m[k]) for k in ("router_aux_loss_coef", "router_z_loss_coef")
+                 if m[k] is not None})
+  return policy
 
 
 def _checkpoint_config(path: pathlib.Path, config) -> ModelConfig:
@@ -359,7 +369,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   config, mesh = run.config, run.mesh
   incoming_adapters = cfg.adapters
   batch = config_lib.batch_size(stage)
-  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_shards = sharding_lib.data_parallel_size(mesh)
   if batch % (data_shards * stage.grad_accum):
     raise ValueError(
         f"config.stages.{name}: a batch of {batch} sequences cannot be split over "
@@ -445,6 +455,8 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
         if cfg.is_moe:
           row["aux_loss"] = float(m["aux_loss"])
           row["expert_fractions"] = [round(float(f), 4) for f in m["expert_fractions"]]
+          row.update({k: float(m[k]) for k in ("z_loss", "expert_fraction_min",
+                                               "expert_fraction_max")})
         run.writer.write(row)
         progress.update(done, row)
         timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
@@ -512,11 +524,12 @@ class _Phase:
         lambda q: init_state(q, self.tx, seed, self.mask), params)
     self.state_shardings = _state_shardings(self.abstract_state, param_shardings, mesh)
     bsh = batch_sharding(mesh)
-    self.step_fn = jax.jit(
+    self.step_fn = sharding_lib.with_mesh(mesh, jax.jit(
         make_train_step(cfg, self.tx, self.lr_fn, stage.grad_accum, self.mask),
         in_shardings=(self.state_shardings, bsh), out_shardings=(self.state_shardings, None),
-        donate_argnums=0)
-    self.eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(param_shardings, bsh))
+        donate_argnums=0))
+    self.eval_fn = sharding_lib.with_mesh(
+        mesh, jax.jit(make_eval_step(cfg), in_shardings=(param_shardings, bsh)))
 
   def init(self, params) -> TrainState:
     return jax.jit(lambda q: init_state(q, self.tx, self.seed, self.mask),

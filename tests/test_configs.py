@@ -25,7 +25,7 @@ def load(path: pathlib.Path):
 def test_there_are_recipes():
   names = {p.stem for p in CONFIGS}
   assert {"demo", "qwen1.5-72b-chat_domain_sft", "yi-34b-chat_domain_sft",
-          "mixtral-8x7b-instruct_domain_sft", "llama3-8b_cpt_then_sft",
+          "mixtral-8x7b-instruct_domain_sft", "mixtral-8x7b_cpt", "llama3-8b_cpt_then_sft",
           "qwen2-7b_cpt_sftmix_then_mixed_sft", "qwen2-7b-instruct_domain_sft"} <= names
 
 

@@ -1,21 +1,56 @@
-"""Mixtral's sparse mixture-of-experts feed-forward and its load-balancing loss.
+"""Mixtral's sparse mixture-of-experts feed-forward and its router losses.
+
+Axis legend: B batch, T time, D model width, F ffn width, E experts, k routing
+slots per token (``num_experts_per_tok``), N = B·T flattened tokens, M = N·k
+(token, slot) assignments.
 
 Routing follows transformers: softmax over all experts, keep the top-k, and
-renormalize the kept weights (= a softmax over the selected logits). The
-auxiliary loss is transformers' ``load_balancing_loss_func``: over the tokens of
-all layers together, E · Σ_e (fraction of routing slots sent to e) ·
-(mean router probability of e), counting only non-padding tokens.
+renormalize the kept weights (= a softmax over the selected logits). Padding
+tokens (segment 0) are routed and computed like any other token, as in
+transformers (their outputs are never used), but the router statistics count
+only real tokens.
 
-This is the dense reference dispatch (every expert sees every token, weighted
-by a mostly-zero combine matrix): exact, and cheap at small shapes.
+Two dispatches compute the same function (``ModelConfig.moe_dispatch``):
+
+* ``dense``: every expert runs on every token and a mostly-zero combine matrix
+  keeps the chosen k — E/k times the needed FLOPs, but plain einsums that XLA
+  fuses well; the reference.
+* ``dropless``: the M assignments are sorted by expert and each expert's rows
+  go through its weights with grouped matmuls (``jax.lax.ragged_dot``); no
+  token is dropped and no capacity factor is needed. On a mesh the dispatch
+  runs under ``shard_map`` (``_dropless_sharded``): each device sorts only its
+  own tokens, the tokens of an expert-parallel group are gathered, each device
+  computes its local experts, and a reduce-scatter returns every token's sum.
+* ``auto``: ``dropless`` on TPU, where ``ragged_dot`` lowers to a grouped
+  matmul; ``dense`` on CPU and GPU. There XLA rewrites ``ragged_dot`` into a
+  dense product over a group-masked copy of the rows for every group (JAX's
+  CPU lowering; XLA's RaggedDotRewriter on NVIDIA unless its experimental
+  cuDNN fusion is on), so dropless does k times the dense dispatch's FLOPs:
+  measured on CPU in docs/BENCHMARKS.md. ``_expert_ffn`` is the one place a
+  grouped-GEMM kernel goes when one is available there.
+
+The auxiliary loss is transformers' ``load_balancing_loss_func``: over the
+tokens of all layers together, E · Σ_e (fraction of routing slots sent to e) ·
+(mean router probability of e), counting only non-padding tokens. The z-loss
+(ST-MoE) is the mean over real tokens and layers of logsumexp(router logits)².
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from jaxsft import sharding as sharding_lib
 from jaxsft.models.model_config import ModelConfig
+
+
+def resolve_dispatch(cfg: ModelConfig) -> str:
+  """The dispatch ``cfg.moe_dispatch`` means on the current backend."""
+  if cfg.moe_dispatch != "auto":
+    return cfg.moe_dispatch
+  # Only TPU lowers ragged_dot to a grouped matmul (see the module docstring).
+  return "dropless" if jax.default_backend() == "tpu" else "dense"
 
 
 class MoE(nn.Module):
@@ -39,28 +74,155 @@ class MoE(nn.Module):
     top_w, top_i = jax.lax.top_k(probs, k)
     top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
     chosen = jax.nn.one_hot(top_i, e, dtype=jnp.float32)  # [B,T,k,E]
-    combine = jnp.einsum("BTk,BTkE->BTE", top_w, chosen).astype(dt)
 
-    gate = jnp.einsum("BTD,EDF->BTEF", xd, w_gate.astype(dt))
-    up = jnp.einsum("BTD,EDF->BTEF", xd, w_up.astype(dt))
-    y = jnp.einsum("BTEF,EFD,BTE->BTD", jax.nn.silu(gate) * up, w_down.astype(dt), combine)
+    weights = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
+    if resolve_dispatch(cfg) == "dense":
+      y = _dense(xd, top_w, chosen, *weights)
+    else:
+      y = _dropless(xd, top_i, top_w, *weights)
 
-    valid = token_valid.astype(jnp.float32)[..., None]
+    valid = token_valid.astype(jnp.float32)
     stats = {
-        "slot_counts": jnp.einsum("BTkE,BT->kE", chosen, valid[..., 0]),  # [k, E]
-        "prob_sums": jnp.sum(probs * valid, axis=(0, 1)),  # [E]
+        "slot_counts": jnp.einsum("BTkE,BT->kE", chosen, valid),  # [k, E]
+        "prob_sums": jnp.sum(probs * valid[..., None], axis=(0, 1)),  # [E]
+        "z_sum": jnp.sum(jnp.square(jax.nn.logsumexp(router_logits, axis=-1)) * valid),
     }
     return y, stats
 
 
+def _dense(x, top_w, chosen, w_gate, w_up, w_down):
+  """The reference: every expert on every token, combined by a [B,T,E] matrix."""
+  combine = jnp.einsum("BTk,BTkE->BTE", top_w, chosen).astype(x.dtype)
+  gate = jnp.einsum("BTD,EDF->BTEF", x, w_gate)
+  up = jnp.einsum("BTD,EDF->BTEF", x, w_up)
+  return jnp.einsum("BTEF,EFD,BTE->BTD", jax.nn.silu(gate) * up, w_down, combine)
+
+
+def _expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down):
+  """SwiGLU of rows grouped by expert: rows [Σ_{j<e} g_j, Σ_{j≤e} g_j) of
+  ``x_sorted`` [M,D] use expert e's weights ([E,D,F], [E,D,F], [E,F,D]);
+  ``group_sizes`` [E] int32. Rows past Σ g are undefined (callers mask them)."""
+  gate = jax.lax.ragged_dot(x_sorted, w_gate, group_sizes)
+  up = jax.lax.ragged_dot(x_sorted, w_up, group_sizes)
+  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
+
+
+def _dropless_local(x, top_i, top_w, w_gate, w_up, w_down, first_expert=0):
+  """Sum over a token's slots of weight · expert(token), for the experts held
+  here: ``w_*`` hold experts [first_expert, first_expert + E_local).
+
+  x [N,D], top_i/top_w [N,k] → [N,D]. Assignments to other experts sort last,
+  into rows past the groups, and contribute nothing.
+  """
+  n, k = top_i.shape
+  e_local = w_gate.shape[0]
+  local = top_i.reshape(-1) - first_expert  # [M]
+  here = (local >= 0) & (local < e_local)
+  key = jnp.where(here, local, e_local)
+  order = jnp.argsort(key, stable=True)  # assignment index of each sorted row
+  group_sizes = jnp.sum(key[:, None] == jnp.arange(e_local)[None], axis=0, dtype=jnp.int32)
+  y_sorted = _expert_ffn(x[order // k], group_sizes, w_gate, w_up, w_down)
+  # Unsort by gathering (deterministic; a scatter-add would not be on GPU).
+  unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  y = jnp.where(here[:, None], y_sorted[unsort], 0).reshape(n, k, -1)
+  return jnp.einsum("NkD,Nk->ND", y, top_w.astype(y.dtype))
+
+
+def _dropless(x, top_i, top_w, w_gate, w_up, w_down):
+  """Dropless dispatch of x [B,T,D]; under a mesh (``jax.set_mesh``) each
+  device sorts its own tokens (``_dropless_sharded``)."""
+  b, t, d = x.shape
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:
+    return _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down)
+  y = _dropless_local(x.reshape(b * t, d), top_i.reshape(b * t, -1), top_w.reshape(b * t, -1),
+                      w_gate, w_up, w_down)
+  return y.reshape(b, t, d)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down):
+  """Expert-parallel dropless dispatch under ``shard_map``.
+
+  Tokens stay sharded by rows over the batch axes (data, fsdp, expert: the
+  trainer's batch sharding). Expert weights keep their sharding from the rule
+  table (E over ``expert``, D over ``fsdp``, F over ``tensor``): inside, D is
+  gathered (as FSDP does for any weight), the tokens of the devices of one
+  expert group are gathered, each device runs its E/ep local experts on them,
+  and a reduce-scatter over ``expert`` (plus a sum over ``tensor`` for the
+  F-sharded partial products) hands every device the full output of its own
+  rows. Communication per layer: an all-gather and a reduce-scatter of the
+  group's activations, the same volume as the all-to-all pair of GShard for
+  k = ep, with static shapes and nothing dropped.
+  """
+  b = x.shape[0]
+  batch = [a for a in ("data", "fsdp", "expert") if mesh.shape.get(a, 1) > 1]
+  while batch and b % _size(mesh, batch):
+    batch.pop()  # rows that do not split evenly stay replicated over the rest
+  row_spec = P(tuple(batch) or None, None, None)
+  specs = [sharding_lib.spec_for(("moe", name), w.shape, mesh)
+           for name, w in (("gate_edf", w_gate), ("up_edf", w_up), ("down_efd", w_down))]
+  expert_axes = _axes(specs[0][0])
+  ffn_axes = _axes(specs[0][2])
+  assert _axes(specs[1][2]) == _axes(specs[2][1]) == ffn_axes, specs
+  gather_experts = "expert" in expert_axes and "expert" in batch
+  e_local = w_gate.shape[0] // _size(mesh, expert_axes)
+
+  def body(x, top_i, top_w, w_gate, w_up, w_down):
+    gathered = []
+    for w, spec in zip((w_gate, w_up, w_down), specs):
+      for dim, entry in enumerate(spec):
+        axes = _axes(entry)
+        if dim and axes and axes != ffn_axes:  # FSDP: gather the full weight
+          w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+      gathered.append(w)
+    if gather_experts:  # the expert group's tokens, for this device's experts
+      x, top_i, top_w = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                         for a in (x, top_i, top_w))
+    first = 0
+    if expert_axes:
+      first = jax.lax.axis_index(expert_axes) * e_local
+    bb, t, d = x.shape
+    y = _dropless_local(x.reshape(bb * t, d), top_i.reshape(bb * t, -1),
+                        top_w.reshape(bb * t, -1), *gathered, first_expert=first)
+    y = y.reshape(bb, t, d)
+    if gather_experts:
+      y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+    elif expert_axes:
+      y = jax.lax.psum(y, expert_axes)
+    if ffn_axes:
+      y = jax.lax.psum(y, ffn_axes)
+    return y
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(row_spec,) * 3 + tuple(specs),
+                       out_specs=row_spec)(x, top_i, top_w, w_gate, w_up, w_down)
+
+
+def _size(mesh, axes) -> int:
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  return n
+
+
 def aux_outputs(cfg: ModelConfig, stats, segment_ids) -> dict:
-  """The load-balancing loss (unscaled, as transformers' ``aux_loss``) and the
-  fraction of routing slots each expert received, from stacked per-layer stats."""
-  num_tokens = jnp.maximum(jnp.sum(segment_ids != 0), 1) * cfg.num_layers
+  """Router losses and statistics from stacked per-layer stats: the
+  load-balancing loss (unscaled, as transformers' ``aux_loss``), the z-loss,
+  the fraction of routing slots each expert received over all layers
+  (``expert_fractions`` [E]) and per layer (``layer_expert_fractions`` [L,E]:
+  a collapse in one layer shows here even when the pooled fractions look even)."""
+  tokens = jnp.maximum(jnp.sum(segment_ids != 0), 1)
+  num_tokens = tokens * cfg.num_layers
   tokens_per_expert = jnp.sum(stats["slot_counts"], axis=0) / num_tokens  # [k, E]
   router_prob_per_expert = jnp.sum(stats["prob_sums"], axis=0) / num_tokens  # [E]
   aux_loss = cfg.num_experts * jnp.sum(tokens_per_expert * router_prob_per_expert[None])
+  k = cfg.num_experts_per_tok
   return {
       "aux_loss": aux_loss,
-      "expert_fractions": jnp.sum(tokens_per_expert, axis=0) / cfg.num_experts_per_tok,
+      "z_loss": jnp.sum(stats["z_sum"]) / num_tokens,
+      "expert_fractions": jnp.sum(tokens_per_expert, axis=0) / k,
+      "layer_expert_fractions": jnp.sum(stats["slot_counts"], axis=1) / (tokens * k),
   }

@@ -92,6 +92,10 @@ class Adapters:
   def virtual_tokens(self) -> int:
     """Slots each example reserves at its start for prompt-tuning embeddings."""
     return self.prompt_tokens
+# How an MoE layer sends tokens to experts (see models/mixtral.py): "dense"
+# runs every expert on every token, "dropless" sorts tokens by expert and runs
+# grouped matmuls, "auto" picks by backend.
+MOE_DISPATCHES = ("auto", "dense", "dropless")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +130,8 @@ class ModelConfig:
   # Mixture of experts (Mixtral); num_experts == 0 means a dense MLP.
   num_experts: int = 0
   num_experts_per_tok: int = 2
-  router_aux_loss_coef: float = 0.02
+  router_aux_loss_coef: float = 0.02  # load-balancing loss, always added in training
+  router_z_loss_coef: float = 0.0  # ST-MoE router z-loss (0 = off)
   # Special tokens, carried for generation and export.
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
@@ -138,6 +143,7 @@ class ModelConfig:
   attention: str = "auto"  # "auto": cuDNN fused attention on GPU, XLA elsewhere
   # Parameter-efficient additions (LoRA, DoRA, adapters, prompts); None: none.
   adapters: Adapters | None = None
+  moe_dispatch: str = "auto"  # one of MOE_DISPATCHES
 
   def __post_init__(self):
     problems = []
@@ -160,6 +166,11 @@ class ModelConfig:
     if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
       problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
                       f"[1, num_experts={self.num_experts}]")
+    if self.moe_dispatch not in MOE_DISPATCHES:
+      problems.append(f"moe_dispatch={self.moe_dispatch!r} is not one of {MOE_DISPATCHES}")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+      if getattr(self, name) < 0:
+        problems.append(f"{name}={getattr(self, name)} must be >= 0")
     if self.sliding_window is not None and self.sliding_window <= 0:
       problems.append(f"sliding_window={self.sliding_window} must be positive or None")
     if problems:

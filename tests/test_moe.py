@@ -1,0 +1,274 @@
+"""Mixture of experts: both dispatches against transformers and each other,
+expert parallelism on 8 simulated devices, router losses, metrics and options."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import hf_builders
+import train_fixtures
+from jaxsft import config as config_lib
+from jaxsft import hf, optim, trainer
+from jaxsft.models import ModelConfig, llama, mixtral
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DISPATCHES = ["dense", "dropless"]
+
+
+def _tokens(batch=3, seq=24, seed=0):
+  return np.random.RandomState(seed).randint(3, hf_builders.VOCAB, (batch, seq))
+
+
+# ----------------------------------------------------------------------------- transformers
+
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_logits_and_aux_loss_match_transformers(hf_model_factory, dispatch):
+  path, model = hf_model_factory("mixtral")
+  cfg, params = hf.load_params(path)
+  cfg = cfg.replace(moe_dispatch=dispatch)
+  assert mixtral.resolve_dispatch(cfg) == dispatch
+  tokens = _tokens()
+  mask = np.ones_like(tokens)
+  mask[1, 15:] = 0  # padding routes (as in transformers) but is not counted
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                output_router_logits=True)
+  logits, aux = llama.forward(cfg, params, jnp.asarray(tokens), segment_ids=jnp.asarray(mask))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[real], ref.logits.numpy()[real], atol=1e-4,
+                             rtol=0)
+  np.testing.assert_allclose(float(aux["aux_loss"]), float(ref.aux_loss), rtol=1e-5)
+  # The router really spreads tokens: every layer uses at least 3 of 4 experts.
+  layers = np.asarray(aux["layer_expert_fractions"])
+  assert layers.shape == (cfg.num_layers, cfg.num_experts)
+  np.testing.assert_allclose(layers.sum(axis=1), 1.0, rtol=1e-6)
+  assert ((layers > 0.05).sum(axis=1) >= 3).all(), layers
+  np.testing.assert_allclose(np.asarray(aux["expert_fractions"]), layers.mean(axis=0),
+                             rtol=1e-6)
+  # z-loss: ST-MoE's mean over real tokens (and layers) of logsumexp(logits)^2.
+  z = np.concatenate([torch.logsumexp(r, -1).numpy().reshape(mask.shape)[real] ** 2
+                      for r in ref.router_logits])
+  np.testing.assert_allclose(float(aux["z_loss"]), z.mean(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- dropless = dense
+
+_CFG = ModelConfig(family="mixtral", vocab_size=64, hidden_size=32, intermediate_size=48,
+                   num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4,
+                   num_experts_per_tok=2)
+
+
+def _moe_case(skew: bool):
+  """MoE parameters and inputs; with ``skew``, the router sends nearly every
+  token to expert 0 (half of all routing slots) and none to expert 3."""
+  module = mixtral.MoE(_CFG)
+  x = jax.random.normal(jax.random.key(1), (3, 40, _CFG.hidden_size))
+  valid = jnp.ones((3, 40), bool).at[2, 30:].set(False)
+  params = module.init(jax.random.key(0), x, valid)["params"]
+  if skew:
+    common = jax.random.normal(jax.random.key(2), (_CFG.hidden_size,))
+    x = x + common  # (a stronger skew saturates the router: no gradient to compare)
+    bias = jnp.zeros((_CFG.num_experts,)).at[0].set(0.3).at[3].set(-1.0)
+    params["router_de"] = params["router_de"] + common[:, None] * bias[None] / 10.0
+  return module, params, x, valid
+
+
+@pytest.mark.parametrize("skew", [False, True], ids=["random", "skewed"])
+def test_dropless_equals_dense_forward_and_gradients(skew):
+  module, params, x, valid = _moe_case(skew)
+  counts = {}
+
+  def run(dispatch, params, x):
+    y, stats = module.clone(cfg=_CFG.replace(moe_dispatch=dispatch)).apply(
+        {"params": params}, x, valid)
+    counts[dispatch] = stats["slot_counts"].sum(0)
+    return y
+
+  r = jax.random.normal(jax.random.key(3), x.shape)  # a random cotangent
+  loss = lambda d: lambda p, x: jnp.sum(run(d, p, x) * r)
+  y_dense, y_dropless = run("dense", params, x), run("dropless", params, x)
+  np.testing.assert_allclose(y_dropless, y_dense, atol=1e-6, rtol=0)
+  g_dense = jax.grad(loss("dense"), argnums=(0, 1))(params, x)
+  g_dropless = jax.grad(loss("dropless"), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_dense), jax.tree.leaves(g_dropless)):
+    assert np.abs(np.asarray(a)).max() > 1e-3  # a gradient really flows
+    # 1e-6 absolute, or relative for entries above 1 (fp32 rounding of sums
+    # in another order: the skewed case has input gradients near 10).
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-6)
+  if skew:  # the case under test really happened
+    routed = np.asarray(counts["dense"])
+    assert routed[0] > 0.9 * routed.sum() / 2 and routed[3] == 0, routed
+
+
+def test_dropless_under_jit_scan_and_remat_matches_dense():
+  """The whole model (layers under scan, remat), jitted: same loss and gradients."""
+  cfg = _CFG.replace(num_layers=2, remat="full")
+  params = llama.init_params(cfg, jax.random.key(0))
+  tokens = jnp.asarray(_tokens(batch=2, seq=16) % cfg.vocab_size)
+
+  def loss(params, dispatch):
+    logits, aux = llama.forward(cfg.replace(moe_dispatch=dispatch), params, tokens)
+    return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux["aux_loss"] + aux["z_loss"]
+
+  step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (l_dense, g_dense), (l_drop, g_drop) = step(params, "dense"), step(params, "dropless")
+  np.testing.assert_allclose(l_drop, l_dense, atol=1e-6, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6, rtol=0), g_dense, g_drop)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_moe_settings_are_refused_with_the_key():
+  with pytest.raises(ValueError, match=r"moe_dispatch='sparse' is not one of"):
+    _CFG.replace(moe_dispatch="sparse")
+  with pytest.raises(ValueError, match=r"router_z_loss_coef=-0.1 must be >= 0"):
+    _CFG.replace(router_z_loss_coef=-0.1)
+  with pytest.raises(ValueError, match=r"num_experts_per_tok=5"):
+    _CFG.replace(num_experts_per_tok=5)
+  config = _validation_config()
+  config.model.moe_dispatch = "sparse"
+  with pytest.raises(ValueError, match=r"config.model.moe_dispatch='sparse' is not one of auto"):
+    config_lib.validate(config)
+  config.model.moe_dispatch = "auto"
+  config.model.router_aux_loss_coef = -1.0
+  with pytest.raises(ValueError, match=r"config.model.router_aux_loss_coef=-1.0 must be >= 0"):
+    config_lib.validate(config)
+
+
+def test_freeze_router_keeps_router_and_needs_one():
+  params = llama.init_params(_CFG, jax.random.key(0))
+  stage = config_lib.stage(lr=1e-2, freeze_router=True, warmup_ratio=0.0)
+  tx, _ = optim.build(stage, 10, params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
+  moved = {"/".join(k.key for k in path): bool(jnp.any(u != 0))
+           for path, u in jax.tree_util.tree_leaves_with_path(updates)}
+  assert moved.pop("layers/moe/router_de") is False
+  assert all(moved.values()), moved
+  dense = llama.init_params(_CFG.replace(family="llama", num_experts=0), jax.random.key(0))
+  with pytest.raises(ValueError, match="freeze_router=True, but the model has no MoE router"):
+    optim.build(stage, 10, dense)
+
+
+# ----------------------------------------------------------------------------- training
+
+TINY_MOE = dict(train_fixtures.TINY_MODEL, family="mixtral", num_experts=4,
+                num_experts_per_tok=2, intermediate_size=32)
+
+
+def _validation_config():
+  """A run config for validation only (it names no real files)."""
+  config = config_lib.base_config()
+  config.model.init = dict(TINY_MOE)
+  config.tokenizer = "tokenizer"
+  config.stages.cpt = config_lib.stage(data=dict(datasets=[]))
+  return config
+
+
+def _run_config(data: pathlib.Path, out: pathlib.Path, steps=3, **model):
+  """A one-stage tiny-Mixtral CPT run on train_fixtures' data, logging every step."""
+  config = train_fixtures.tiny_config(data, out, cpt_steps=steps, batch_size=8, log_every=1)
+  del config.stages["sft"]
+  config.model.init = dict(TINY_MOE)
+  config.model.update(model)
+  return config
+
+
+def _rows(out: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_aux_loss_is_on_by_default_and_its_coefficient_configurable(hf_model_factory, tmp_path):
+  path, _ = hf_model_factory("mixtral")  # config.json: router_aux_loss_coef 0.02
+  config = _run_config(tmp_path / "data", tmp_path / "out")
+  config.model.init, config.model.source = None, str(path)
+  assert trainer.initial_config(config).router_aux_loss_coef == 0.02
+  config.model.router_aux_loss_coef, config.model.router_z_loss_coef = 0.1, 1e-3
+  cfg = trainer.initial_config(config)
+  assert (cfg.router_aux_loss_coef, cfg.router_z_loss_coef) == (0.1, 1e-3)
+
+  cfg, params = hf.load_params(path)
+  tokens = jnp.asarray(_tokens(batch=2, seq=16))
+  batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
+           "positions": jnp.broadcast_to(jnp.arange(16), tokens.shape),
+           "loss_mask": jnp.ones_like(tokens)}
+  terms = {}
+  for aux_coef, z_coef in ((0.0, 0.0), (0.1, 0.0), (0.1, 1e-2)):
+    c = cfg.replace(router_aux_loss_coef=aux_coef, router_z_loss_coef=z_coef)
+    (objective, (loss_sum, count, aux)), grad = jax.jit(jax.value_and_grad(
+        lambda p: trainer.stage_loss(c, p, batch), has_aux=True))(params)
+    terms[aux_coef, z_coef] = float(objective - loss_sum) / float(count)
+    terms[aux_coef, z_coef, "router_grad"] = np.asarray(grad["layers"]["moe"]["router_de"])
+  assert terms[0.0, 0.0] == 0.0
+  np.testing.assert_allclose(terms[0.1, 0.0], 0.1 * float(aux["aux_loss"]), rtol=1e-5)
+  np.testing.assert_allclose(terms[0.1, 1e-2] - terms[0.1, 0.0], 1e-2 * float(aux["z_loss"]),
+                             rtol=1e-4)
+  # Both terms reach the router's gradient.
+  assert not np.allclose(terms[0.0, 0.0, "router_grad"], terms[0.1, 0.0, "router_grad"])
+  assert not np.allclose(terms[0.1, 0.0, "router_grad"], terms[0.1, 1e-2, "router_grad"])
+
+
+_SHARDED_RUN = """
+import os, sys, pathlib
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, {tests!r})
+import jax
+import test_moe
+from jaxsft import trainer
+assert len(jax.devices()) == 8
+for name, (mesh, dispatch) in {meshes!r}.items():
+  config = test_moe._run_config(pathlib.Path({data!r}), pathlib.Path({root!r}) / name,
+                                moe_dispatch=dispatch)
+  config.mesh.update({{**dict(data=1, fsdp=1, tensor=1, expert=1), **mesh}})
+  trainer.train(config)
+"""
+
+MESHES = {"fsdp2_expert4": (dict(fsdp=2, expert=4), "dropless"),
+          "tensor2_expert4": (dict(tensor=2, expert=4), "dropless")}
+
+
+def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
+  """Dropless MoE training with the expert axis 4 (with fsdp 2, or tensor 2)
+  on 8 simulated CPU devices: the losses, router statistics and trained
+  weights of one device."""
+  data = tmp_path / "data"
+  single = _run_config(data, tmp_path / "single", moe_dispatch="dropless")
+  trainer.train(single)
+  script = _SHARDED_RUN.format(tests=str(REPO / "tests"), data=str(data), root=str(tmp_path),
+                               meshes=MESHES)
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  one = [r for r in _rows(tmp_path / "single") if r["split"] == "train"]
+  assert len(one) == 3
+  for key in ("expert_fraction_min", "expert_fraction_max", "z_loss", "aux_loss"):
+    assert all(np.isfinite(r[key]) for r in one), key
+  assert all(r["expert_fraction_min"] <= 0.25 <= r["expert_fraction_max"] for r in one)
+  want = checkpoint_params(tmp_path / "single")
+  for name in MESHES:
+    rows = [r for r in _rows(tmp_path / name) if r["split"] == "train"]
+    for key in ("loss", "aux_loss", "z_loss", "expert_fraction_min", "expert_fraction_max"):
+      np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in one], atol=1e-5,
+                                 rtol=0, err_msg=f"{name}: {key}")
+    # Weights after 3 AdamW steps at lr 3e-3: Adam's normalized update turns a
+    # gradient's last-bit difference (another summation order) into up to
+    # ~1e-3 of a weight's value where the gradient is near 0 (1 of 8192 entries).
+    got = checkpoint_params(tmp_path / name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-3), want, got)
+
+
+def checkpoint_params(out: pathlib.Path):
+  from jaxsft import checkpoint
+  _, params = checkpoint.load_model(out / "stages" / "cpt" / "final")
+  return jax.tree.map(np.asarray, params)
