@@ -21,7 +21,11 @@ A config file defines ``get_config()`` returning a ConfigDict built from
 
 A stage (``stage(**overrides)``):
 
-  objective   lm (continued pre-training) | sft (answer-only loss)
+  objective   lm (continued pre-training) | sft (answer-only loss) |
+              cls (classification head on label rows: softmax, or sigmoids when
+              rows carry several labels) | reward (scalar head on pairwise rows,
+              -log sigmoid(r_chosen - r_rejected)). A cls/reward stage replaces
+              the lm_head by a score head (models/heads.py); no LM stage may follow
   method      full (every weight trains)
   lr          peak learning rate. SFT uses about 0.1x the pre-training lr
               (e.g. 1e-5..2e-5 for 7B-70B chat models, 1e-4 for small ones)
@@ -52,8 +56,8 @@ from jaxsft.data import sources as data_sources
 from jaxsft.models.model_config import ATTENTION_IMPLS, REMAT_POLICIES
 from jaxsft.sharding import MESH_AXES
 
-OBJECTIVES = ("lm", "sft")
-LATER_OBJECTIVES = ("cls", "reward")  # task heads arrive with their own issue
+OBJECTIVES = ("lm", "sft", "cls", "reward")
+LATER_OBJECTIVES = ()
 METHODS = ("full",)
 LATER_METHODS = ("lora", "dora", "full_then_lora", "freeze", "adapter", "prefix", "prompt",
                  "p_tuning")
@@ -71,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32", remat="none", attention="auto", trust_remote_code=False))
   c.tokenizer = placeholder(str)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  c.stages = ml_collections.ConfigDict()
+  # Stages run in the order written; a ConfigDict sorts its keys unless told not to.
+  c.stages = ml_collections.ConfigDict(sort_keys=False)
   c.export = ml_collections.ConfigDict(dict(hf=False, dtype=placeholder(str)))
   return c
 

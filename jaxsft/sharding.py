@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Axis letter -> mesh axis (or tuple of mesh axes). Letters not listed are replicated.
 #   V vocab, D model width, N query heads, K kv heads, H head dim,
-#   F ffn width, E experts, L stacked layers.
+#   F ffn width, E experts, L stacked layers, C labels of a task head.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "v": "tensor",
     "d": "fsdp",
@@ -24,6 +24,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "h": None,
     "f": "tensor",
     "e": "expert",
+    "c": None,  # a task head's labels: few, replicated
     "L": None,
 }
 

@@ -37,12 +37,20 @@ from jaxsft import config as config_lib
 from jaxsft import hf, losses, metrics, optim
 from jaxsft import sharding as sharding_lib
 from jaxsft.data import pipeline as data_pipeline
-from jaxsft.models import llama
+from jaxsft.models import heads, llama
 from jaxsft.models.model_config import ModelConfig
 
 log = logging.getLogger("jaxsft")
 
 BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
+# Task heads score whole sequences: no loss mask, the scored tokens instead.
+HEAD_BATCH_KEYS = {"cls": ("tokens", "segment_ids", "positions", "pool_index", "labels"),
+                   "reward": ("tokens", "segment_ids", "positions", "pool_index")}
+
+
+def batch_keys(objective: str) -> tuple[str, ...]:
+  """The arrays a batch of ``objective`` holds."""
+  return HEAD_BATCH_KEYS.get(objective, BATCH_KEYS)
 
 
 class TrainingDiverged(ValueError):
@@ -70,27 +78,40 @@ def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainStat
 
 # ----------------------------------------------------------------------------- the step
 
-def stage_loss(cfg: ModelConfig, params, batch):
-  """(objective to differentiate, (loss_sum, token_count, aux)) of one micro-batch.
+def stage_loss(cfg: ModelConfig, params, batch, objective: str = "sft"):
+  """(value to differentiate, (loss_sum, count, aux)) of one micro-batch.
 
-  The objective is the summed token loss plus, for MoE models, the
-  load-balancing loss scaled by the token count, so that dividing the
-  accumulated gradient by the total token count gives transformers'
+  lm / sft: the summed token loss over the token count; cls / reward: the
+  summed head loss over the example (pair) count, with the sums of the head's
+  metrics in ``aux`` (``heads.head_loss``). For MoE models the load-balancing
+  loss is added, scaled by the count, so that dividing the accumulated
+  gradient by the total count gives transformers'
   ``loss + router_aux_loss_coef * aux_loss`` in expectation.
   """
-  hidden, aux = llama.hidden_states(cfg, params, batch["tokens"], batch["positions"],
-                                    batch["segment_ids"])
-  targets, weights = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
-                                               batch["loss_mask"])
-  loss_sum, count = losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params),
-                                                targets, weights)
-  objective = loss_sum
+  if objective in heads.OBJECTIVES:
+    loss_sum, count, sums, aux = heads.head_loss(cfg, params, batch, objective)
+    aux = {**aux, **sums}
+  else:
+    hidden, aux = llama.hidden_states(cfg, params, batch["tokens"], batch["positions"],
+                                      batch["segment_ids"])
+    targets, weights = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
+                                                 batch["loss_mask"])
+    loss_sum, count = losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params),
+                                                  targets, weights)
+  total = loss_sum
   if cfg.is_moe:
-    objective = objective + cfg.router_aux_loss_coef * aux["aux_loss"] * count
-  return objective, (loss_sum, count, aux)
+    total = total + cfg.router_aux_loss_coef * aux["aux_loss"] * count
+  return total, (loss_sum, count, aux)
 
 
-def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, grad_accum: int):
+def _head_metrics(objective: str, sums) -> dict:
+  """The metrics of a head objective from summed numerators and denominators."""
+  return {name: jnp.sum(sums[num]) / jnp.maximum(jnp.sum(sums[den]), 1.0)
+          for name, (num, den) in heads.METRICS.get(objective, {}).items()}
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, grad_accum: int,
+                    objective: str = "sft"):
   """``train_step(state, batch) -> (state, metrics)``: pure, for ``jax.jit``.
 
   The batch's rows split into ``grad_accum`` micro-batches (row i goes to
@@ -98,7 +119,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
   summed loss add up and are divided once by the total trained-token count:
   the same update as one batch of all the tokens.
   """
-  grad_fn = jax.value_and_grad(lambda p, b: stage_loss(cfg, p, b), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b: stage_loss(cfg, p, b, objective), has_aux=True)
 
   def train_step(state: TrainState, batch):
     micro = jax.tree_util.tree_map(
@@ -128,16 +149,20 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
     if cfg.is_moe:
       out["aux_loss"] = aux_loss / grad_accum
       out["expert_fractions"] = jnp.mean(auxes["expert_fractions"], axis=0)
+    out.update(_head_metrics(objective, auxes))
     rng, _ = jax.random.split(state.rng)
     return TrainState(state.step + 1, params, opt_state, rng), out
 
   return train_step
 
 
-def make_eval_step(cfg: ModelConfig):
+def make_eval_step(cfg: ModelConfig, objective: str = "sft"):
+  """``eval_step(params, batch) -> (loss_sum, count, metric sums)`` (sums: heads only)."""
+  names = {k for pair in heads.METRICS.get(objective, {}).values() for k in pair}
+
   def eval_step(params, batch):
-    _, (loss_sum, count, _) = stage_loss(cfg, params, batch)
-    return loss_sum, count
+    _, (loss_sum, count, aux) = stage_loss(cfg, params, batch, objective)
+    return loss_sum, count, {k: aux[k] for k in names}
   return eval_step
 
 
@@ -165,12 +190,13 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp"), None))
 
 
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
+              keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, jax.Array]:
   """Global host batch → sharded arrays; each process fills only its own devices'
   rows, so this works unchanged when several processes feed one mesh."""
   return {k: jax.make_array_from_callback(batch[k].shape, sharding,
                                           lambda idx, a=batch[k]: a[idx])
-          for k in BATCH_KEYS}
+          for k in keys}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -293,7 +319,7 @@ def train(config) -> pathlib.Path:
   else:
     cfg, params = initial_model(config, mesh)
   for name in names[done + 1:]:
-    params = run_stage(run, name, config.stages[name], cfg, params)
+    cfg, params = run_stage(run, name, config.stages[name], cfg, params)
     run.writer.plot()
 
   if config.export.hf:
@@ -315,8 +341,10 @@ def _total_steps(stage, pipe, batch: int) -> int:
 
 
 def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
-  """Train one stage from ``params``; returns the final parameters. ``params``
-  may be abstract (ShapeDtypeStructs) when the stage has a checkpoint to resume."""
+  """Train one stage from ``params``; returns the final (config, parameters):
+  a cls / reward stage gives a causal LM its task head (``_with_head``).
+  ``params`` may be abstract (ShapeDtypeStructs) when the stage has a
+  checkpoint to resume."""
   config, mesh = run.config, run.mesh
   batch = config_lib.batch_size(stage)
   data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -329,7 +357,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
     raise ValueError(f"config.stages.{name}.seq_len={stage.seq_len} exceeds the model's "
                      f"context of {cfg.max_position_embeddings} tokens (max_position_embeddings)")
 
-  pipe = data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len, seed=config.seed)
+  pipe = data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len, seed=config.seed,
+                             objective=stage.objective, label_names=cfg.label_names or None)
+  cfg, params = _with_head(name, stage.objective, cfg, params, pipe, mesh, config.seed)
+  keys = batch_keys(stage.objective)
   steps = _total_steps(stage, pipe, batch)
   tx, lr_fn = optim.build(stage, steps, params)
 
@@ -338,10 +369,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
   state_shardings = _state_shardings(abstract, param_shardings, mesh)
   bsh = batch_sharding(mesh)
 
-  step_fn = jax.jit(make_train_step(cfg, tx, lr_fn, stage.grad_accum),
+  step_fn = jax.jit(make_train_step(cfg, tx, lr_fn, stage.grad_accum, stage.objective),
                     in_shardings=(state_shardings, bsh), out_shardings=(state_shardings, None),
                     donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(param_shardings, bsh))
+  eval_fn = jax.jit(make_eval_step(cfg, stage.objective), in_shardings=(param_shardings, bsh))
 
   stage_dir = run.out / "stages" / name
   manager = ocp.CheckpointManager(
@@ -380,7 +411,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
     for step in range(start, steps):
       host_batch = next(batches)
       seen_tokens += int((host_batch["segment_ids"] != 0).sum())
-      state, step_metrics = step_fn(state, put_batch(host_batch, bsh))
+      state, step_metrics = step_fn(state, put_batch(host_batch, bsh, keys))
       done = step + 1
       save_now = done % stage.checkpoint_every == 0 or done == steps
       if done % stage.log_every == 0 or save_now or done == start + 1:
@@ -400,6 +431,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
                "step_s": elapsed / n_steps,
                "mfu": (None if peak is None else
                        flops_per_step * n_steps / elapsed / (peak * 1e12))}
+        row.update({k: float(m[k]) for k in heads.METRICS.get(stage.objective, {})})
         if cfg.is_moe:
           row["aux_loss"] = float(m["aux_loss"])
           row["expert_fractions"] = [round(float(f), 4) for f in m["expert_fractions"]]
@@ -408,7 +440,8 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
         timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
       paused = False
       if stage.eval_every and (done % stage.eval_every == 0 or done == steps):
-        run.writer.write(evaluate(eval_fn, state.params, pipe, batch, bsh, stage, name, done))
+        run.writer.write(evaluate(eval_fn, state.params, pipe, batch, bsh, stage, name, done,
+                                  keys))
         run.writer.plot()
         paused = True
       if save_now:
@@ -427,7 +460,26 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
 
   checkpoint_lib.save_model(stage_dir / "final", state.params, cfg,
                             tokenizer_src=run.tokenizer_dir, overwrite=True)
-  return state.params
+  return cfg, state.params
+
+
+def _with_head(name: str, objective: str, cfg: ModelConfig, params, pipe, mesh, seed: int):
+  """(config, params) a stage of ``objective`` trains: a cls / reward stage
+  replaces a causal LM's lm_head by a new score head over the data's labels
+  (stored in the config, so the checkpoint knows its id2label); a language-model
+  stage refuses a model that has a head."""
+  if objective not in heads.OBJECTIVES:
+    if cfg.has_head:
+      raise ValueError(f"config.stages.{name}.objective={objective!r} trains a causal LM, but "
+                       f"the model has a {cfg.problem_type} head and no lm_head (from an "
+                       "earlier stage or model.source); put language-model stages first")
+    return cfg, params
+  head_cfg = heads.head_config(cfg, objective, pipe.label_names, pipe.multi_label, pipe.pad_id)
+  if pipe.unseen_labels:
+    log.warning("stage %s: evaluation labels unseen in training (always wrong): %s", name,
+                dict(sorted(pipe.unseen_labels.items())))
+  params = heads.attach(cfg, params, head_cfg, jax.random.fold_in(jax.random.key(seed), 6), mesh)
+  return head_cfg, params
 
 
 @contextlib.contextmanager
@@ -453,12 +505,19 @@ def _reporting_save_failure(name: str, steps, manager, stage_dir: pathlib.Path):
         "same command to resume from it") from None
 
 
-def evaluate(eval_fn, params, pipe, batch: int, bsh, stage, name: str, step: int) -> dict:
+def evaluate(eval_fn, params, pipe, batch: int, bsh, stage, name: str, step: int,
+             keys: tuple[str, ...] = BATCH_KEYS) -> dict:
   total = count = 0.0
+  sums: dict[str, float] = {}
   for i, b in enumerate(pipe.eval_batches(batch)):
     if stage.eval_batches is not None and i >= stage.eval_batches:
       break
-    s, c = jax.device_get(eval_fn(params, put_batch(b, bsh)))
+    s, c, more = jax.device_get(eval_fn(params, put_batch(b, bsh, keys)))
     total, count = total + float(s), count + float(c)
-  return {"stage": name, "step": step, "split": "eval",
-          "loss": total / count if count else None, "trained_tokens": int(count)}
+    for k, v in more.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  row = {"stage": name, "step": step, "split": "eval",
+         "loss": total / count if count else None, "trained_tokens": int(count)}
+  for metric, (num, den) in heads.METRICS.get(stage.objective, {}).items():
+    row[metric] = sums[num] / sums[den] if sums.get(den) else None
+  return row
