@@ -94,5 +94,11 @@ def get_config():
                          system_prompt=GENERAL, weight=1.0)],
           # The tokenizer's own template (ChatML) is the one the exported model
           # carries, so generation with --chat renders exactly what was trained.
-          template="tokenizer", eval_fraction=0.05))
+          template="tokenizer", eval_fraction=0.05),
+      # The intent task scored generatively while SFT runs: greedy answers to
+      # held-out messages, the JSON in them compared field by field (exact
+      # match, F1) into metrics.jsonl and the plot, as `jaxsft.evaluate
+      # --metric json-labels` scores the final model.
+      generate_eval=dict(every=75, path=str(DATA / "intent_test.jsonl"), system_prompt=INTENT,
+                         examples=100, max_new_tokens=48, batch_size=32))
   return c

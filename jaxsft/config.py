@@ -40,6 +40,14 @@ A stage (``stage(**overrides)``):
   seq_len     packed row length
   weight_decay, b1, b2, eps, grad_clip   AdamW and global-norm clipping
   log_every, eval_every, eval_batches, checkpoint_every, keep_checkpoints
+  generate_eval  generative evaluation during an lm/sft stage (``jaxsft.evaluate``,
+              metric json-labels): every N steps (and at the end) answer the
+              rows of ``path`` greedily and score the JSON in the answers;
+              exact_match, micro_f1, macro_f1, parse_failure_rate go into
+              metrics.jsonl (split "generate") and the loss plot. Keys: every
+              (0 = off), path, format, system_prompt (for rows without one),
+              examples (the first N rows; None = all), max_new_tokens, batch_size.
+              Prompts are rendered with the stage's data.template
   data        the stage's data mixture (``jaxsft.data.pipeline`` documents it)
 """
 from __future__ import annotations
@@ -91,6 +99,9 @@ def stage_defaults() -> ml_collections.ConfigDict:
       weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
       log_every=10, eval_every=0, eval_batches=placeholder(int),
       checkpoint_every=500, keep_checkpoints=2,
+      generate_eval=ml_collections.ConfigDict(dict(
+          every=0, path=placeholder(str), format="auto", system_prompt=placeholder(str),
+          examples=placeholder(int), max_new_tokens=64, batch_size=32)),
       data=data_pipeline.default_config()))
 
 
@@ -197,9 +208,40 @@ def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "seq_len"):
     if s[key] < 1:
       raise ValueError(f"{where}.{key}={s[key]} must be at least 1")
+  _validate_generate_eval(where, s)
   if s.eval_every and not (s.data.eval_fraction or s.data.eval_datasets):
     raise ValueError(f"{where}.eval_every={s.eval_every} needs evaluation data: set "
                      "data.eval_fraction or data.eval_datasets")
+
+
+def generate_eval(s: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A stage's ``generate_eval`` with defaults for the keys it leaves out (a
+  config that assigns a dict replaces the defaults rather than updating them)."""
+  g = ml_collections.ConfigDict(stage_defaults().generate_eval)
+  g.update(dict(s.generate_eval))
+  return g
+
+
+def _validate_generate_eval(where: str, s: ml_collections.ConfigDict) -> None:
+  _check_keys(s.generate_eval, stage_defaults().generate_eval, f"{where}.generate_eval")
+  g = generate_eval(s)
+  if not g.every:
+    return
+  if g.every < 0:
+    raise ValueError(f"{where}.generate_eval.every={g.every} must be >= 0 (0 = off)")
+  if s.objective not in ("lm", "sft"):
+    raise ValueError(f"{where}.generate_eval: a {s.objective} stage trains a head that does not "
+                     "generate; evaluate it with eval_every (accuracy) instead")
+  if not g.path:
+    raise ValueError(f"{where}.generate_eval.path: set the file of rows to answer (chats whose "
+                     "last answer is the reference JSON, or label rows)")
+  try:
+    data_sources.locate(str(g.path))
+  except ValueError as e:
+    raise ValueError(f"{where}.generate_eval.path: {e}") from None
+  for key in ("max_new_tokens", "batch_size") + (("examples",) if g.examples is not None else ()):
+    if g[key] < 1:
+      raise ValueError(f"{where}.generate_eval.{key}={g[key]} must be at least 1")
 
 
 def batch_size(s: ml_collections.ConfigDict) -> int:

@@ -34,9 +34,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import config as config_lib
+from jaxsft import evaluate as evaluate_lib
 from jaxsft import hf, losses, metrics, optim
 from jaxsft import sharding as sharding_lib
 from jaxsft.data import pipeline as data_pipeline
+from jaxsft.data import templates as data_templates
 from jaxsft.models import heads, llama
 from jaxsft.models.model_config import ModelConfig
 
@@ -400,6 +402,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
                     out_shardings=state_shardings)(params)
   del params
 
+  generation_eval = _generation_eval(run, name, stage, cfg)
   batches = pipe.batches(batch, state=data_state)
   start = int(state.step)
   flops_per_step = metrics.train_flops(cfg, batch, stage.seq_len)
@@ -442,6 +445,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params):
       if stage.eval_every and (done % stage.eval_every == 0 or done == steps):
         run.writer.write(evaluate(eval_fn, state.params, pipe, batch, bsh, stage, name, done,
                                   keys))
+        run.writer.plot()
+        paused = True
+      if generation_eval and (done % generation_eval.every == 0 or done == steps):
+        run.writer.write(generation_eval(state.params, done))
         run.writer.plot()
         paused = True
       if save_now:
@@ -503,6 +510,30 @@ def _reporting_save_failure(name: str, steps, manager, stage_dir: pathlib.Path):
         f"{stage_dir / 'checkpoints'} failed ({why}). The previous checkpoint "
         f"({kept}) is intact; free disk space (or lower keep_checkpoints) and re-run the "
         "same command to resume from it") from None
+
+
+def _generation_eval(run: Run, name: str, stage, cfg: ModelConfig):
+  """``f(params, step) -> metrics row`` for ``stage.generate_eval`` (None when
+  off): greedy answers to its rows, scored as ``evaluate --metric json-labels``."""
+  g = config_lib.generate_eval(stage)
+  if not g.every:
+    return None
+  try:
+    examples = evaluate_lib.json_examples(
+        evaluate_lib.read_examples(g.path, g.format, g.system_prompt))
+  except ValueError as e:
+    raise ValueError(f"config.stages.{name}.generate_eval: {e}") from None
+  examples = examples[:g.examples] if g.examples is not None else examples
+  template = data_templates.get_template(stage.data.template, run.tokenizer)
+
+  def run_eval(params, step: int) -> dict:
+    summary, _ = evaluate_lib.json_label_eval(
+        cfg, params, run.tokenizer, examples, template=template,
+        max_new_tokens=g.max_new_tokens, batch_size=g.batch_size)
+    return {"stage": name, "step": step, "split": "generate", **summary}
+
+  run_eval.every = g.every
+  return run_eval
 
 
 def evaluate(eval_fn, params, pipe, batch: int, bsh, stage, name: str, step: int,

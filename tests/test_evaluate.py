@@ -323,3 +323,37 @@ def test_label_metrics_bad_input(hf_model_factory, tmp_path, capsys):
   assert "--metric 'f1' is not one of" in error("--data", str(labels), "--metric", "f1")
   assert "--system needs --chat" in error("--data", str(labels), "--metric", "json-labels",
                                           "--system", "x")
+
+
+# ----------------------------------------------------------------------------- inside a stage
+
+def test_generation_eval_inside_a_stage(tmp_path):
+  import train_fixtures
+  from jaxsft import checkpoint, config as config_lib, trainer
+  from jaxsft.data import templates
+  c = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", sft_steps=4)
+  del c.stages["cpt"]
+  data = _write_jsonl(tmp_path / "intent.jsonl", _chat_rows(INTENT_ROWS))
+  c.stages.sft.generate_eval = dict(every=2, path=str(data), system_prompt="Label.",
+                                    examples=4, max_new_tokens=8, batch_size=2)
+  out = trainer.train(c)
+  rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  generated = [r for r in rows if r["split"] == "generate"]
+  assert [r["step"] for r in generated] == [2, 4]
+  assert (out / "loss.png").is_file()
+  # The last row is what evaluate computes on the stage's final model.
+  cfg, params = checkpoint.load_model(out / "stages" / "sft" / "final")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "data" / "tokenizer")
+  examples = evaluate.json_examples(evaluate.read_examples(data, system="Label."))[:4]
+  summary, _ = evaluate.json_label_eval(cfg, params, tokenizer, examples,
+                                        template=templates.get_template("chatml", tokenizer),
+                                        max_new_tokens=8, batch_size=2)
+  assert {k: generated[-1][k] for k in summary} == summary
+
+  bad = config_lib.stage(objective="cls", data=dict(datasets=[str(data)]),
+                         generate_eval=dict(every=5, path=str(data)))
+  with pytest.raises(ValueError, match="generate_eval: a cls stage trains a head"):
+    config_lib.validate_stage("head", bad)
+  nopath = config_lib.stage(data=dict(datasets=[str(data)]), generate_eval=dict(every=5))
+  with pytest.raises(ValueError, match=r"stages.s.generate_eval.path: set the file"):
+    config_lib.validate_stage("s", nopath)

@@ -321,3 +321,84 @@ def test_stage_data_of_the_wrong_kind_is_an_error(tmp_path):
   with pytest.raises(ValueError, match=r"chat.jsonl:1: a chat row .* objective 'cls' trains on "
                                        "label rows only"):
     trainer.train(c)
+
+
+# ----------------------------------------------------------------------------- data
+
+def _segments(batch):
+  """Per row, the token list of each scored sequence in slot order."""
+  out = []
+  for r in range(batch["tokens"].shape[0]):
+    seqs = []
+    for end in batch["pool_index"][r]:
+      if end < 0:
+        continue
+      seg = batch["segment_ids"][r, end]
+      seqs.append(batch["tokens"][r][batch["segment_ids"][r] == seg].tolist())
+    out.append(seqs)
+  return out
+
+
+def test_cls_pipeline_batches_texts_with_their_label_ids(tokenizer_dir, tmp_path):
+  from jaxsft.data import pipeline
+  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  rows = _label_rows(30, multi=True)
+  train = _write(tmp_path / "train.jsonl", rows)
+  evals = _write(tmp_path / "eval.jsonl", rows[:3] + [{"text": "An owl.", "labels": ["owl"]}])
+  pipe = pipeline.build(dict(datasets=[train], eval_datasets=[evals]), tok, seq_len=48,
+                        objective="cls", cache_dir=str(tmp_path / "cache"))
+  assert pipe.label_names == ("cat", "dog", "fox") and pipe.multi_label
+  assert pipe.unseen_labels == {"owl": 1}
+  by_ids = {tuple(tok(r["text"])["input_ids"]): r["labels"] for r in rows}
+  batch = next(pipe.batches(4))
+  assert set(batch) == {"tokens", "segment_ids", "positions", "pool_index", "labels"}
+  seen = 0
+  for r, seqs in enumerate(_segments(batch)):
+    for s, ids in enumerate(seqs):
+      ids_of = [i for i in batch["labels"][r, s] if i >= 0]
+      assert [pipe.label_names[i] for i in ids_of] == by_ids[tuple(ids)]
+      seen += 1
+  assert seen > 4  # several examples packed per row
+  # In evaluation, the unseen label gets the id len(label_names).
+  labels = np.concatenate([b["labels"][b["pool_index"] >= 0] for b in pipe.eval_batches(4)])
+  assert (labels == 3).sum() == 1 and len(labels) == 4
+
+
+def test_reward_pipeline_pairs_the_chat_renderings(tokenizer_dir, tmp_path):
+  from jaxsft.data import pipeline
+  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  rows = [{"prompt": f"add {i} and 1", "chosen": f"{i + 1}", "rejected": "no idea",
+           "system": "Be brief."} for i in range(12)]
+  pipe = pipeline.build(dict(datasets=[_write(tmp_path / "p.jsonl", rows)]), tok, seq_len=256,
+                        objective="reward", cache_dir=str(tmp_path / "cache"))
+
+  def render(row, answer):
+    msgs = [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": answer}]
+    return tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+
+  want = {tuple(render(r, r["chosen"])): tuple(render(r, r["rejected"])) for r in rows}
+  batch = next(pipe.batches(2))
+  assert "labels" not in batch
+  pairs = [seqs[i:i + 2] for seqs in _segments(batch) for i in range(0, len(seqs), 2)]
+  assert len(pairs) >= 3
+  for chosen, rejected in pairs:
+    assert want[tuple(chosen)] == tuple(rejected)
+
+
+def test_pipeline_head_errors(tokenizer_dir, tmp_path):
+  from jaxsft.data import pipeline
+  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  labels = _write(tmp_path / "l.jsonl", _label_rows(6, multi=False))
+  with pytest.raises(ValueError, match=r"l.jsonl:1: a label row .* objective 'reward' trains on "
+                                       "pairwise rows only"):
+    pipeline.build(dict(datasets=[labels]), tok, seq_len=48, objective="reward",
+                   cache_dir=str(tmp_path / "c"))
+  # A text whose last token is the padding id would be scored elsewhere by transformers.
+  with pytest.raises(ValueError, match=r"l.jsonl:1: the sequence ends with the padding token id"):
+    pipeline.build(dict(datasets=[labels], pad_id=tok("The fox runs 0.")["input_ids"][-1]), tok,
+                   seq_len=48, objective="cls", cache_dir=str(tmp_path / "c"))
+  with pytest.raises(ValueError, match=r"training labels \['cat', 'dog', 'fox'\] .* are not "
+                                       "among the model's 1 labels"):
+    pipeline.build(dict(datasets=[labels]), tok, seq_len=48, objective="cls",
+                   label_names=("bird",), cache_dir=str(tmp_path / "c"))

@@ -83,7 +83,12 @@ def run(config, stage: str | None = None, show: int = 3, score_with: str | None 
   if seq_len is None:
     raise ValueError(f"stage {_get(st, 'name', '')!r} has no seq_len")
   tokenizer = load_tokenizer(config)
-  pipe = pipeline.build(_get(st, "data"), tokenizer, seq_len=seq_len, seed=_get(config, "seed", 0))
+  objective = _get(st, "objective", "sft")
+  if score_with and objective in ("cls", "reward"):
+    raise ValueError(f"--score-with scores answers; a {objective} stage has none (its marked "
+                     "tokens are where sequences are scored)")
+  pipe = pipeline.build(_get(st, "data"), tokenizer, seq_len=seq_len, seed=_get(config, "seed", 0),
+                        objective=objective)
   color = out.isatty() if color is None else color
 
   order = pipe.stream.epoch(0).items[:show]
