@@ -402,3 +402,17 @@ def test_pipeline_head_errors(tokenizer_dir, tmp_path):
                                        "among the model's 1 labels"):
     pipeline.build(dict(datasets=[labels]), tok, seq_len=48, objective="cls",
                    label_names=("bird",), cache_dir=str(tmp_path / "c"))
+
+
+def test_data_cli_shows_where_a_head_stage_scores(tmp_path):
+  import io
+  from jaxsft.data import __main__ as data_cli
+  c = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out")
+  c.stages.cls = config_lib.stage(objective="cls", seq_len=64, data=dict(
+      datasets=[_write(tmp_path / "l.jsonl", _label_rows(10, multi=False))],
+      cache_dir=str(tmp_path / "cache")))
+  out = io.StringIO()
+  figures = data_cli.run(c, "cls", show=1, out=out, color=False)
+  assert figures["stage"] == "cls" and figures["examples"] == 10
+  # One marked token per example: its last, where the head reads it.
+  assert figures["trained_tokens"] == 10 and out.getvalue().split("\n")[1].endswith(".]]")
