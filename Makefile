@@ -24,11 +24,14 @@ test: $(STAMP)
 	@$(VPY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
-# Trains configs/demo.py into runs/demo (re-running resumes or, once finished,
-# only reports), then prints where things are and sample generations.
+# Trains configs/demo.py into runs/demo and, from its CPT model, the
+# classification head of configs/demo_cls.py into runs/demo_cls (re-running
+# resumes or, once finished, only reports), then prints where things are,
+# sample generations, and the intent task's scores both ways.
 demo: $(STAMP)
 	$(VPY) -m jaxsft.train --config configs/demo.py
-	$(VPY) tools/demo_report.py runs/demo
+	$(VPY) -m jaxsft.train --config configs/demo_cls.py
+	$(VPY) tools/demo_report.py runs/demo runs/demo_cls
 
 clean:
-	rm -rf $(VENV) runs/demo
+	rm -rf $(VENV) runs/demo runs/demo_cls

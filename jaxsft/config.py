@@ -26,7 +26,11 @@ A config file defines ``get_config()`` returning a ConfigDict built from
 
 A stage (``stage(**overrides)``):
 
-  objective   lm (continued pre-training) | sft (answer-only loss)
+  objective   lm (continued pre-training) | sft (answer-only loss) |
+              cls (classification head on label rows: softmax, or sigmoids when
+              rows carry several labels) | reward (scalar head on pairwise rows,
+              -log sigmoid(r_chosen - r_rejected)). A cls/reward stage replaces
+              the lm_head by a score head (models/heads.py); no LM stage may follow
   method      full | lora | dora | full_then_lora (jaxsft/peft/methods.py); its knobs
               in ``peft``: targets ("all-linear", names such as ["q_proj", "v_proj"],
               or a regex), rank, alpha, rslora, dropout, init, switch_at (the
@@ -45,6 +49,14 @@ A stage (``stage(**overrides)``):
   weight_decay, b1, b2, eps, grad_clip   AdamW and global-norm clipping
   log_every, eval_every, eval_batches, checkpoint_every, keep_checkpoints
   freeze_router  MoE: keep the router weights fixed (experts and the rest train)
+  generate_eval  generative evaluation during an lm/sft stage (``jaxsft.evaluate``,
+              metric json-labels): every N steps (and at the end) answer the
+              rows of ``path`` greedily and score the JSON in the answers;
+              exact_match, micro_f1, macro_f1, parse_failure_rate go into
+              metrics.jsonl (split "generate") and the loss plot. Keys: every
+              (0 = off), path, format, system_prompt (for rows without one),
+              examples (the first N rows; None = all), max_new_tokens, batch_size.
+              Prompts are rendered with the stage's data.template
   data        the stage's data mixture (``jaxsft.data.pipeline`` documents it)
 """
 from __future__ import annotations
@@ -62,8 +74,8 @@ from jaxsft.models.model_config import ATTENTION_IMPLS, MOE_DISPATCHES, REMAT_PO
 from jaxsft.peft import methods as peft_methods
 from jaxsft.sharding import MESH_AXES
 
-OBJECTIVES = ("lm", "sft")
-LATER_OBJECTIVES = ("cls", "reward")  # task heads arrive with their own issue
+OBJECTIVES = ("lm", "sft", "cls", "reward")
+LATER_OBJECTIVES = ()
 # Methods not yet wired are refused with a pointer (they arrive in steps).
 LATER_METHODS = ("freeze", "adapter", "prefix", "prompt", "p_tuning")
 METHODS = tuple(m for m in peft_methods.METHODS if m not in LATER_METHODS)
@@ -83,7 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
       router_z_loss_coef=placeholder(float)))
   c.tokenizer = placeholder(str)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  c.stages = ml_collections.ConfigDict()
+  # Stages run in the order written; a ConfigDict sorts its keys unless told not to.
+  c.stages = ml_collections.ConfigDict(sort_keys=False)
   c.export = ml_collections.ConfigDict(dict(hf=False, dtype=placeholder(str)))
   return c
 
@@ -98,6 +111,9 @@ def stage_defaults() -> ml_collections.ConfigDict:
       weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
       log_every=10, eval_every=0, eval_batches=placeholder(int),
       checkpoint_every=500, keep_checkpoints=2, freeze_router=False,
+      generate_eval=ml_collections.ConfigDict(dict(
+          every=0, path=placeholder(str), format="auto", system_prompt=placeholder(str),
+          examples=placeholder(int), max_new_tokens=64, batch_size=32)),
       data=data_pipeline.default_config(), peft=peft_methods.default_config()))
 
 
@@ -214,9 +230,40 @@ def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "seq_len"):
     if s[key] < 1:
       raise ValueError(f"{where}.{key}={s[key]} must be at least 1")
+  _validate_generate_eval(where, s)
   if s.eval_every and not (s.data.eval_fraction or s.data.eval_datasets):
     raise ValueError(f"{where}.eval_every={s.eval_every} needs evaluation data: set "
                      "data.eval_fraction or data.eval_datasets")
+
+
+def generate_eval(s: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A stage's ``generate_eval`` with defaults for the keys it leaves out (a
+  config that assigns a dict replaces the defaults rather than updating them)."""
+  g = ml_collections.ConfigDict(stage_defaults().generate_eval)
+  g.update(dict(s.generate_eval))
+  return g
+
+
+def _validate_generate_eval(where: str, s: ml_collections.ConfigDict) -> None:
+  _check_keys(s.generate_eval, stage_defaults().generate_eval, f"{where}.generate_eval")
+  g = generate_eval(s)
+  if not g.every:
+    return
+  if g.every < 0:
+    raise ValueError(f"{where}.generate_eval.every={g.every} must be >= 0 (0 = off)")
+  if s.objective not in ("lm", "sft"):
+    raise ValueError(f"{where}.generate_eval: a {s.objective} stage trains a head that does not "
+                     "generate; evaluate it with eval_every (accuracy) instead")
+  if not g.path:
+    raise ValueError(f"{where}.generate_eval.path: set the file of rows to answer (chats whose "
+                     "last answer is the reference JSON, or label rows)")
+  try:
+    data_sources.locate(str(g.path))
+  except ValueError as e:
+    raise ValueError(f"{where}.generate_eval.path: {e}") from None
+  for key in ("max_new_tokens", "batch_size") + (("examples",) if g.examples is not None else ()):
+    if g[key] < 1:
+      raise ValueError(f"{where}.generate_eval.{key}={g[key]} must be at least 1")
 
 
 def batch_size(s: ml_collections.ConfigDict) -> int:

@@ -123,6 +123,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
   ``cfg.max_position_embeddings``: callers that must stay inside the trained
   context check it themselves (the CLI does).
   """
+  if cfg.has_head:
+    raise ValueError(f"the model is a {cfg.problem_type} model (a score head, no lm_head): it "
+                     "scores sequences and does not generate")
   if not prompts:
     return []
   empty = [i for i, p in enumerate(prompts) if len(p) == 0]

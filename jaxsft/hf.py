@@ -50,6 +50,8 @@ _FAMILIES = {"llama": "llama", "yi": "llama", "mistral": "mistral", "qwen2": "qw
              "mixtral": "mixtral"}
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+# A model with a task head (models/heads.py) is the family's *ForSequenceClassification.
+_HEAD_SUFFIX = "ForSequenceClassification"
 
 # transformers' defaults for the keys a config.json may leave out.
 _HF_DEFAULTS = {
@@ -224,6 +226,7 @@ def config_from_hf(source: PathLike | Mapping[str, Any], **policy) -> ModelConfi
                 num_experts_per_tok=int(get("num_experts_per_tok")),
                 router_aux_loss_coef=float(get("router_aux_loss_coef")))
 
+  arch.update(_head_from_hf(hf, where))
   eos = _token_ids(hf.get("eos_token_id"))
   eos += [t for t in _token_ids(generation.get("eos_token_id")) if t not in eos]
   bos, pad = (generation.get(k) if hf.get(k) is None else hf[k]
@@ -240,6 +243,23 @@ def config_from_hf(source: PathLike | Mapping[str, Any], **policy) -> ModelConfi
         bos_token_id=bos, eos_token_ids=tuple(eos), pad_token_id=pad, **{**arch, **policy})
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
+
+
+def _head_from_hf(hf: dict, where: str) -> dict[str, Any]:
+  """The head fields of ModelConfig from a *ForSequenceClassification config
+  (none for other architectures: every config carries a default id2label)."""
+  architectures = hf.get("architectures") or []
+  if not any(str(a).endswith(_HEAD_SUFFIX) for a in architectures):
+    return {}
+  id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+  num_labels = int(hf.get("num_labels") or len(id2label) or 2)
+  if id2label and sorted(id2label) != list(range(num_labels)):
+    raise ValueError(f"{where}: id2label has ids {sorted(id2label)}, not 0..{num_labels - 1}")
+  problem_type = hf.get("problem_type") or (
+      "regression" if num_labels == 1 else "single_label_classification")
+  names = () if problem_type == "regression" else tuple(
+      id2label.get(i, f"LABEL_{i}") for i in range(num_labels))
+  return dict(num_labels=num_labels, label_names=names, problem_type=problem_type)
 
 
 def _dtype_name(dtype) -> str:
@@ -266,8 +286,11 @@ def config_to_hf(cfg: ModelConfig, dtype=None) -> dict[str, Any]:
   ``torch_dtype``) are written too, so that older tools read the same model.
   """
   rope = cfg.rope_dict()
+  arch = _ARCHITECTURES[cfg.family]
+  if cfg.has_head:
+    arch = arch.replace("ForCausalLM", _HEAD_SUFFIX)
   hf: dict[str, Any] = {
-      "architectures": [_ARCHITECTURES[cfg.family]],
+      "architectures": [arch],
       "model_type": cfg.family,
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.hidden_size,
@@ -318,6 +341,14 @@ def config_to_hf(cfg: ModelConfig, dtype=None) -> dict[str, Any]:
               router_aux_loss_coef=cfg.router_aux_loss_coef, output_router_logits=False)
   elif cfg.is_moe:
     raise ValueError(f"family {cfg.family!r} has no experts; got num_experts={cfg.num_experts}")
+  if cfg.has_head:
+    if cfg.pad_token_id is None:
+      raise ValueError("a sequence-classification model needs pad_token_id: transformers pools "
+                       "each row at its last token that is not padding")
+    names = cfg.label_names or tuple(f"LABEL_{i}" for i in range(cfg.num_labels))
+    hf.update(num_labels=cfg.num_labels, problem_type=cfg.problem_type,
+              id2label={str(i): n for i, n in enumerate(names)},
+              label2id={n: i for i, n in enumerate(names)})
   return hf
 
 
@@ -362,6 +393,7 @@ _KEYS = (
     _Key("layers/moe/down_efd", _L + "block_sparse_moe.experts.{expert}.w2.weight", "d,f"),
     _Key("final_norm/scale_d", "model.norm.weight", "d"),
     _Key("lm_head/kernel_dv", "lm_head.weight", "v,d"),
+    _Key("score/kernel_dc", "score.weight", "c,d"),  # *ForSequenceClassification
 )
 _KEY_BY_PATH = {k.path: k for k in _KEYS}
 # Parameter axes spelled out in tensor names rather than stored as a dimension.
@@ -742,7 +774,8 @@ def save_params(params, cfg: ModelConfig, out_dir: PathLike, tokenizer_src: Path
 
   with staged_dir(out_dir, overwrite) as tmp:
     _write_json(tmp / CONFIG_FILE, hf_config)
-    _write_json(tmp / GENERATION_CONFIG_FILE, _generation_config(cfg))
+    if not cfg.has_head:  # a classifier does not generate
+      _write_json(tmp / GENERATION_CONFIG_FILE, _generation_config(cfg))
     weight_map = {}
     for i, shard in enumerate(shards):
       filename = (SINGLE_FILE if len(shards) == 1

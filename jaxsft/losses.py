@@ -93,3 +93,18 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
 
   loss_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_c, targets_c, weights_c))
   return loss_sum, jnp.sum(weights)
+
+
+def pairwise_loss(chosen: jax.Array, rejected: jax.Array, valid: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The reward model's pairwise loss over pairs of scores (any equal shapes).
+
+  Returns ``(loss_sum, pair_count, margin_sum, correct)``: Σ −log σ(r_chosen −
+  r_rejected) over the ``valid`` pairs (computed as softplus(−margin), which
+  stays finite for any margin), their number, Σ (r_chosen − r_rejected), and
+  how many pairs score the chosen answer higher.
+  """
+  w = valid.astype(jnp.float32)
+  margin = (chosen - rejected).astype(jnp.float32)
+  return (jnp.sum(w * jax.nn.softplus(-margin)), jnp.sum(w), jnp.sum(w * margin),
+          jnp.sum(w * (margin > 0)))

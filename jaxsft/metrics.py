@@ -114,7 +114,8 @@ class MetricsWriter:
     return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
   def plot(self) -> None:
-    """Train and eval loss per stage, stages laid end to end on one step axis."""
+    """Train and eval loss per stage, stages laid end to end on one step axis;
+    generative exact match and head accuracies, when logged, on a right axis."""
     if not self.enabled:
       return
     plot_loss(self.rows(), self.plot_path)
@@ -130,6 +131,7 @@ def plot_loss(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+  scores = None  # a right-hand axis for accuracies, when any were logged
   offset, stages = 0, []
   for row in rows:
     if row["stage"] not in stages:
@@ -144,14 +146,29 @@ def plot_loss(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
         steps, loss = zip(*pts)
         ax.plot([offset + s for s in steps], loss, style, color=color, label=f"{stage} {split}")
         last = max(last, max(steps))
+    # Generative exact match (stage.generate_eval) and head accuracies (eval rows).
+    for split, key, style in (("generate", "exact_match", "s:"), ("eval", "accuracy", "^:"),
+                              ("eval", "pairwise_accuracy", "^:")):
+      pts = [(r["step"], r[key]) for r in rows if r["stage"] == stage
+             and r.get("split") == split and r.get(key) is not None]
+      if pts:
+        scores = scores or ax.twinx()
+        steps, values = zip(*pts)
+        scores.plot([offset + s for s in steps], values, style, color=color,
+                    label=f"{stage} {key.replace('_', ' ')}")
+        last = max(last, max(steps))
     if i:
       ax.axvline(offset, color="grey", lw=0.5)
     offset += last
   ax.set_xlabel("step (stages end to end)")
   ax.set_ylabel("loss")
   ax.grid(alpha=0.3)
+  if scores is not None:
+    scores.set_ylabel("exact match / accuracy")
+    scores.set_ylim(0, 1)
+    scores.legend(loc="upper right")
   if stages:
-    ax.legend()
+    ax.legend(loc="upper left" if scores is not None else "best")
   fig.tight_layout()
   tmp = path.with_suffix(".tmp.png")
   fig.savefig(tmp)

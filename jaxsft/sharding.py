@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Axis letter -> mesh axis (or tuple of mesh axes). Letters not listed are replicated.
 #   V vocab, D model width, N query heads, K kv heads, H head dim,
-#   F ffn width, E experts, L stacked layers.
+#   F ffn width, E experts, L stacked layers, C labels of a task head.
 # Letters are assigned in name order and a mesh axis serves one dim, so expert
 # weights (``gate_edf``) put E on ``expert`` and D on ``fsdp`` alone, while every
 # other weight is also sharded over ``expert`` (data-parallel outside the MoE).
@@ -28,6 +28,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "h": None,
     "f": "tensor",
     "e": "expert",
+    "c": None,  # a task head's labels: few, replicated
     "L": None,
 }
 

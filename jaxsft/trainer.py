@@ -35,10 +35,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import config as config_lib
+from jaxsft import evaluate as evaluate_lib
 from jaxsft import hf, losses, metrics, optim
 from jaxsft import sharding as sharding_lib
 from jaxsft.data import pipeline as data_pipeline
-from jaxsft.models import llama
+from jaxsft.data import templates as data_templates
+from jaxsft.models import heads, llama
 from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import export as peft_export
 from jaxsft.peft import methods as peft_methods
@@ -46,6 +48,14 @@ from jaxsft.peft import methods as peft_methods
 log = logging.getLogger("jaxsft")
 
 BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
+# Task heads score whole sequences: no loss mask, the scored tokens instead.
+HEAD_BATCH_KEYS = {"cls": ("tokens", "segment_ids", "positions", "pool_index", "labels"),
+                   "reward": ("tokens", "segment_ids", "positions", "pool_index")}
+
+
+def batch_keys(objective: str) -> tuple[str, ...]:
+  """The arrays a batch of ``objective`` holds."""
+  return HEAD_BATCH_KEYS.get(objective, BATCH_KEYS)
 
 
 class TrainingDiverged(ValueError):
@@ -76,26 +86,38 @@ def init_state(params, tx: optax.GradientTransformation, seed: int, trainable=No
 
 # ----------------------------------------------------------------------------- the step
 
-def stage_loss(cfg: ModelConfig, params, batch, dropout_rng=None):
-  """(objective to differentiate, (loss_sum, token_count, aux)) of one micro-batch.
+def stage_loss(cfg: ModelConfig, params, batch, objective: str = "sft", dropout_rng=None):
+  """(value to differentiate, (loss_sum, count, aux)) of one micro-batch.
 
-  The objective is the summed token loss plus, for MoE models, the
-  load-balancing loss scaled by the token count, so that dividing the
-  accumulated gradient by the total token count gives transformers'
+  lm / sft: the summed token loss over the token count; cls / reward: the
+  summed head loss over the example (pair) count, with the sums of the head's
+  metrics in ``aux`` (``heads.head_loss``). For MoE models the load-balancing
+  loss is added, scaled by the count, so that dividing the accumulated
+  gradient by the total count gives transformers'
   ``loss + router_aux_loss_coef * aux_loss`` in expectation.
   """
-  hidden, aux = llama.hidden_states(cfg, params, batch["tokens"], batch["positions"],
-                                    batch["segment_ids"], dropout_rng=dropout_rng)
-  targets, weights = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
-                                               batch["loss_mask"])
-  loss_sum, count = losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params),
-                                                targets, weights)
-  objective = loss_sum
+  if objective in heads.OBJECTIVES:
+    loss_sum, count, sums, aux = heads.head_loss(cfg, params, batch, objective)
+    aux = {**aux, **sums}
+  else:
+    hidden, aux = llama.hidden_states(cfg, params, batch["tokens"], batch["positions"],
+                                      batch["segment_ids"], dropout_rng=dropout_rng)
+    targets, weights = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
+                                                 batch["loss_mask"])
+    loss_sum, count = losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params),
+                                                  targets, weights)
+  total = loss_sum
   if cfg.is_moe:
-    objective = objective + cfg.router_aux_loss_coef * aux["aux_loss"] * count
+    total = total + cfg.router_aux_loss_coef * aux["aux_loss"] * count
     if cfg.router_z_loss_coef:
-      objective = objective + cfg.router_z_loss_coef * aux["z_loss"] * count
-  return objective, (loss_sum, count, aux)
+      total = total + cfg.router_z_loss_coef * aux["z_loss"] * count
+  return total, (loss_sum, count, aux)
+
+
+def _head_metrics(objective: str, sums) -> dict:
+  """The metrics of a head objective from summed numerators and denominators."""
+  return {name: jnp.sum(sums[num]) / jnp.maximum(jnp.sum(sums[den]), 1.0)
+          for name, (num, den) in heads.METRICS.get(objective, {}).items()}
 
 
 def _uses_dropout(cfg: ModelConfig) -> bool:
@@ -103,7 +125,7 @@ def _uses_dropout(cfg: ModelConfig) -> bool:
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, grad_accum: int,
-                    trainable=None):
+                    trainable=None, objective: str = "sft"):
   """``train_step(state, batch) -> (state, metrics)``: pure, for ``jax.jit``.
 
   The batch's rows split into ``grad_accum`` micro-batches (row i goes to
@@ -120,7 +142,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
 
   def loss_of(train, frozen, batch, rng):
     params = train if trainable is None else optim.combine(train, frozen)
-    return stage_loss(cfg, params, batch, dropout_rng=rng if dropout else None)
+    return stage_loss(cfg, params, batch, objective, dropout_rng=rng if dropout else None)
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -163,15 +185,19 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
       out["z_loss"] = jnp.mean(auxes["z_loss"])
       per_layer = jnp.mean(auxes["layer_expert_fractions"], axis=0)  # [L, E]
       out["expert_fraction_min"], out["expert_fraction_max"] = per_layer.min(), per_layer.max()
+    out.update(_head_metrics(objective, auxes))
     return TrainState(state.step + 1, params, opt_state, rng), out
 
   return train_step
 
 
-def make_eval_step(cfg: ModelConfig):
+def make_eval_step(cfg: ModelConfig, objective: str = "sft"):
+  """``eval_step(params, batch) -> (loss_sum, count, metric sums)`` (sums: heads only)."""
+  names = {k for pair in heads.METRICS.get(objective, {}).values() for k in pair}
+
   def eval_step(params, batch):
-    _, (loss_sum, count, _) = stage_loss(cfg, params, batch)
-    return loss_sum, count
+    _, (loss_sum, count, aux) = stage_loss(cfg, params, batch, objective)
+    return loss_sum, count, {k: aux[k] for k in names}
   return eval_step
 
 
@@ -199,12 +225,13 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(sharding_lib.BATCH_AXES, None))
 
 
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
+              keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, jax.Array]:
   """Global host batch → sharded arrays; each process fills only its own devices'
   rows, so this works unchanged when several processes feed one mesh."""
   return {k: jax.make_array_from_callback(batch[k].shape, sharding,
                                           lambda idx, a=batch[k]: a[idx])
-          for k in BATCH_KEYS}
+          for k in keys}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -362,7 +389,8 @@ def _total_steps(stage, pipe, batch: int) -> int:
 
 
 def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: str | None = None):
-  """Train one stage from ``params``; returns the final (config, parameters).
+  """Train one stage from ``params``; returns the final (config, parameters):
+  a cls / reward stage gives a causal LM its task head (``_with_head``).
   ``params`` may be abstract (ShapeDtypeStructs) when the stage has a
   checkpoint to resume. ``base_model``: the Hugging Face directory the stage's
   frozen base weights are identical to, if any (recorded for PEFT export)."""
@@ -379,7 +407,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     raise ValueError(f"config.stages.{name}.seq_len={stage.seq_len} exceeds the model's "
                      f"context of {cfg.max_position_embeddings} tokens (max_position_embeddings)")
 
-  pipe = data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len, seed=config.seed)
+  pipe = data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len, seed=config.seed,
+                             objective=stage.objective, label_names=cfg.label_names or None)
+  cfg, params = _with_head(name, stage.objective, cfg, params, pipe, mesh, config.seed)
+  keys = batch_keys(stage.objective)
   steps = _total_steps(stage, pipe, batch)
   switch = peft_methods.switch_step(stage, steps)
   # Adapter initialization is seeded by the run and the stage, so a resumed
@@ -417,6 +448,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   del params
 
   bsh = batch_sharding(mesh)
+  generation_eval = _generation_eval(run, name, stage, ph.cfg)
   batches = pipe.batches(batch, state=data_state)
   start = int(state.step)
   if phase == 0 and start == switch:  # resumed from the checkpoint taken at the switch
@@ -431,7 +463,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     for step in range(start, steps):
       host_batch = next(batches)
       seen_tokens += int((host_batch["segment_ids"] != 0).sum())
-      state, step_metrics = ph.step_fn(state, put_batch(host_batch, bsh))
+      state, step_metrics = ph.step_fn(state, put_batch(host_batch, bsh, keys))
       done = step + 1
       switching = phase == 0 and done == switch
       save_now = done % stage.checkpoint_every == 0 or done == steps or switching
@@ -452,6 +484,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                "step_s": elapsed / n_steps,
                "mfu": (None if peak is None else
                        flops_per_step * n_steps / elapsed / (peak * 1e12))}
+        row.update({k: float(m[k]) for k in heads.METRICS.get(stage.objective, {})})
         if cfg.is_moe:
           row["aux_loss"] = float(m["aux_loss"])
           row["expert_fractions"] = [round(float(f), 4) for f in m["expert_fractions"]]
@@ -462,7 +495,12 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
         timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
       paused = False
       if stage.eval_every and (done % stage.eval_every == 0 or done == steps):
-        run.writer.write(evaluate(ph.eval_fn, state.params, pipe, batch, bsh, stage, name, done))
+        run.writer.write(evaluate(ph.eval_fn, state.params, pipe, batch, bsh, stage, name, done,
+                                  keys))
+        run.writer.plot()
+        paused = True
+      if generation_eval and (done % generation_eval.every == 0 or done == steps):
+        run.writer.write(generation_eval(state.params, done))
         run.writer.plot()
         paused = True
       if save_now:
@@ -516,6 +554,7 @@ class _Phase:
   a second one at the switch."""
 
   def __init__(self, cfg: ModelConfig, params, stage, steps: int, mesh, seed: int):
+    objective = stage.objective
     self.cfg, self.seed = cfg, seed
     self.tx, self.lr_fn = optim.build(stage, steps, params)
     self.mask = optim.trainable_mask(params, stage)
@@ -525,15 +564,34 @@ class _Phase:
     self.state_shardings = _state_shardings(self.abstract_state, param_shardings, mesh)
     bsh = batch_sharding(mesh)
     self.step_fn = sharding_lib.with_mesh(mesh, jax.jit(
-        make_train_step(cfg, self.tx, self.lr_fn, stage.grad_accum, self.mask),
+        make_train_step(cfg, self.tx, self.lr_fn, stage.grad_accum, self.mask, objective),
         in_shardings=(self.state_shardings, bsh), out_shardings=(self.state_shardings, None),
         donate_argnums=0))
     self.eval_fn = sharding_lib.with_mesh(
-        mesh, jax.jit(make_eval_step(cfg), in_shardings=(param_shardings, bsh)))
+        mesh, jax.jit(make_eval_step(cfg, objective), in_shardings=(param_shardings, bsh)))
 
   def init(self, params) -> TrainState:
     return jax.jit(lambda q: init_state(q, self.tx, self.seed, self.mask),
                    out_shardings=self.state_shardings, donate_argnums=0)(params)
+
+
+def _with_head(name: str, objective: str, cfg: ModelConfig, params, pipe, mesh, seed: int):
+  """(config, params) a stage of ``objective`` trains: a cls / reward stage
+  replaces a causal LM's lm_head by a new score head over the data's labels
+  (stored in the config, so the checkpoint knows its id2label); a language-model
+  stage refuses a model that has a head."""
+  if objective not in heads.OBJECTIVES:
+    if cfg.has_head:
+      raise ValueError(f"config.stages.{name}.objective={objective!r} trains a causal LM, but "
+                       f"the model has a {cfg.problem_type} head and no lm_head (from an "
+                       "earlier stage or model.source); put language-model stages first")
+    return cfg, params
+  head_cfg = heads.head_config(cfg, objective, pipe.label_names, pipe.multi_label, pipe.pad_id)
+  if pipe.unseen_labels:
+    log.warning("stage %s: evaluation labels unseen in training (always wrong): %s", name,
+                dict(sorted(pipe.unseen_labels.items())))
+  params = heads.attach(cfg, params, head_cfg, jax.random.fold_in(jax.random.key(seed), 6), mesh)
+  return head_cfg, params
 
 
 @contextlib.contextmanager
@@ -559,12 +617,43 @@ def _reporting_save_failure(name: str, steps, manager, stage_dir: pathlib.Path):
         "same command to resume from it") from None
 
 
-def evaluate(eval_fn, params, pipe, batch: int, bsh, stage, name: str, step: int) -> dict:
+def _generation_eval(run: Run, name: str, stage, cfg: ModelConfig):
+  """``f(params, step) -> metrics row`` for ``stage.generate_eval`` (None when
+  off): greedy answers to its rows, scored as ``evaluate --metric json-labels``."""
+  g = config_lib.generate_eval(stage)
+  if not g.every:
+    return None
+  try:
+    examples = evaluate_lib.json_examples(
+        evaluate_lib.read_examples(g.path, g.format, g.system_prompt))
+  except ValueError as e:
+    raise ValueError(f"config.stages.{name}.generate_eval: {e}") from None
+  examples = examples[:g.examples] if g.examples is not None else examples
+  template = data_templates.get_template(stage.data.template, run.tokenizer)
+
+  def run_eval(params, step: int) -> dict:
+    summary, _ = evaluate_lib.json_label_eval(
+        cfg, params, run.tokenizer, examples, template=template,
+        max_new_tokens=g.max_new_tokens, batch_size=g.batch_size)
+    return {"stage": name, "step": step, "split": "generate", **summary}
+
+  run_eval.every = g.every
+  return run_eval
+
+
+def evaluate(eval_fn, params, pipe, batch: int, bsh, stage, name: str, step: int,
+             keys: tuple[str, ...] = BATCH_KEYS) -> dict:
   total = count = 0.0
+  sums: dict[str, float] = {}
   for i, b in enumerate(pipe.eval_batches(batch)):
     if stage.eval_batches is not None and i >= stage.eval_batches:
       break
-    s, c = jax.device_get(eval_fn(params, put_batch(b, bsh)))
+    s, c, more = jax.device_get(eval_fn(params, put_batch(b, bsh, keys)))
     total, count = total + float(s), count + float(c)
-  return {"stage": name, "step": step, "split": "eval",
-          "loss": total / count if count else None, "trained_tokens": int(count)}
+    for k, v in more.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  row = {"stage": name, "step": step, "split": "eval",
+         "loss": total / count if count else None, "trained_tokens": int(count)}
+  for metric, (num, den) in heads.METRICS.get(stage.objective, {}).items():
+    row[metric] = sums[num] / sums[den] if sums.get(den) else None
+  return row

@@ -118,5 +118,242 @@ def test_cli_errors_name_file_and_line(hf_model_factory, tmp_path, capsys):
   assert f"{too_long}:2: the row is" in err and "--max-length 256" in err
   ok = _write_jsonl(tmp_path / "ok.jsonl", [{"text": "short"}])
   assert "--max-length=1000 exceeds" in error(ok, "--max-length", "1000")
-  assert "--format 'alpaca' is not supported" in error(ok, "--format", "alpaca")
+  assert "--format 'bogus' is not supported" in error(ok, "--format", "bogus")
   assert "nothing to predict" in error(_write_jsonl(tmp_path / "one.jsonl", [{"text": ""}]))
+
+
+# ----------------------------------------------------------------------------- JSON labels
+
+def test_extract_json_finds_the_first_object_that_parses():
+  obj = {"domain": "billing", "intents": ["refund", "invoice_copy"], "note": "a } in {text}"}
+  text = json.dumps(obj)
+  assert evaluate.extract_json(text) == obj
+  assert evaluate.extract_json(f"Sure! Here it is: {text} Hope that helps.") == obj
+  assert evaluate.extract_json(f"```json\n{text}\n```") == obj
+  # A brace-balanced but invalid candidate first: the next object is taken.
+  assert evaluate.extract_json(f"{{labels: refund}} then {text}") == obj
+  nested = {"a": {"b": [1, 2], "c": {"d": "x"}}}
+  assert evaluate.extract_json("x " + json.dumps(nested)) == nested
+  for bad in ("no json here", "[1, 2]", '{"open": ', ""):
+    assert evaluate.extract_json(bad) is None
+
+
+def _reference_scores(preds, refs):
+  """exact match and F1 from sets of (example, field=label) pairs, computed
+  independently of evaluate.compare."""
+  def flat(obj, prefix=""):
+    out = {}
+    for k, v in obj.items():
+      path = f"{prefix}.{k}" if prefix else k
+      out.update(flat(v, path) if isinstance(v, dict) else
+                 {path: frozenset(v if isinstance(v, list) else [v])})
+    return out
+  P = {(i, f"{k}={l}") for i, p in enumerate(preds) if p is not None
+       for k, ls in flat(p).items() for l in ls}
+  R = {(i, f"{k}={l}") for i, r in enumerate(refs) for k, ls in flat(r).items() for l in ls}
+  tp, fp, fn = len(P & R), len(P - R), len(R - P)
+  labels = {l for _, l in P | R}
+  def f1(l):
+    a = {x for x in P if x[1] == l}
+    b = {x for x in R if x[1] == l}
+    return 2 * len(a & b) / (len(a) + len(b))
+  exact = [p is not None and flat(p) == flat(r) for p, r in zip(preds, refs)]
+  return {"exact_match": sum(exact) / len(refs), "micro_f1": 2 * tp / (2 * tp + fp + fn),
+          "macro_f1": sum(f1(l) for l in labels) / len(labels)}
+
+
+def test_field_by_field_comparison_of_nested_multi_label_answers():
+  refs = [{"domain": "billing", "intents": ["refund", "invoice_copy"], "meta": {"priority": "high"}},
+          {"domain": "orders", "intents": ["track_order"], "meta": {"priority": "normal"}},
+          {"domain": "account", "intents": ["reset_password"], "meta": {"priority": "normal"}},
+          {"domain": "technical", "intents": ["roaming", "slow_data"], "meta": {"priority": "high"}}]
+  preds = [{"domain": "billing", "intents": ["invoice_copy", "refund"], "meta": {"priority": "high"}},
+           {"domain": "orders", "intents": ["track_order", "cancel_order"],
+            "meta": {"priority": "normal"}},
+           None,  # a parse failure
+           {"domain": "technical", "intents": ["roaming"]}]  # a field missing
+  comparisons = [evaluate.compare(p, r) for p, r in zip(preds, refs)]
+  summary = evaluate.summarize(comparisons, parse_failures=1)
+  want = _reference_scores(preds, refs)
+  for key in want:
+    assert summary[key] == pytest.approx(want[key]), key
+  assert [c.exact for c in comparisons] == [True, False, False, False]
+  assert summary["per_field_accuracy"] == {"domain": 3 / 4, "intents": 1 / 4,
+                                           "meta.priority": 2 / 4}
+  assert summary["parse_failure_rate"] == 1 / 4 and summary["examples"] == 4
+  known = evaluate.known_labels(refs[:2])
+  assert evaluate.unseen_labels(refs[2:], known) == {
+      "domain=account": 1, "domain=technical": 1, "intents=reset_password": 1,
+      "intents=roaming": 1, "intents=slow_data": 1}
+
+
+INTENT_ROWS = [("Refund my bill please", {"domain": "billing", "intents": ["refund"]}),
+               ("Where is my order?", {"domain": "orders", "intents": ["track_order"]}),
+               ("Reset my password and refund me", {"domain": "account",
+                                                     "intents": ["reset_password", "refund"]}),
+               ("Hi", {"domain": "billing", "intents": ["invoice_copy"]}),
+               ("The quick brown fox jumps over the lazy dog.", {"domain": "orders",
+                                                                 "intents": ["roaming"]})]
+
+
+def _chat_rows(rows):
+  return [{"messages": [{"role": "user", "content": text},
+                        {"role": "assistant", "content": json.dumps(ref)}]} for text, ref in rows]
+
+
+def test_json_labels_cli_generates_what_transformers_generates(hf_model_factory, tmp_path,
+                                                                capsys):
+  # qwen2: this tiny random model's answers differ from prompt to prompt.
+  d, model = hf_model_factory("qwen2")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(d)
+  data = _write_jsonl(tmp_path / "eval.jsonl", _chat_rows(INTENT_ROWS))
+  train = _write_jsonl(tmp_path / "train.jsonl", _chat_rows(INTENT_ROWS[:2]))
+  system = "Label."
+
+  def run(batch_size, preds):
+    argv = ["--model", str(d), "--data", str(data), "--metric", "json-labels", "--chat",
+            "--system", system, "--batch-size", str(batch_size), "--max-new-tokens", "10",
+            "--predictions", str(preds), "--train-data", str(train)]
+    assert evaluate.main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1]), [json.loads(l) for l in preds.read_text().splitlines()]
+
+  summary, records = run(3, tmp_path / "p3.jsonl")
+  assert len({r["generation"] for r in records}) > 2
+  # Batched (3 per batch, sorted by length, padded) equals one by one.
+  summary1, records1 = run(1, tmp_path / "p1.jsonl")
+  assert records1 == records and summary1 == summary
+  # transformers' greedy decoding of the same chat prompts, stopping at the same ids.
+  stop = sorted({2} | {tokenizer.convert_tokens_to_ids("<|im_end|>")})
+  texts = []
+  for text, _ in INTENT_ROWS:
+    ids = tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                         {"role": "user", "content": text}],
+                                        add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+      out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                           dtype=torch.long), do_sample=False, max_new_tokens=10,
+                           eos_token_id=stop, pad_token_id=0)
+    texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+  assert [r["generation"] for r in records] == texts
+  preds = [evaluate.extract_json(t) for t in texts]
+  assert summary["parse_failure_rate"] == sum(p is None for p in preds) / len(preds)
+  assert summary["examples"] == 5
+  assert summary["exact_match"] == _reference_scores(preds, [r for _, r in INTENT_ROWS])[
+      "exact_match"]
+  assert summary["unseen_labels"]["intents=reset_password"] == 1
+  assert [r["reference"] for r in records] == [r for _, r in INTENT_ROWS]
+
+
+def test_answer_only_loss_matches_transformers(hf_model_factory, tmp_path, capsys):
+  d, model = hf_model_factory("llama")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(d)
+  data = _write_jsonl(tmp_path / "sft.jsonl", _chat_rows(INTENT_ROWS))
+  assert evaluate.main(["--model", str(d), "--data", str(data), "--metric", "loss",
+                        "--format", "messages", "--batch-size", "2"]) == 0
+  metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # Reference: the answer tokens (up to and including <|im_end|>) of the chat
+  # template's rendering, scored by transformers with every other label -100.
+  im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  total, count = 0.0, 0
+  for row in _chat_rows(INTENT_ROWS):
+    msgs = row["messages"]
+    prompt = tokenizer.apply_chat_template(msgs[:1], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+    full = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+    end = full.index(im_end, len(prompt)) + 1
+    labels = [-100] * len(full)
+    labels[len(prompt):end] = full[len(prompt):end]
+    with torch.no_grad():
+      loss = model(torch.tensor([full]), labels=torch.tensor([labels])).loss.item()
+    total += loss * (end - len(prompt))
+    count += end - len(prompt)
+  assert metrics["tokens"] == count
+  np.testing.assert_allclose(metrics["loss"], total / count, rtol=1e-5)
+
+
+def test_accuracy_of_a_classifier_matches_transformers(hf_model_factory, tmp_path, capsys):
+  import jax
+  from jaxsft.models import heads
+  d, _ = hf_model_factory("llama")
+  cfg, params = hf.load_params(d)
+  head_cfg = heads.head_config(cfg, "cls", ("billing", "orders", "account"))
+  params = heads.attach(cfg, params, head_cfg, jax.random.key(0))
+  params["score"]["kernel_dc"] = jax.random.normal(jax.random.key(1), (64, 3))
+  out = hf.save_params(params, head_cfg, tmp_path / "cls", tokenizer_src=d)
+  rows = [{"text": t, "label": r["domain"]} for t, r in INTENT_ROWS]
+  rows.append({"text": "A zebra", "label": "zebra"})  # a label the model does not have
+  data = _write_jsonl(tmp_path / "labels.jsonl", rows)
+  assert evaluate.main(["--model", str(out), "--data", str(data), "--metric", "accuracy",
+                        "--batch-size", "4", "--predictions", str(tmp_path / "p.jsonl")]) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  right = 0
+  for row in rows:
+    with torch.no_grad():
+      logits = model(torch.tensor([tokenizer(row["text"])["input_ids"]])).logits[0]
+    right += model.config.id2label[int(logits.argmax())] == row["label"]
+  assert summary["accuracy"] == summary["exact_match"] == right / len(rows)
+  assert summary["unseen_labels"] == {"labels=zebra": 1} and summary["examples"] == 6
+  assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 6
+
+
+def test_label_metrics_bad_input(hf_model_factory, tmp_path, capsys):
+  d, _ = hf_model_factory("llama")
+
+  def error(*argv):
+    assert evaluate.main(["--model", str(d), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  assert f"{empty}: no rows (the file is empty)" in error("--data", str(empty), "--metric",
+                                                          "json-labels")
+  not_json = _write_jsonl(tmp_path / "nj.jsonl", [{"messages": [
+      {"role": "user", "content": "hi"}, {"role": "assistant", "content": "billing"}]}])
+  assert f"{not_json}:1: the reference answer is not a JSON object" in error(
+      "--data", str(not_json), "--metric", "json-labels")
+  labels = _write_jsonl(tmp_path / "l.jsonl", [{"text": "hi", "label": "a"}])
+  assert "--metric accuracy needs a classification model" in error(
+      "--data", str(labels), "--metric", "accuracy")
+  assert "--metric 'f1' is not one of" in error("--data", str(labels), "--metric", "f1")
+  assert "--system needs --chat" in error("--data", str(labels), "--metric", "json-labels",
+                                          "--system", "x")
+
+
+# ----------------------------------------------------------------------------- inside a stage
+
+def test_generation_eval_inside_a_stage(tmp_path):
+  import train_fixtures
+  from jaxsft import checkpoint, config as config_lib, trainer
+  from jaxsft.data import templates
+  c = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", sft_steps=4)
+  del c.stages["cpt"]
+  data = _write_jsonl(tmp_path / "intent.jsonl", _chat_rows(INTENT_ROWS))
+  c.stages.sft.generate_eval = dict(every=2, path=str(data), system_prompt="Label.",
+                                    examples=4, max_new_tokens=8, batch_size=2)
+  out = trainer.train(c)
+  rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  generated = [r for r in rows if r["split"] == "generate"]
+  assert [r["step"] for r in generated] == [2, 4]
+  assert (out / "loss.png").is_file()
+  # The last row is what evaluate computes on the stage's final model.
+  cfg, params = checkpoint.load_model(out / "stages" / "sft" / "final")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "data" / "tokenizer")
+  examples = evaluate.json_examples(evaluate.read_examples(data, system="Label."))[:4]
+  summary, _ = evaluate.json_label_eval(cfg, params, tokenizer, examples,
+                                        template=templates.get_template("chatml", tokenizer),
+                                        max_new_tokens=8, batch_size=2)
+  assert {k: generated[-1][k] for k in summary} == summary
+
+  bad = config_lib.stage(objective="cls", data=dict(datasets=[str(data)]),
+                         generate_eval=dict(every=5, path=str(data)))
+  with pytest.raises(ValueError, match="generate_eval: a cls stage trains a head"):
+    config_lib.validate_stage("head", bad)
+  nopath = config_lib.stage(data=dict(datasets=[str(data)]), generate_eval=dict(every=5))
+  with pytest.raises(ValueError, match=r"stages.s.generate_eval.path: set the file"):
+    config_lib.validate_stage("s", nopath)

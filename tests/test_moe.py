@@ -147,13 +147,19 @@ def test_bad_moe_settings_are_refused_with_the_key():
 def test_freeze_router_keeps_router_and_needs_one():
   params = llama.init_params(_CFG, jax.random.key(0))
   stage = config_lib.stage(lr=1e-2, freeze_router=True, warmup_ratio=0.0)
+  # The router is split off as frozen: no gradient, no optimizer state, no update.
+  mask = optim.trainable_mask(params, stage)
+  trains = {"/".join(k.key for k in path): m
+            for path, m in jax.tree_util.tree_leaves_with_path(mask)}
+  assert trains.pop("layers/moe/router_de") is False
+  assert all(trains.values()), trains
   tx, _ = optim.build(stage, 10, params)
-  grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
+  train, _ = optim.partition(params, mask)
+  grads = jax.tree.map(jnp.ones_like, train)
+  updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, train)
   moved = {"/".join(k.key for k in path): bool(jnp.any(u != 0))
            for path, u in jax.tree_util.tree_leaves_with_path(updates)}
-  assert moved.pop("layers/moe/router_de") is False
-  assert all(moved.values()), moved
+  assert "layers/moe/router_de" not in moved and all(moved.values()), moved
   dense = llama.init_params(_CFG.replace(family="llama", num_experts=0), jax.random.key(0))
   with pytest.raises(ValueError, match="freeze_router=True, but the model has no MoE router"):
     optim.build(stage, 10, dense)

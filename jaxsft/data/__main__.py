@@ -21,6 +21,7 @@ exit with status 2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, TextIO
 
@@ -55,6 +56,13 @@ def select_stage(config, name: str | None) -> Any:
     return config
   if not stages:
     raise ValueError("config.stages is empty")
+  if hasattr(stages, "items"):  # a training config: name -> stage (jaxsft.config)
+    names = list(stages.keys())
+    name = names[0] if name is None else name
+    if name not in names:
+      raise ValueError(f"--stage {name!r}: no such stage; the stages are {names}")
+    stage = stages[name]
+    return {**(stage.to_dict() if hasattr(stage, "to_dict") else dict(stage)), "name": name}
   if name is None:
     return stages[0]
   names = [_get(s, "name") for s in stages]
@@ -70,6 +78,8 @@ def load_tokenizer(config):
     raise ValueError("the config names no tokenizer: set config.tokenizer (or model.source) to a "
                      "tokenizer or model directory")
   trust = bool(_get(_get(config, "model", {}), "trust_remote_code", False))
+  if os.path.isfile(os.path.join(path, "model_config.json")):  # a jaxsft checkpoint
+    path = os.path.join(path, "tokenizer")
   return hf.load_tokenizer(path, trust)
 
 
@@ -83,7 +93,12 @@ def run(config, stage: str | None = None, show: int = 3, score_with: str | None 
   if seq_len is None:
     raise ValueError(f"stage {_get(st, 'name', '')!r} has no seq_len")
   tokenizer = load_tokenizer(config)
-  pipe = pipeline.build(_get(st, "data"), tokenizer, seq_len=seq_len, seed=_get(config, "seed", 0))
+  objective = _get(st, "objective", "sft")
+  if score_with and objective in ("cls", "reward"):
+    raise ValueError(f"--score-with scores answers; a {objective} stage has none (its marked "
+                     "tokens are where sequences are scored)")
+  pipe = pipeline.build(_get(st, "data"), tokenizer, seq_len=seq_len, seed=_get(config, "seed", 0),
+                        objective=objective)
   color = out.isatty() if color is None else color
 
   order = pipe.stream.epoch(0).items[:show]

@@ -103,6 +103,53 @@ def fill_rows(rows: Sequence[Sequence[int]], get: Callable[[int], tuple[np.ndarr
   return out
 
 
+def fill_head_rows(rows: Sequence[Sequence[int]],
+                   get: Callable[[int], tuple[np.ndarray, np.ndarray]], seq_len: int,
+                   pad_id: int, slots: int,
+                   labels: Callable[[int], Sequence[int]] | None = None,
+                   max_labels: int = 1) -> dict[str, np.ndarray]:
+  """Rows for a task head: like ``fill_rows``, but an example's mask marks the
+  last token of each of its sequences (``templates.encode_head``: one for a
+  classification example, chosen then rejected for a pair), each sequence is
+  its own segment, and instead of ``loss_mask`` the rows carry
+
+    pool_index  [rows, slots]   the column of every marked token, in order; -1 = none
+    labels      [rows, slots, max_labels]   (with ``labels``) the label ids of
+                each marked token's example, -1 padded
+
+  So a pair's chosen and rejected scores are slots 2j and 2j+1 of a row.
+  """
+  shape = (len(rows), seq_len)
+  out = {"tokens": np.full(shape, pad_id, np.int32), "segment_ids": np.zeros(shape, np.int32),
+         "positions": np.zeros(shape, np.int32),
+         "pool_index": np.full((len(rows), slots), -1, np.int32)}
+  if labels is not None:
+    out["labels"] = np.full((len(rows), slots, max_labels), -1, np.int32)
+  for r, row in enumerate(rows):
+    at, seg, slot = 0, 0, 0
+    for key in row:
+      ids, mask = get(key)
+      n = len(ids)
+      assert at + n <= seq_len, f"row {r} overflows: {at} + {n} > {seq_len}"
+      ends = np.flatnonzero(np.asarray(mask)) + 1
+      assert len(ends) and ends[-1] == n, f"example {key}: its last token must be marked"
+      ids_of = list(labels(key)) if labels is not None else None
+      start = 0
+      for end in ends:
+        seg += 1
+        out["tokens"][r, at + start:at + end] = ids[start:end]
+        out["segment_ids"][r, at + start:at + end] = seg
+        out["positions"][r, at + start:at + end] = np.arange(end - start, dtype=np.int32)
+        assert slot < slots, f"row {r}: more than {slots} sequences"
+        out["pool_index"][r, slot] = at + end - 1
+        if ids_of is not None:
+          out["labels"][r, slot, :len(ids_of)] = ids_of
+        slot += 1
+        start = end
+      at += n
+  return out
+
+
 def pack(examples: Sequence, seq_len: int, pad_id: int = 0, packing: bool = True
          ) -> tuple[dict[str, np.ndarray], list[list[int]]]:
   """Pack ``Encoded`` examples (or ``(input_ids, loss_mask)`` pairs) into

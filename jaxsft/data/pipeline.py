@@ -40,6 +40,14 @@ unknown keys are an error, so a typo cannot be silently ignored):
 Each dataset's mask comes from its own kind: raw text is trained on every
 token, chats on their answers (``train_on``), so text mixed into an SFT stage
 and chats mixed into continued pre-training each keep their own supervision.
+
+Task heads (``build(..., objective="cls" | "reward")``) take label rows (cls)
+or pairwise rows (reward) only, tokenized by ``templates.encode_head``; their
+batches carry ``pool_index`` (and, for cls, ``labels``) instead of
+``loss_mask`` (``packing.fill_head_rows``). A cls pipeline's label set is the
+sorted set of labels of its training examples (``label_names``), or the
+model's own when it already has a head; evaluation labels outside it get the
+id ``len(label_names)`` and are counted in ``unseen_labels``.
 The order, mixture and packing are described in ``mixture``; the batch arrays
 in ``packing``.
 
@@ -77,7 +85,7 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -140,6 +148,7 @@ class Tokenized:
   sources: Any  # pyarrow array: the source (FILE:LINE) of every row, kept or not
   counts: Counts
   cache_path: str
+  labels: list[list[str]] | None = None  # per kept example, for a cls head
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -161,48 +170,57 @@ class Tokenized:
 def tokenize(spec: Mapping[str, Any], tokenizer, *, template: Any = "tokenizer",
              train_on: str = "all_assistant", max_length: int | None = None,
              truncation: str = "drop", num_proc: int = 1, cache_dir: str | None = None,
-             name: str | None = None) -> Tokenized:
+             name: str | None = None, head: str | None = None) -> Tokenized:
   """Read, render and tokenize one dataset (a spec of ``sources``), or load it
-  from the cache (module doc). ``template`` is a name or role-tag dict."""
+  from the cache (module doc). ``template`` is a name or role-tag dict;
+  ``head`` (cls | reward) tokenizes for a task head (``templates.encode_head``)."""
   spec = dict(spec)
   name = name or spec.get("name") or _default_name(spec["path"])
-  if spec.get("format") == "pairwise":
+  if head is None and spec.get("format") == "pairwise":
     raise ValueError(f"dataset {name!r}: format pairwise (prompt/chosen/rejected) trains a reward "
                      "model; a language-model stage takes chat, text and label rows")
   cache_dir = cache_dir or default_cache_dir()
-  key, described = _cache_key(spec, template, train_on, tokenizer, max_length, truncation)
+  key, described = _cache_key(spec, template, train_on, tokenizer, max_length, truncation, head)
   path = os.path.join(cache_dir, key)
   if not os.path.exists(os.path.join(path, CACHE_META)):
     _tokenize_to(path, spec, name, tokenizer, template, train_on, max_length, truncation,
-                 num_proc, described)
+                 num_proc, described, head)
   return _load(path, name, spec)
 
 
 def _tokenize_to(path, spec, name, tokenizer, template_spec, train_on, max_length, truncation,
-                 num_proc, described) -> None:
+                 num_proc, described, head=None) -> None:
   import datasets  # noqa: PLC0415  (heavy)
 
   conversations = sources.load_examples(spec)
   for c in conversations:
-    if c.kind == "pairwise":
+    if head is not None:
+      want = templates.HEAD_KINDS[head]
+      if c.kind != want:
+        raise ValueError(
+            f"{c.source}: a {c.kind} row in dataset {name!r}, but objective {head!r} trains on "
+            f"{want} rows only ({'text + label/labels' if head == 'cls' else 'prompt + chosen + rejected'}); "
+            "give this stage only such datasets")
+    elif c.kind == "pairwise":
       raise ValueError(f"{c.source}: a pairwise row (prompt/chosen/rejected) in dataset {name!r}; "
                        "pairwise data trains a reward model, a language-model stage takes chat, "
                        "text and label rows")
   # Text needs no template: a CPT stage on a base tokenizer (no chat template)
   # must not fail on the default template="tokenizer".
   template = None
-  if any(c.kind != "text" for c in conversations):
+  if any(c.kind not in ("text", "label" if head else "text") for c in conversations):
     template = templates.get_template(template_spec, tokenizer, train_on)
   table = datasets.Dataset.from_list([c.to_dict() for c in conversations])
   del conversations
   features = datasets.Features({
       "input_ids": datasets.Sequence(datasets.Value("int32")),
       "loss_mask": datasets.Sequence(datasets.Value("uint8")),
-      "status": datasets.Value("int8"), "source": datasets.Value("string")})
+      "status": datasets.Value("int8"), "source": datasets.Value("string"),
+      **({"labels": datasets.Sequence(datasets.Value("string"))} if head else {})})
   encoded = table.map(
       _encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
       fn_kwargs=dict(template=template, tokenizer=tokenizer, max_length=max_length,
-                     truncation=truncation),
+                     truncation=truncation, head=head),
       remove_columns=table.column_names, features=features, keep_in_memory=True,
       new_fingerprint=os.path.basename(path), desc=f"tokenizing {name}")
   status = np.asarray(encoded.data.column("status").to_numpy(), np.int8)
@@ -226,15 +244,23 @@ def _tokenize_to(path, spec, name, tokenizer, template_spec, train_on, max_lengt
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _encode_batch(batch, template, tokenizer, max_length, truncation):
-  """``datasets.map`` function: Conversation dicts → ids, masks and a status per row."""
+def _encode_batch(batch, template, tokenizer, max_length, truncation, head=None):
+  """``datasets.map`` function: Conversation dicts → ids, masks and a status per row
+  (and, for a task head, the labels of each row)."""
   out = {"input_ids": [], "loss_mask": [], "status": [], "source": []}
+  if head:
+    out["labels"] = []
   keys = list(batch)
   for i in range(len(batch["source"])):
     conv = Conversation.from_dict({k: batch[k][i] for k in keys})
     counts = Counts()
-    enc = templates.encode(conv, template, tokenizer, max_length=max_length,
-                           truncation=truncation, counts=counts)
+    if head:
+      enc = templates.encode_head(conv, head, template, tokenizer, max_length=max_length,
+                                  truncation=truncation, counts=counts)
+      out["labels"].append(list(conv.labels or []))
+    else:
+      enc = templates.encode(conv, template, tokenizer, max_length=max_length,
+                             truncation=truncation, counts=counts)
     if enc is None:
       status = _NO_ASSISTANT if counts.dropped_no_assistant else _TOO_LONG
     else:
@@ -263,16 +289,21 @@ def _load(path: str, name: str, spec: dict) -> Tokenized:
   status = table.column("status").to_numpy()
   offsets = ids.offsets.to_numpy().astype(np.int64)
   rows = np.flatnonzero(status <= _TRUNCATED)
+  labels = None
+  if "labels" in table.column_names:
+    every = table.column("labels").to_pylist()
+    labels = [every[r] for r in rows]
   return Tokenized(
       name=name, spec=spec, tokens=ids.values.to_numpy(), loss_mask=mask.values.to_numpy(),
       starts=offsets[rows], lengths=offsets[rows + 1] - offsets[rows], rows=rows,
       sources=table.column("source").combine_chunks(), counts=Counts(**{
-          k: v for k, v in meta["counts"].items() if k != "kept"}), cache_path=path)
+          k: v for k, v in meta["counts"].items() if k != "kept"}), cache_path=path, labels=labels)
 
 
 # ----------------------------------------------------------------------------- cache keys
 
-def _cache_key(spec, template, train_on, tokenizer, max_length, truncation) -> tuple[str, dict]:
+def _cache_key(spec, template, train_on, tokenizer, max_length, truncation,
+               head=None) -> tuple[str, dict]:
   described = {
       "version": CACHE_VERSION,
       "code": _code_hash(),
@@ -282,6 +313,8 @@ def _cache_key(spec, template, train_on, tokenizer, max_length, truncation) -> t
       "tokenizer": tokenizer_fingerprint(tokenizer),
       "max_length": max_length, "truncation": truncation,
   }
+  if head:  # only then, so the keys of language-model data stay what they were
+    described["head"] = head
   return _sha(json.dumps(described, sort_keys=True).encode())[:24], described
 
 
@@ -451,6 +484,10 @@ class _Pool:
     d, k = self.locate(gid)
     return self.parts[d].example(k)
 
+  def labels(self, gid: int) -> list[str]:
+    d, k = self.locate(gid)
+    return self.parts[d].labels[k]
+
 
 class Batches:
   """An iterator of batches (``Pipeline.batches``) that knows its position."""
@@ -470,8 +507,7 @@ class Batches:
       raise StopIteration
     rows = rows + [np.zeros(0, np.int64)] * (self._batch_size - len(rows))  # last, short batch
     self._state = state
-    return packing.fill_rows(rows[self._local], self._pipe.train.get, self._pipe.seq_len,
-                             self._pipe.pad_id)
+    return self._pipe._fill(rows[self._local], self._pipe.train)
 
   def state(self) -> dict[str, int]:
     """The position after the last batch returned: ``batches(state=...)``
@@ -483,9 +519,20 @@ class Pipeline:
   """The data of one stage (module doc). Built by ``build``."""
 
   def __init__(self, cfg: dict, train: _Pool, eval_pool: _Pool | None, stream: mixture.RowStream,
-               seq_len: int, pad_id: int, seed: int):
+               seq_len: int, pad_id: int, seed: int, head: str | None = None,
+               label_names: tuple[str, ...] = (), slots: int = 0, max_labels: int = 1):
     self.cfg, self.train, self.eval, self.stream = cfg, train, eval_pool, stream
     self.seq_len, self.pad_id, self.seed = seq_len, pad_id, seed
+    # Task heads (module doc): sequences per row, labels per example.
+    self.head, self.label_names, self.slots, self.max_labels = head, label_names, slots, max_labels
+    self._label_id = {name: i for i, name in enumerate(label_names)}
+    self.unseen_labels: dict[str, int] = {}
+    if head == "cls" and eval_pool is not None:
+      for d in range(len(eval_pool.parts)):
+        for k in eval_pool.picks[d]:
+          for name in eval_pool.parts[d].labels[k]:
+            if name not in self._label_id:
+              self.unseen_labels[name] = self.unseen_labels.get(name, 0) + 1
     self.mixture = stream.mixture
     self._trained = np.concatenate([p.trained()[k] for p, k in zip(train.parts, train.picks)])
     self._last: Batches | None = None
@@ -536,7 +583,22 @@ class Pipeline:
     for i in range(0, len(rows), batch_size):
       chunk = rows[i:i + batch_size]
       chunk = chunk + [[]] * (batch_size - len(chunk))
-      yield packing.fill_rows(chunk, self.eval.get, self.seq_len, self.pad_id)
+      yield self._fill(chunk, self.eval)
+
+  @property
+  def multi_label(self) -> bool:
+    """Whether a cls pipeline's examples may carry several labels (sigmoid head)."""
+    return self.max_labels > 1
+
+  def _fill(self, rows, pool: _Pool) -> dict[str, np.ndarray]:
+    if self.head is None:
+      return packing.fill_rows(rows, pool.get, self.seq_len, self.pad_id)
+    labels = None
+    if self.head == "cls":
+      unseen = len(self.label_names)
+      labels = lambda gid: [self._label_id.get(n, unseen) for n in pool.labels(gid)]  # noqa: E731
+    return packing.fill_head_rows(rows, pool.get, self.seq_len, self.pad_id, self.slots,
+                                  labels, self.max_labels)
 
   def _eval_rows(self) -> list[list[int]]:
     lengths = np.concatenate([self.eval.lengths(d) for d in range(len(self.eval.parts))])
@@ -582,14 +644,19 @@ class Pipeline:
 
 
 def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int = 0,
-          cache_dir: str | None = None) -> Pipeline:
+          cache_dir: str | None = None, objective: str = "sft",
+          label_names: Sequence[str] | None = None) -> Pipeline:
   """The pipeline of one stage: tokenize (or load from cache) every dataset,
   hold out eval examples, and set up the mixture and its packed stream.
 
   ``cache_dir`` is used when ``data_cfg.cache_dir`` is unset (default: see
-  ``default_cache_dir``). Every problem a config or file can cause is a
-  ``ValueError`` naming the dataset (and file and row where there is one).
+  ``default_cache_dir``). ``objective`` cls or reward builds a task head's
+  pipeline (module doc); ``label_names``, a cls model's existing labels, fixes
+  the label set (training labels outside it are an error). Every problem a
+  config or file can cause is a ``ValueError`` naming the dataset (and file
+  and row where there is one).
   """
+  head = objective if objective in templates.HEAD_KINDS else None
   cfg = resolve_config(data_cfg)
   if not cfg["datasets"]:
     raise ValueError("data.datasets is empty: list at least one dataset, e.g. "
@@ -609,7 +676,7 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
     return tokenize(spec, tokenizer, template=spec["template"] or cfg["template"],
                     train_on=cfg["train_on"], max_length=max_length,
                     truncation=cfg["truncation"], num_proc=cfg["num_proc"],
-                    cache_dir=cache_dir, name=name)
+                    cache_dir=cache_dir, name=name, head=head)
 
   taken: set[str] = set()
   names = _unique_names(cfg["datasets"], taken)
@@ -639,7 +706,56 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
                          for p, picks, spec in zip(parts, train_picks, cfg["datasets"])], seed)
   stream = mixture.RowStream(mix, [train.lengths(d) for d in range(len(parts))], seq_len,
                              cfg["packing"], cfg["shuffle_buffer"])
-  return Pipeline(cfg, train, eval_pool, stream, seq_len, int(pad_id), seed)
+  if head is None:
+    return Pipeline(cfg, train, eval_pool, stream, seq_len, int(pad_id), seed)
+  every = parts + eval_parts
+  _check_head_ends(every, int(pad_id))
+  # Sequences per row: as many as the shortest example lets a row hold.
+  per_item = 1 if head == "cls" else 2
+  shortest = min(int(p.lengths.min()) for p in every)
+  slots = per_item * (seq_len // shortest if cfg["packing"] else 1)
+  names, max_labels = (), 1
+  if head == "cls":
+    names, max_labels = _label_set(parts, train_picks, label_names)
+    max_labels = max([max_labels] + [len(x) for p in eval_parts for x in p.labels])
+  return Pipeline(cfg, train, eval_pool, stream, seq_len, int(pad_id), seed, head=head,
+                  label_names=names, slots=slots, max_labels=max_labels)
+
+
+def _check_head_ends(parts: list[Tokenized], pad_id: int) -> None:
+  """transformers pools a sequence at its rightmost token that is not the pad
+  id; a sequence ending in the pad id would be scored elsewhere after export."""
+  for part in parts:
+    marked = np.flatnonzero(part.loss_mask)
+    bad = marked[part.tokens[marked] == pad_id]
+    if len(bad):
+      k = int(np.searchsorted(part.starts, bad[0], side="right")) - 1
+      raise ValueError(
+          f"{part.source(k)}: the sequence ends with the padding token id {pad_id}, and "
+          "transformers' *ForSequenceClassification scores a sequence at its last token that "
+          "is not padding; set data.pad_id to a token that never ends a sequence")
+
+
+def _label_set(parts: list[Tokenized], picks: list[np.ndarray],
+               fixed: Sequence[str] | None) -> tuple[tuple[str, ...], int]:
+  """(label names, most labels on one example) of the training examples."""
+  seen: dict[str, str] = {}  # label -> where it was first seen
+  most = 1
+  for part, pick in zip(parts, picks):
+    for k in pick:
+      labels = part.labels[k]
+      most = max(most, len(labels))
+      for name in labels:
+        seen.setdefault(name, part.source(int(k)))
+  if fixed:
+    extra = sorted(set(seen) - set(fixed))
+    if extra:
+      raise ValueError(
+          f"training labels {extra} (e.g. {seen[extra[0]]}) are not among the model's "
+          f"{len(fixed)} labels {list(fixed)[:20]}; a classification head keeps its label set "
+          "— start from a model without one to train new labels")
+    return tuple(fixed), most
+  return tuple(sorted(seen)), most
 
 
 def _holdout(n: int, fraction: float, seed: int, d: int, name: str) -> np.ndarray:

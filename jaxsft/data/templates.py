@@ -40,6 +40,13 @@ if it adds one) plus eos, so a document's end is learnt, all of it trained;
 ``label`` examples are trained to generate ``{"labels": [...]}`` as the
 answer; ``pairwise`` examples give two encodings, prompt + chosen and
 prompt + rejected.
+
+Task heads (``encode_head``) read sequences, not answers: a ``label`` example
+for a classification head is ``tokenizer(text)`` (what transformers'
+*ForSequenceClassification is given; no template, no system prompt), and a
+``pairwise`` example for a reward model is its two full renderings, prompt +
+chosen then prompt + rejected, as ``apply_chat_template`` writes them. The
+mask marks the token each sequence is scored at: its last.
 """
 from __future__ import annotations
 
@@ -526,6 +533,64 @@ def encode(conversation: Conversation, template: Template, tokenizer, *,
   encoded = [Encoded(lay.input_ids, template.loss_mask(len(lay.input_ids), lay.spans), source)
              for lay in layouts]
   return tuple(encoded) if conversation.kind == "pairwise" else encoded[0]
+
+
+HEAD_KINDS = {"cls": "label", "reward": "pairwise"}
+
+
+def encode_head(conversation: Conversation, head: str, template: Template | None, tokenizer, *,
+                max_length: int | None = None, truncation: str = "drop",
+                counts: Counts | None = None) -> Encoded | None:
+  """Tokenize one example for a task head (module doc): an ``Encoded`` whose
+  mask is 1 at the last token of each sequence — one for ``cls``, two (chosen,
+  then rejected, concatenated) for ``reward`` — or None when it is dropped.
+
+  Longer than ``max_length`` (a pair: both sequences together):
+  ``truncation="drop"`` drops it; ``"keep_answer"`` keeps a text's first
+  ``max_length`` tokens, and shortens a pair's prompt as ``encode`` does
+  (each sequence to ``max_length // 2``).
+  """
+  counts = counts if counts is not None else Counts()
+  source = conversation.source
+  want = HEAD_KINDS[head]
+  if conversation.kind != want:
+    raise ValueError(f"{source}: a {conversation.kind} row where objective {head!r} needs "
+                     f"{want} rows ({'text + label(s)' if want == 'label' else 'prompt + chosen + rejected'}); "
+                     "give this stage only such datasets (format label / pairwise)")
+  if truncation not in TRUNCATION:
+    raise ValueError(f"truncation {truncation!r} is not one of {TRUNCATION}")
+  counts.examples += 1
+  if head == "cls":
+    ids = list(tokenizer(conversation.text)["input_ids"])
+    if not ids:
+      raise ValueError(f"{source}: the text is empty (no tokens), so there is nothing to "
+                       "classify; remove the row")
+    if max_length is not None and len(ids) > max_length:
+      if truncation == "drop":
+        counts.dropped_too_long += 1
+        return None
+      ids = ids[:max_length]
+      counts.truncated += 1
+    return Encoded(ids, [0] * (len(ids) - 1) + [1], source)
+
+  messages = list(conversation.messages)
+  variants = [messages + [Message("assistant", conversation.chosen)],
+              messages + [Message("assistant", conversation.rejected)]]
+  layouts = [template.layout(v, tokenizer, source) for v in variants]
+  if max_length is not None and sum(len(lay.input_ids) for lay in layouts) > max_length:
+    if truncation == "drop":
+      counts.dropped_too_long += 1
+      return None
+    layouts = _keep_answer(template, variants, tokenizer, max_length // 2, source)
+    if layouts is None:
+      counts.dropped_too_long += 1
+      return None
+    counts.truncated += 1
+  ids, mask = [], []
+  for lay in layouts:
+    ids += lay.input_ids
+    mask += [0] * (len(lay.input_ids) - 1) + [1]
+  return Encoded(ids, mask, source)
 
 
 def _keep_answer(template, variants, tokenizer, max_length, source) -> list[Layout] | None:

@@ -187,6 +187,17 @@ class LMHead(nn.Module):
                                   self.cfg.adapters, 1)
 
 
+class ScoreHead(nn.Module):
+  """A task head (models/heads.py): hidden states -> ``num_labels`` scores, no bias
+  (transformers' ``score`` of *ForSequenceClassification)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.kernel_dc = self.param("kernel_dc", _dense_init(cfg), (cfg.hidden_size, cfg.num_labels),
+                                jnp.dtype(cfg.param_dtype))
+
+
 class Transformer(nn.Module):
   """Embeddings → scanned decoder layers → final norm (→ logits via ``logits``)."""
   cfg: ModelConfig
@@ -201,7 +212,9 @@ class Transformer(nn.Module):
         in_axes=(nn.broadcast,) * 5 + (0,), length=cfg.num_layers)(cfg)
     self.embed = Embed(cfg)
     self.final_norm = RMSNorm(cfg)
-    if not cfg.tie_word_embeddings:
+    if cfg.has_head:  # a classifier / reward model has a score head instead of an lm_head
+      self.score = ScoreHead(cfg)
+    elif not cfg.tie_word_embeddings:
       self.lm_head = LMHead(cfg)
 
   def __call__(self, tokens, positions, segment_ids, decode=None, cache=None):
@@ -217,6 +230,13 @@ class Transformer(nn.Module):
     if self.cfg.tie_word_embeddings:
       return self.embed.embedding_vd.T
     return self.lm_head.weight()
+
+  def init_all(self, tokens, positions, segment_ids):
+    """Touches every parameter (``init_params``): the lm_head or the score head."""
+    hidden, _, stats = self(tokens, positions, segment_ids)
+    if self.cfg.has_head:
+      return hidden @ self.score.kernel_dc, stats
+    return self.logits(hidden), stats
 
   def forward_logits(self, tokens, positions, segment_ids):
     hidden, _, stats = self(tokens, positions, segment_ids)
@@ -243,7 +263,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
   """Randomly initialized parameters (normal(initializer_range), unit norms, zero biases)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   return Transformer(cfg).init(rng, tokens, *_defaults(tokens, None, None),
-                               method=Transformer.forward_logits)["params"]
+                               method=Transformer.init_all)["params"]
 
 
 def abstract_params(cfg: ModelConfig) -> dict:
@@ -272,17 +292,26 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions=None, segment_ids=
 
 def unembedding(cfg: ModelConfig, params) -> jax.Array:
   """The [D, V] matrix mapping hidden states to logits."""
+  _require_lm(cfg)
   return Transformer(cfg).apply({"params": params}, method=Transformer.unembedding)
 
 
 def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None,
             dropout_rng=None):
   """fp32 logits [B,T,V] and auxiliary outputs; see ``hidden_states``."""
+  _require_lm(cfg)
   positions, segment_ids = _defaults(tokens, positions, segment_ids)
   logits, stats = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
                                          method=Transformer.forward_logits,
                                          rngs=_rngs(dropout_rng))
   return logits, _aux(cfg, stats, segment_ids)
+
+
+def _require_lm(cfg: ModelConfig) -> None:
+  if cfg.has_head:
+    raise ValueError(f"this is a {cfg.problem_type} model with a score head of "
+                     f"{cfg.num_labels} label(s) and no lm_head: it has no token logits "
+                     "(use jaxsft.models.heads)")
 
 
 def _aux(cfg: ModelConfig, stats, segment_ids) -> dict[str, Any]:
@@ -311,6 +340,7 @@ def decode_step(cfg: ModelConfig, params, cache: dict, tokens, positions, valid)
   ``valid`` [B,T] is False for left padding. Writes T slots at ``cache['index']``
   and returns (fp32 logits [B,T,V], the new cache).
   """
+  _require_lm(cfg)
   b, t = tokens.shape
   index = cache["index"]
   slot_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, index, 1)

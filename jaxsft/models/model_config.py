@@ -96,6 +96,9 @@ class Adapters:
 # runs every expert on every token, "dropless" sorts tokens by expert and runs
 # grouped matmuls, "auto" picks by backend.
 MOE_DISPATCHES = ("auto", "dense", "dropless")
+# Task heads (models/heads.py), named as transformers' ``problem_type``:
+# softmax over labels, independent sigmoids per label, or one scalar (a reward).
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +106,8 @@ class ModelConfig:
   """Architecture and numeric policy of a decoder-only transformer.
 
   Axis letters used in parameter names: V vocab, D model width, N query heads,
-  K key/value heads, H head dim, F feed-forward width, E experts, L layers.
+  K key/value heads, H head dim, F feed-forward width, E experts, L layers,
+  C labels of a task head.
   """
 
   family: str
@@ -136,6 +140,13 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
+  # Task head (models/heads.py): num_labels == 0 is a causal LM (lm_head);
+  # otherwise a ``score`` head [D, num_labels] replaces the lm_head, as in
+  # transformers' *ForSequenceClassification. ``label_names`` are the class
+  # names by id (empty for a reward model); ``problem_type`` one of PROBLEM_TYPES.
+  num_labels: int = 0
+  label_names: tuple[str, ...] = ()
+  problem_type: str = ""
   # Numeric and execution policy (not architecture).
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls and activations
@@ -173,12 +184,30 @@ class ModelConfig:
         problems.append(f"{name}={getattr(self, name)} must be >= 0")
     if self.sliding_window is not None and self.sliding_window <= 0:
       problems.append(f"sliding_window={self.sliding_window} must be positive or None")
+    if self.num_labels < 0:
+      problems.append(f"num_labels={self.num_labels} must be >= 0 (0: a causal LM)")
+    if self.num_labels and self.problem_type not in PROBLEM_TYPES:
+      problems.append(f"problem_type={self.problem_type!r} is not one of {PROBLEM_TYPES} "
+                      f"(needed with num_labels={self.num_labels})")
+    if not self.num_labels and (self.problem_type or self.label_names):
+      problems.append("problem_type and label_names need num_labels > 0")
+    if self.label_names and len(self.label_names) != self.num_labels:
+      problems.append(f"label_names has {len(self.label_names)} names for "
+                      f"num_labels={self.num_labels}")
+    if self.problem_type == "regression" and self.num_labels != 1:
+      problems.append(f"problem_type regression (a reward model) needs num_labels=1, got "
+                      f"{self.num_labels}")
     if problems:
       raise ValueError("invalid model config: " + "; ".join(problems))
 
   @property
   def is_moe(self) -> bool:
     return self.num_experts > 0
+
+  @property
+  def has_head(self) -> bool:
+    """Whether this is a sequence classification / reward model (no lm_head)."""
+    return self.num_labels > 0
 
   def rope_dict(self) -> dict[str, Any]:
     return dict(self.rope_scaling)
@@ -192,6 +221,7 @@ class ModelConfig:
     d["eos_token_ids"] = list(self.eos_token_ids)
     if self.adapters is not None:
       d["adapters"]["lora_targets"] = list(self.adapters.lora_targets)
+    d["label_names"] = list(self.label_names)
     return json.dumps(d, indent=2, sort_keys=True)
 
   @classmethod
@@ -207,4 +237,5 @@ class ModelConfig:
       a = dict(d["adapters"])
       a["lora_targets"] = tuple(a.get("lora_targets", ()))
       d["adapters"] = Adapters(**a)
+    d["label_names"] = tuple(d.get("label_names", ()))
     return cls(**d)
