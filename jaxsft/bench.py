@@ -391,74 +391,88 @@ def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
   return jax.jit(step, donate_argnums=0), state, trainable
 
 
-def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
-  device = jax.devices()[0]
-  need = memory_estimate(cfg, args.batch, args.seq_len, args.method)
-  have, have_source = available_memory(device)
-  if have is not None and need > have and not args.skip_memory_check:
-    raise SystemExit(
-        f"error: shape {args.shape!r} with {cfg.num_layers} layers, batch {args.batch}, seq_len "
-        f"{args.seq_len}, method {args.method} needs about {need / 2**30:.1f} GiB (weights, "
-        f"gradients, optimizer state, activations; see memory_estimate) but "
-        f"{have / 2**30:.1f} GiB is available ({have_source} on {device.platform}). Shrink it "
-        f"with --layers N, a smaller --batch/--seq-len, --param-dtype bfloat16, --remat full or "
-        f"a LoRA --method; or measure compile time only with --compile-scaling, which allocates "
-        f"no weights. --skip-memory-check overrides.")
+class StepRunner:
+  """The jitted train step on random weights, compiled, with its batches on
+  the device: ``runner(i)`` runs step i (batch i mod n) to completion and
+  returns its metrics. Also used by tools/hf_peer.py --paired."""
 
-  base_cfg = cfg
-  stage = make_stage(args)
-  rng = jax.random.key(args.seed)
-  # Random weights, initialized under jit so the whole tree is built in one
-  # program (eager init would hold every intermediate op's buffers).
-  params = jax.jit(llama.init_params, static_argnums=0)(cfg, rng)
-  cfg, params = _prepare_method(cfg, params, stage, jax.random.fold_in(rng, 1))
-  n_params = param_count(params)
-  total_steps = args.warmup + args.steps + args.profile_steps
-  step, state, trainable = build_step(cfg, params, stage, total_steps, args.seed)
-  del params
-  frozen, adapter = method_weights(base_cfg, cfg, state.params, trainable)
-  n_trainable = n_params if trainable is None else int(sum(
-      np.prod(x.shape) for x, t in zip(jax.tree_util.tree_leaves(state.params),
-                                       jax.tree_util.tree_leaves(trainable)) if t))
-  batches = [{k: jnp.asarray(v[i]) for k, v in rows.items()} for i in range(len(rows["tokens"]))]
-  jax.block_until_ready((state, batches))
+  def __init__(self, cfg: ModelConfig, args, rows: dict, examples: dict | None):
+    self.device = device = jax.devices()[0]
+    self.memory_estimate = need = memory_estimate(cfg, args.batch, args.seq_len, args.method)
+    have, have_source = available_memory(device)
+    if have is not None and need > have and not args.skip_memory_check:
+      raise SystemExit(
+          f"error: shape {args.shape!r} with {cfg.num_layers} layers, batch {args.batch}, "
+          f"seq_len {args.seq_len}, method {args.method} needs about {need / 2**30:.1f} GiB "
+          f"(weights, gradients, optimizer state, activations; see memory_estimate) but "
+          f"{have / 2**30:.1f} GiB is available ({have_source} on {device.platform}). Shrink "
+          f"it with --layers N, a smaller --batch/--seq-len, --param-dtype bfloat16, --remat "
+          f"full or a LoRA --method; or measure compile time only with --compile-scaling, "
+          f"which allocates no weights. --skip-memory-check overrides.")
+    self.args, self.rows, self.examples = args, rows, examples
+    base_cfg = cfg
+    stage = make_stage(args)
+    rng = jax.random.key(args.seed)
+    # Random weights, initialized under jit so the whole tree is built in one
+    # program (eager init would hold every intermediate op's buffers).
+    params = jax.jit(llama.init_params, static_argnums=0)(cfg, rng)
+    self.cfg, params = cfg, params = _prepare_method(cfg, params, stage, jax.random.fold_in(rng, 1))
+    self.params = param_count(params)
+    total_steps = args.warmup + args.steps + args.profile_steps
+    step, self.state, trainable = build_step(cfg, params, stage, total_steps, args.seed)
+    del params
+    self.frozen, self.adapter = method_weights(base_cfg, cfg, self.state.params, trainable)
+    self.trainable_params = self.params if trainable is None else int(sum(
+        np.prod(x.shape) for x, t in zip(jax.tree_util.tree_leaves(self.state.params),
+                                         jax.tree_util.tree_leaves(trainable)) if t))
+    self.batches = [{k: jnp.asarray(v[i]) for k, v in rows.items()}
+                    for i in range(len(rows["tokens"]))]
+    jax.block_until_ready((self.state, self.batches))
+    t0 = time.perf_counter()
+    self.compiled = step.lower(self.state, self.batches[0]).compile()
+    self.compile_s = time.perf_counter() - t0
 
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batches[0]).compile()
-  compile_s = time.perf_counter() - t0
-
-  def run(i):
-    nonlocal state
-    state, out = compiled(state, batches[i % len(batches)])
+  def __call__(self, i: int) -> dict:
+    self.state, out = self.compiled(self.state, self.batches[i % len(self.batches)])
     return jax.block_until_ready(out)
 
+  def nonpad(self, i: int) -> int:
+    return int(np.count_nonzero(self.rows["segment_ids"][i % len(self.batches)]))
+
+  def flops(self, i: int) -> float:
+    """Model FLOPs of step i (``metrics.train_flops``; packed: its examples)."""
+    lengths = (None if self.examples is None
+               else self.examples["lengths_per_batch"][i % len(self.batches)])
+    return metrics.train_flops(self.cfg, self.args.batch, self.args.seq_len, frozen=self.frozen,
+                               adapter=self.adapter, lengths=lengths)
+
+
+def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
+  runner = StepRunner(cfg, args, rows, examples)
   for i in range(args.warmup):
-    run(i)
+    runner(i)
   times, nonpad, flops, out = [], [], [], None
   for i in range(args.warmup, args.warmup + args.steps):
     t = time.perf_counter()
-    out = run(i)
+    out = runner(i)
     times.append(time.perf_counter() - t)
-    b = i % len(batches)
-    nonpad.append(int(np.count_nonzero(rows["segment_ids"][b])))
-    lengths = None if examples is None else examples["lengths_per_batch"][b]
-    flops.append(metrics.train_flops(cfg, args.batch, args.seq_len, frozen=frozen,
-                                     adapter=adapter, lengths=lengths))
+    nonpad.append(runner.nonpad(i))
+    flops.append(runner.flops(i))
   if args.profile:
     jax.profiler.start_trace(args.profile)
     for i in range(args.profile_steps):
       with jax.profiler.StepTraceAnnotation("train", step_num=i):
-        run(args.warmup + args.steps + i)
+        runner(args.warmup + args.steps + i)
     jax.profiler.stop_trace()
   step_s = statistics.median(times)
   flops_per_step = statistics.mean(flops)
-  peak = args.peak_tflops or metrics.peak_tflops(device, args.dtype)
-  mem, mem_source = peak_memory(device)
+  peak = args.peak_tflops or metrics.peak_tflops(runner.device, args.dtype)
+  mem, mem_source = peak_memory(runner.device)
   return {
       "step": f"train step ({args.method}, AdamW, grad clip)",
-      "params": n_params,
-      "trainable_params": n_trainable,
-      "compile_s": compile_s,
+      "params": runner.params,
+      "trainable_params": runner.trainable_params,
+      "compile_s": runner.compile_s,
       "step_s": step_s,
       "step_s_min": min(times),
       "step_s_max": max(times),
@@ -472,7 +486,7 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
       "peak_mem_gib": mem / 2**30,
       "peak_memory_bytes": mem,
       "peak_memory_source": mem_source,
-      "memory_estimate_bytes": need,
+      "memory_estimate_bytes": runner.memory_estimate,
       "loss": float(out["loss"]),
   }
 
@@ -621,12 +635,24 @@ def _print_table(result: dict) -> None:
             f"  {r['cpu_s']:>7.2f}  {r['cpu_s'] / rows[0]['cpu_s']:>7.2f}x")
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
+def model_config(args) -> ModelConfig:
   cfg = SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.param_dtype,
                                    remat=args.remat, attention=args.attention)
-  if args.layers:
-    cfg = cfg.replace(num_layers=args.layers)
+  return cfg.replace(num_layers=args.layers) if args.layers else cfg
+
+
+def make_data(cfg: ModelConfig, args) -> tuple[dict, dict | None]:
+  """(rows [steps, B, T] per field, the packed examples or None), on the host."""
+  n_batches = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
+  if args.packed_lengths:
+    return packed_batches(cfg, args.packed_lengths, n_batches, args.batch, args.seq_len,
+                          args.seed)
+  return row_batches(cfg, n_batches, args.batch, args.seq_len, args.seed), None
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  cfg = model_config(args)
   result = {
       "shape": args.shape,
       "method": args.method,
@@ -643,15 +669,10 @@ def main(argv=None) -> dict:
     result.update(run_compile_scaling(cfg, args))
   else:
     # Host data first, then the peer, and only then JAX's backend (module doc).
-    n_batches = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
-    examples = None
-    if args.packed_lengths:
-      rows, examples = packed_batches(cfg, args.packed_lengths, n_batches, args.batch,
-                                      args.seq_len, args.seed)
+    rows, examples = make_data(cfg, args)
+    if examples is not None:
       result["examples"] = len(examples["ex_lengths"])
       result["mean_example_len"] = float(np.mean(examples["ex_lengths"]))
-    else:
-      rows = row_batches(cfg, n_batches, args.batch, args.seq_len, args.seed)
     peer = run_peer(cfg, args, rows, examples) if args.peer else None
     result.update(_platform())
     result.update(run_steps(cfg, args, rows, examples))

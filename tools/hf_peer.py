@@ -5,6 +5,8 @@ tokens and method trained the way a Hugging Face user would.
         [--method full|lora|dora] [--dtype bfloat16|float32] [--warmup 3] [--remat] \
         [--compile] [--device cuda|cpu]
 
+    python tools/hf_peer.py --paired --shape tiny --seq-len 512 --batch 8 --dtype float32
+
 ``jaxsft.bench`` writes both inputs and runs this as a subprocess before JAX
 touches the device, so the two never hold device memory at the same time.
 
@@ -36,12 +38,18 @@ The first ``--warmup`` steps are not timed. Prints, last, one JSON line:
 Rates over rows use the median step time; over padded batches (whose shapes
 differ) all timed tokens over all timed time.
 
+``--paired`` takes ``python -m jaxsft.bench`` arguments instead and runs
+jaxsft's step and the peer's alternately in one process (``paired``): the
+fair comparison on a CPU shared with other work.
+
 torch, transformers and peft are imported here only: jaxsft never needs them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pathlib
 import resource
 import statistics
 import sys
@@ -104,6 +112,41 @@ def peak_memory_gib(device: str) -> tuple[float, str]:
   return (rss if sys.platform == "darwin" else rss * 1024) / 2**30, "host max RSS"
 
 
+class Peer:
+  """The model, optimizer and step (module doc); ``peer.step(tokens, attn, labels)``
+  runs one optimizer step on numpy inputs and returns the loss."""
+
+  def __init__(self, hf_config: dict, method: str, dtype: str, device: str, remat: bool,
+               compile: bool, lr: float = 1e-5, seed: int = 0):
+    torch.manual_seed(seed)
+    self.device = device
+    self.cuda = cuda = device.startswith("cuda")
+    if cuda:
+      torch.backends.cuda.matmul.allow_tf32 = True  # what HF's Trainer users set for fp32
+      torch.backends.cudnn.allow_tf32 = True
+    t0 = time.perf_counter()
+    self.model = build_model(hf_config, method, device, remat)
+    self.build_s = time.perf_counter() - t0
+    self.trainable = [q for q in self.model.parameters() if q.requires_grad]
+    self.opt = torch.optim.AdamW(self.trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=0.0, **({"fused": True} if cuda else {}))
+    self.step_model = torch.compile(self.model) if compile else self.model
+    self.autocast = lambda: torch.autocast(  # noqa: E731
+        device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+  def step(self, tokens, attn, labels) -> float:
+    def to(a):
+      return None if a is None else torch.from_numpy(a).to(self.device, torch.long)
+    with self.autocast():
+      loss = self.step_model(input_ids=to(tokens), attention_mask=to(attn),
+                             labels=to(labels)).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    return loss.item()  # synchronizes
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--hf-config", required=True, help="config.json of the model (jaxsft.hf)")
@@ -118,39 +161,15 @@ def main(argv=None) -> dict:
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
 
-  torch.manual_seed(args.seed)
   with open(args.hf_config) as f:
     hf_config = json.load(f)
-  device = args.device
-  cuda = device.startswith("cuda")
-  if cuda:
-    torch.backends.cuda.matmul.allow_tf32 = True  # what HF's Trainer users set for fp32
-    torch.backends.cudnn.allow_tf32 = True
-  t0 = time.perf_counter()
-  model = build_model(hf_config, args.method, device, args.remat)
-  build_s = time.perf_counter() - t0
-  trainable = [q for q in model.parameters() if q.requires_grad]
-  opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                          **({"fused": True} if cuda else {}))
-  step_model = torch.compile(model) if args.compile else model
-  autocast = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
-                            enabled=args.dtype == "bfloat16")
-
-  def step(tokens, attn, labels):
-    to = lambda a: None if a is None else torch.from_numpy(a).to(device, torch.long)  # noqa: E731
-    with autocast:
-      loss = step_model(input_ids=to(tokens), attention_mask=to(attn), labels=to(labels)).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()  # synchronizes
-
-  data = np.load(args.data)
+  peer = Peer(hf_config, args.method, args.dtype, args.device, args.remat, args.compile,
+              args.lr, args.seed)
+  data = dict(np.load(args.data))
   times, padded, nonpad, first_s, loss = [], 0, 0, None, None
   for i, (tokens, attn, labels, real) in enumerate(batches(data)):
     t = time.perf_counter()
-    loss = step(tokens, attn, labels)
+    loss = peer.step(tokens, attn, labels)
     dt = time.perf_counter() - t
     first_s = dt if first_s is None else first_s
     if i >= args.warmup:
@@ -162,22 +181,22 @@ def main(argv=None) -> dict:
   # Rows all have one shape: the median step is robust to other processes'
   # bursts. Padded batches differ in shape, so their rate is totals over totals.
   total = statistics.median(times) * len(times) if "tokens" in data else sum(times)
-  mem, mem_source = peak_memory_gib(device)
+  mem, mem_source = peak_memory_gib(args.device)
   result = {
       "peer": "hf",
       "method": args.method,
-      "device": torch.cuda.get_device_name() if cuda else "cpu",
+      "device": torch.cuda.get_device_name() if peer.cuda else "cpu",
       "torch_version": torch.__version__,
       "transformers_version": transformers.__version__,
       "compiled": args.compile,
       "remat": args.remat,
-      "build_s": build_s,
+      "build_s": peer.build_s,
       "compile_s": first_s if args.compile else None,
       "steps": len(times),
       "step_s": statistics.median(times),
       "tokens_per_s": padded / total,
       "nonpad_tokens_per_s": nonpad / total,
-      "trainable_params": sum(q.numel() for q in trainable),
+      "trainable_params": sum(q.numel() for q in peer.trainable),
       "peak_mem_gib": mem,
       "peak_memory_source": mem_source,
       "loss": loss,
@@ -186,5 +205,73 @@ def main(argv=None) -> dict:
   return result
 
 
+def paired(argv) -> dict:
+  """``--paired BENCH_ARGS``: jaxsft's step and the peer's, alternating in one
+  process, on one row batch shape (no --packed-lengths).
+
+  On a machine shared with other work the load changes from minute to minute,
+  so two runs one after the other compare two different machines. Here step
+  i of each runs back to back, and the reported ratio is the median over i of
+  peer_step_s / jaxsft_step_s (same tokens per step). CPU only.
+
+  ``--threads N`` (first, before the bench arguments) limits both to N
+  threads (``torch.set_num_threads``; XLA's ``intra_op_parallelism_threads``
+  and no multi-threaded Eigen): with one thread each, time slicing by other
+  processes slows both alike, whereas two threads that meet at barriers lose
+  different amounts to a descheduled partner.
+  """
+  threads = None
+  if argv[:1] == ["--threads"]:
+    threads, argv = int(argv[1]), argv[2:]
+    torch.set_num_threads(threads)
+    flags = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} " \
+            f"intra_op_parallelism_threads={threads}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from jaxsft import bench, hf  # noqa: PLC0415  (this mode only)
+
+  args = bench.parse_args(argv)
+  if args.packed_lengths or args.peer or args.compile_scaling:
+    raise SystemExit("error: --paired compares one row shape: drop --packed-lengths, --peer "
+                     "and --compile-scaling")
+  cfg = bench.model_config(args)
+  rows, _ = bench.make_data(cfg, args)
+  peer = Peer(hf.config_to_hf(cfg), args.method, args.dtype, "cpu", args.remat != "none",
+              False, seed=args.seed)
+  runner = bench.StepRunner(cfg, args, rows, None)
+  data = {"tokens": rows["tokens"], "loss_mask": rows["loss_mask"]}
+  peer_batches = list(batches(data))
+  jax_s, peer_s, ratios = [], [], []
+  for i in range(args.warmup + args.steps):
+    t = time.perf_counter()
+    runner(i)
+    t_jax = time.perf_counter() - t
+    tokens, attn, labels, _ = peer_batches[i % len(peer_batches)]
+    t = time.perf_counter()
+    peer.step(tokens, attn, labels)
+    t_peer = time.perf_counter() - t
+    if i >= args.warmup:
+      jax_s.append(t_jax)
+      peer_s.append(t_peer)
+      ratios.append(t_peer / t_jax)
+  tokens = args.batch * args.seq_len
+  result = {
+      "paired": True, "shape": args.shape, "layers": cfg.num_layers, "batch": args.batch,
+      "seq_len": args.seq_len, "dtype": args.dtype, "method": args.method,
+      "steps": len(ratios), "compile_s": runner.compile_s,
+      "step_s": statistics.median(jax_s), "peer_step_s": statistics.median(peer_s),
+      "tokens_per_s": tokens / statistics.median(jax_s),
+      "peer_tokens_per_s": tokens / statistics.median(peer_s),
+      "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+      "ratios": ratios,
+      "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+  }
+  print(json.dumps(result))
+  return result
+
+
 if __name__ == "__main__":
-  main()
+  if sys.argv[1:2] == ["--paired"]:
+    paired(sys.argv[2:])
+  else:
+    main()
