@@ -1,78 +1,110 @@
-"""Benchmark CLI: speed, compile time and memory of one forward+backward step.
+"""Benchmark CLI: throughput, MFU, compile time and memory of one real training step.
 
-    python -m jaxsft.bench --shape tiny --seq-len 512 --batch 8 --steps 10
+    python -m jaxsft.bench --shape tiny --seq-len 512 --batch 8 --steps 10 --dtype float32 --peer hf
+    python -m jaxsft.bench --shape llama3.2-1b --seq-len 2048 --batch 8 --packed-lengths sft --peer hf
+    python -m jaxsft.bench --shape llama3-8b --method lora --remat full --batch 4 --peer hf
     python -m jaxsft.bench --shape llama3-8b --compile-scaling 2,32 --seq-len 128 --batch 1
 
-Models are built from ``SHAPES`` (published architectures, random weights,
-nothing downloaded). Prints a table and, last, one JSON line.
+Models come from ``SHAPES`` (published architectures, random weights, nothing
+downloaded). Prints a table and, last, one JSON line.
 
-What one step is. ``jax.value_and_grad`` of the training loss, the masked
-next-token cross-entropy (``losses.masked_cross_entropy``, vocab logits in
-time chunks) plus, for MoE models, ``router_aux_loss_coef`` × the
-load-balancing loss. There is no optimizer update yet, so step time and memory
-leave out the optimizer state and its update; the batch has no padding, so
-non-pad tokens/s equals tokens/s.
+What one step is. The trainer's own step, ``trainer.make_train_step`` under
+``jax.jit`` with the state donated: forward, the masked next-token
+cross-entropy (vocab-chunked, ``losses.masked_cross_entropy``; plus the router
+loss for MoE), backward, global-norm clipping and the AdamW update
+(``optim.build`` of ``config.stage(method=..., lr=1e-5)``). Its time, memory
+and compile time therefore include the optimizer state and update. Methods
+other than ``full`` add adapters through ``jaxsft.peft`` (``_prepare_method``).
 
-Modes.
-  * Normal: build random weights, compile once (``compile_s`` = wall time of
-    ``jit(step).lower(...).compile()``), run ``--warmup`` untimed steps, then
-    ``--steps`` timed ones (``jax.block_until_ready`` on each); report the median
-    step time. Shapes whose weights, gradients and activations would not fit
-    the device (or, on CPU, host) memory by the estimate in ``memory_estimate``
-    are refused; ``--layers`` shrinks them.
-  * ``--compile-scaling 2,32``: for each layer count, lower and compile the
-    step from ``jax.ShapeDtypeStruct`` inputs, so no weight is allocated and
-    full-size shapes compile on a laptop. With the layers under ``nn.scan`` the
-    compile time should barely grow with depth; the ratio last/first is printed.
-    Depths are interleaved over ``--repeats`` and the fastest repeat is kept;
-    the process CPU time (``cpu_s``) is reported beside the wall time because
-    it is much less disturbed by other processes on a shared machine.
+The batch. Random tokens; by default every row is one sequence of
+``--seq-len`` tokens whose first quarter is loss-masked (a prompt), so
+non-pad tokens/s = tokens/s. With ``--packed-lengths DIST`` examples are drawn
+(fixed seed) from a length distribution:
 
-FLOPs (model FLOPs, as in MFU; recomputation is not counted), computed by
-``jaxsft.metrics.train_flops`` (derivation there). Per step, with B·T tokens,
-L layers, D width, N/K query/kv heads of size H, F ffn width, V vocab, E
-experts of which k are active:
+  * ``sft``: lognormal, median 250 tokens, σ = 0.8 (mean ≈ 345, 90th
+    percentile ≈ 700, 99th ≈ 1,600: most examples a few hundred tokens, a long
+    tail, as instruction/chat sets are), clipped to [16, seq_len];
+  * ``fixed:N``: every example N tokens;
 
-    flops = 6 · N_matmul · B·T  +  12 · L · B · P · N·H
-    N_matmul = L·(2·D·N·H + 2·D·K·H + 3·D·F·k' + D·E) + D·V   (k' = k, or 1 if dense)
-    P = Σ_t min(t+1, W) = T(T+1)/2 without a sliding window W
+each example's first quarter loss-masked. jaxsft packs them best-fit into
+rows of ``--seq-len`` (``data.packing``, segment ids and positions restarting
+per example, exactly as the data pipeline does); as many examples are drawn as
+fill ``(--warmup + --steps) × --batch`` rows. The peer gets the SAME examples
+in the same order, ``--batch`` per batch, each batch padded to its longest
+example (``DataCollatorWithPadding``). ``nonpad_tokens_per_s`` counts only
+real tokens on both sides; ``nonpad_ratio`` compares them.
 
-i.e. 6 FLOPs per matmul weight per token (2 forward, 4 backward; the embedding
-lookup is a gather, norms and biases are left out) plus causal attention,
-12·P·N·H ≈ 6·T²·N·H per layer and sequence for QKᵀ and PV, forward+backward.
+Timing. Compile once (``compile_s`` = wall time of ``jit(step).lower(...)
+.compile()``), ``--warmup`` untimed steps, then ``--steps`` timed ones
+(``jax.block_until_ready`` each); ``step_s`` is the median, tokens/s =
+B·T / step_s, non-pad tokens/s = mean non-pad tokens per timed step / step_s.
+On a shared machine, interleave runs and compare medians (docs/BENCHMARKS.md).
 
-Hardware FLOPs are higher than this: the XLA attention path computes all T²
-scores and masks half, the chunked loss recomputes logits in the backward
-pass, remat recomputes the forward, and MoE layers use the dense reference
-dispatch (every expert sees every token: E/k× the expert FLOPs).
+FLOPs and MFU (``jaxsft.metrics``, derivation there): matmul FLOPs ×3 (2
+forward, 2 input-gradient, 2 weight-gradient per weight and token) plus causal
+attention (the kept half of QKᵀ and PV, ×3); frozen weights (LoRA's base) cost
+4 per token instead of 6, LoRA factors 6. Per step:
 
-MFU = flops / step_s / peak, where peak is the dense bf16 tensor-core peak of
-the device in ``metrics.PEAK_TFLOPS`` (vendor data sheets), or
-``--peak-tflops``. MFU is null on CPU, for float32 compute (no single documented
-peak: TF32 vs full fp32 depends on XLA flags), and for an unknown device.
+    flops = (6 · N_train + 4 · N_frozen) · tokens  +  12 · L · P · N·H
 
-Peak memory: ``device.memory_stats()["peak_bytes_in_use"]`` where the backend
-reports it (GPU, TPU); otherwise the host process's max RSS
-(``resource.getrusage``), which also counts Python, the compiler and the
-random-weights initialization. The JSON says which (``peak_memory_source``).
+with P the causal (query, key) pairs of every sequence (every packed example),
+and tokens the non-pad tokens. MFU = flops / step_s / peak, where peak is the
+dense bf16 peak of the device (``metrics.PEAK_TFLOPS``) or ``--peak-tflops``;
+null on CPU and for float32 compute. Hardware FLOPs are higher: remat and the
+chunked loss recompute, the XLA attention path computes all T² scores, and MoE
+uses the dense dispatch.
+
+Peak memory: ``device.memory_stats()["peak_bytes_in_use"]`` (GPU, TPU); on CPU
+the host process's max RSS (Python, compiler and initialization included).
+
+The peer (``--peer hf``): ``tools/hf_peer.py`` (Transformers + PyTorch, bf16
+autocast, fp32 master weights, SDPA, fused AdamW; PEFT LoRA r=16 α=32 on all
+linear layers for lora/dora; its docstring has the details) on the same model
+(``hf.config_to_hf``), tokens, masks and method, run as a subprocess BEFORE
+this process initializes JAX's backend, so the two never hold device memory at
+once. ``--peer-compile`` adds ``torch.compile``. On CPU, compare in
+``--dtype float32``: neither side has fast bf16 matmuls on a CPU without
+AVX512-BF16/AMX (PyTorch's bf16 autocast ran 35x slower there).
+
+Other modes.
+  * ``--compile-scaling 2,32``: lower and compile the step from
+    ``jax.ShapeDtypeStruct`` inputs at each layer count (no weight allocated,
+    so full-size shapes compile on a laptop); with layers under ``nn.scan``
+    compile time should barely grow with depth. Depths are interleaved over
+    ``--repeats``, the fastest kept; ``cpu_s`` (process CPU time) is reported
+    beside wall time because other processes disturb it much less.
+  * ``--profile DIR``: after the timed steps, trace ``--profile-steps`` more
+    into DIR with ``jax.profiler`` (TensorBoard / Perfetto / XProf read it).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pathlib
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft import losses, metrics
+from jaxsft import config as config_lib
+from jaxsft import hf, losses, metrics, optim, trainer
+from jaxsft import sharding as sharding_lib
+from jaxsft.data import packing
 from jaxsft.models import llama, mixtral
 from jaxsft.models.model_config import MOE_DISPATCHES, REMAT_POLICIES, ModelConfig
+
+METHODS = ("full", "lora", "dora", "full_then_lora", "freeze")
+PEERS = ("hf",)
+PEER_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "tools" / "hf_peer.py"
+# The "sft" length distribution (module doc).
+SFT_MEDIAN, SFT_SIGMA, MIN_EXAMPLE = 250, 0.8, 16
 
 # Published architectures (the ``config.json`` of the named checkpoints;
 # tests/test_real_sizes.py checks them against jaxsft.hf.config_from_hf).
@@ -126,10 +158,12 @@ def param_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-def memory_estimate(cfg: ModelConfig, batch: int, seq_len: int) -> int:
-  """A rough upper estimate, in bytes, of what one fwd+bwd step holds.
+def memory_estimate(cfg: ModelConfig, batch: int, seq_len: int, method: str = "full") -> int:
+  """A rough upper estimate, in bytes, of what one training step holds.
 
-  Weights and their gradients (param dtype), plus activations kept for the
+  Weights (param dtype); for ``full`` also their fp32 gradients (twice: the
+  accumulator and the step's own) and AdamW's two moments, while LoRA-style
+  methods train a negligible number of weights. Plus activations kept for the
   backward pass: per layer and token about 10·D + 4·F' values in the compute
   dtype (F' = E·F with the dense MoE dispatch) and the fp32 attention scores
   and probabilities (2·N·T per token); with remat only each layer's input is
@@ -148,7 +182,8 @@ def memory_estimate(cfg: ModelConfig, batch: int, seq_len: int) -> int:
     activations = cfg.num_layers * tokens * cfg.hidden_size * c_bytes + layer
   logits = 3 * batch * min(seq_len, losses.DEFAULT_CHUNK_SIZE) * cfg.vocab_size * 4
   weights = param_count(llama.abstract_params(cfg))
-  return 2 * weights * p_bytes + activations + logits
+  per_weight = p_bytes + (2 * 4 + 2 * p_bytes if method == "full" else 0)
+  return weights * per_weight + activations + logits
 
 
 def available_memory(device) -> tuple[int | None, str]:
@@ -176,116 +211,324 @@ def peak_memory(device) -> tuple[int, str]:
   return int(rss if sys.platform == "darwin" else rss * 1024), "host max RSS"
 
 
+def method_weights(base_cfg: ModelConfig, cfg: ModelConfig, params, trainable) -> tuple[float, float]:
+  """(frozen, adapter) per-token matmul weights for ``metrics.train_flops``:
+  base weights that get no gradient, and added weights that train."""
+  if trainable is None:
+    return 0.0, 0.0
+  base = {sharding_lib.path_names(p) for p, _ in
+          jax.tree_util.tree_flatten_with_path(llama.abstract_params(base_cfg))[0]}
+  frozen = adapter = 0.0
+  for (path, leaf), train in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                 jax.tree_util.tree_leaves(trainable)):
+    names = sharding_lib.path_names(path)
+    count = metrics.matmul_weight_count(cfg, names, leaf.shape)
+    if names in base and not train:
+      frozen += count
+    elif names not in base and train:
+      adapter += count
+  return frozen, adapter
+
+
+# ----------------------------------------------------------------------------- the data
+
+def parse_lengths(spec: str) -> tuple[str, int]:
+  """``sft`` or ``fixed:N`` → (kind, N)."""
+  if spec == "sft":
+    return "sft", 0
+  if spec.startswith("fixed:"):
+    try:
+      n = int(spec[len("fixed:"):])
+    except ValueError:
+      n = 0
+    if n > 0:
+      return "fixed", n
+  raise argparse.ArgumentTypeError(
+      f"--packed-lengths wants 'sft' or 'fixed:N' (N a positive token count); got {spec!r}")
+
+
+def draw_lengths(spec: str, n: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+  """``n`` example lengths from the distribution ``spec`` (module doc), clipped to seq_len."""
+  kind, fixed = parse_lengths(spec)
+  if kind == "fixed":
+    lengths = np.full(n, fixed)
+  else:
+    lengths = np.rint(rng.lognormal(np.log(SFT_MEDIAN), SFT_SIGMA, n))
+  return np.clip(lengths, min(MIN_EXAMPLE, seq_len), seq_len).astype(np.int64)
+
+
+def _prompt_masked(length: int) -> np.ndarray:
+  """The loss mask of one example or row: its first quarter is the (untrained) prompt."""
+  mask = np.ones(length, np.int32)
+  mask[:length // 4] = 0
+  return mask
+
+
+def row_batches(cfg: ModelConfig, n_batches: int, batch: int, seq_len: int, seed: int) -> dict:
+  """Unpacked data: ``n_batches`` × [B, T] random tokens, one sequence per row."""
+  rng = np.random.default_rng(seed)
+  shape = (n_batches, batch, seq_len)
+  return {
+      "tokens": rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
+      "loss_mask": np.broadcast_to(_prompt_masked(seq_len), shape).copy(),
+      "segment_ids": np.ones(shape, np.int32),
+      "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy(),
+  }
+
+
+def packed_batches(cfg: ModelConfig, spec: str, n_batches: int, batch: int, seq_len: int,
+                   seed: int) -> tuple[dict, dict]:
+  """Packed data: (rows [n_batches, B, T] as ``row_batches``, the examples).
+
+  Draws the largest prefix of a seeded stream of examples that best-fit packs
+  into exactly ``n_batches × batch`` rows; the examples are what the peer
+  trains on: ``ex_tokens``/``ex_loss_mask`` end to end, ``ex_lengths``, and
+  ``lengths_per_batch`` (the lengths packed into each batch, for FLOPs).
+  """
+  rng = np.random.default_rng(seed)
+  rows_needed = n_batches * batch
+  mean = seq_len if parse_lengths(spec)[0] == "fixed" else SFT_MEDIAN
+  pool = draw_lengths(spec, 2 * rows_needed * max(1, seq_len // mean) + 64, seq_len, rng)
+  while len(packing.best_fit_decreasing(pool, seq_len)) < rows_needed + 1:
+    pool = np.concatenate([pool, draw_lengths(spec, len(pool), seq_len, rng)])
+  lo, hi = 1, len(pool)  # largest n whose rows fit: rows(n) is (about) monotone in n
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if len(packing.best_fit_decreasing(pool[:mid], seq_len)) <= rows_needed:
+      lo = mid
+    else:
+      hi = mid - 1
+  lengths = pool[:lo]
+  tokens = rng.integers(0, cfg.vocab_size, int(lengths.sum()), dtype=np.int32)
+  starts = np.concatenate([[0], np.cumsum(lengths)])
+  masks = np.concatenate([_prompt_masked(int(n)) for n in lengths])
+  examples = [(tokens[starts[i]:starts[i + 1]], masks[starts[i]:starts[i + 1]])
+              for i in range(len(lengths))]
+  arrays, rows = packing.pack(examples, seq_len)
+  while len(rows) < rows_needed:  # rows(n) not quite monotone: pad with empty rows
+    rows.append([])
+    arrays = {k: np.concatenate([v, np.zeros((1, seq_len), v.dtype)]) for k, v in arrays.items()}
+  order = rng.permutation(len(rows))  # the pipeline shuffles rows too
+  arrays = {k: v[order].reshape(n_batches, batch, seq_len) for k, v in arrays.items()}
+  rows = [rows[i] for i in order]
+  per_batch = [np.array([lengths[i] for r in rows[b * batch:(b + 1) * batch] for i in r])
+               for b in range(n_batches)]
+  return arrays, {"ex_tokens": tokens, "ex_loss_mask": masks, "ex_lengths": lengths,
+                  "lengths_per_batch": per_batch}
+
+
+# ----------------------------------------------------------------------------- the peer
+
+def run_peer(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
+  """Run tools/hf_peer.py on the same model and data; its JSON line as a dict.
+
+  Must run before this process initializes a JAX backend: JAX preallocates
+  most of a GPU's memory when it starts.
+  """
+  if not PEER_SCRIPT.is_file():
+    raise SystemExit(f"error: --peer hf needs {PEER_SCRIPT} (tools/ of the jaxsft source tree)")
+  with tempfile.TemporaryDirectory(prefix="jaxsft-peer-") as tmp:
+    config_path, data_path = pathlib.Path(tmp, "config.json"), pathlib.Path(tmp, "data.npz")
+    config_path.write_text(json.dumps(hf.config_to_hf(cfg)))
+    if examples is None:
+      np.savez(data_path, tokens=rows["tokens"], loss_mask=rows["loss_mask"])
+    else:
+      np.savez(data_path, ex_tokens=examples["ex_tokens"], ex_loss_mask=examples["ex_loss_mask"],
+               ex_lengths=examples["ex_lengths"], batch=args.batch)
+    cmd = [sys.executable, str(PEER_SCRIPT), "--hf-config", str(config_path),
+           "--data", str(data_path), "--method", args.method, "--dtype", args.dtype,
+           "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    if args.remat != "none":
+      cmd.append("--remat")
+    if args.peer_compile:
+      cmd.append("--compile")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # in case anything imports jax there
+    print("peer:", " ".join(cmd[1:]), flush=True)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+  lines = out.stdout.strip().splitlines()
+  if out.returncode != 0 or not lines:
+    raise SystemExit(f"error: the peer ({PEER_SCRIPT.name}) failed with exit code "
+                     f"{out.returncode}; its output is above")
+  return json.loads(lines[-1])
+
+
 # ----------------------------------------------------------------------------- the step
 
-def loss_fn(cfg: ModelConfig, params, tokens):
-  """Mean next-token cross-entropy over ``tokens`` [B,T] (+ the MoE aux loss)."""
-  hidden, aux = llama.hidden_states(cfg, params, tokens)
-  targets, weights = losses.next_token_targets(tokens)
-  loss_sum, count = losses.masked_cross_entropy(
-      hidden, llama.unembedding(cfg, params), targets, weights)
-  loss = loss_sum / jnp.maximum(count, 1.0)
-  if cfg.is_moe:
-    loss = loss + cfg.router_aux_loss_coef * aux["aux_loss"]
-  return loss
+def make_stage(args):
+  """The stage a bench step trains: the method, AdamW at lr 1e-5, clipping 1.0."""
+  return config_lib.stage(method=args.method, lr=1e-5, batch_size=args.batch,
+                          seq_len=args.seq_len, warmup_steps=0, schedule="constant")
 
 
-def make_step(cfg: ModelConfig):
-  """The jitted fwd+bwd: (params, tokens) -> (loss, grads). A fresh function per
-  call, so nothing is reused from an earlier compile."""
-  return jax.jit(jax.value_and_grad(lambda params, tokens: loss_fn(cfg, params, tokens)))
+def _prepare_method(cfg: ModelConfig, params, stage, rng):
+  """The model the stage trains: ``cfg``/``params`` with ``stage.method``'s
+  adapters added (``jaxsft.peft``); ``full`` adds none."""
+  if stage.method == "full":
+    return cfg, params
+  try:
+    from jaxsft import peft  # noqa: PLC0415  (built in its own issue)
+  except ImportError as e:
+    if e.name and e.name.startswith("jaxsft.peft"):
+      raise SystemExit(f"error: --method {stage.method} needs jaxsft.peft, which this "
+                       "checkout does not have yet; use --method full") from None
+    raise
+  prepare = getattr(peft, "prepare", None)
+  if prepare is None:
+    from jaxsft.peft import methods  # noqa: PLC0415
+    prepare = methods.prepare
+  return prepare(cfg, params, stage, rng)
 
 
-def abstract_inputs(cfg: ModelConfig, batch: int, seq_len: int):
-  return llama.abstract_params(cfg), jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
+  """(jitted train step with the state donated, initial state, trainable mask or None)."""
+  tx, lr_fn = optim.build(stage, total_steps, params)
+  if stage.method == "full":
+    trainable = None
+    step = trainer.make_train_step(cfg, tx, lr_fn, 1)
+    init = lambda p: trainer.init_state(p, tx, seed)  # noqa: E731
+  else:  # the trainer's frozen/trainable split (jaxsft.peft's issue)
+    trainable = optim.trainable_mask(params, stage)
+    step = trainer.make_train_step(cfg, tx, lr_fn, 1, trainable)
+    init = lambda p: trainer.init_state(p, tx, seed, trainable)  # noqa: E731
+  state = jax.jit(init, donate_argnums=0)(params)
+  return jax.jit(step, donate_argnums=0), state, trainable
 
 
-def compile_step(cfg: ModelConfig, batch: int, seq_len: int):
-  """Lower and compile the step from abstract inputs.
+class StepRunner:
+  """The jitted train step on random weights, compiled, with its batches on
+  the device: ``runner(i)`` runs step i (batch i mod n) to completion and
+  returns its metrics. Also used by tools/hf_peer.py --paired."""
+
+  def __init__(self, cfg: ModelConfig, args, rows: dict, examples: dict | None):
+    self.device = device = jax.devices()[0]
+    self.memory_estimate = need = memory_estimate(cfg, args.batch, args.seq_len, args.method)
+    have, have_source = available_memory(device)
+    if have is not None and need > have and not args.skip_memory_check:
+      raise SystemExit(
+          f"error: shape {args.shape!r} with {cfg.num_layers} layers, batch {args.batch}, "
+          f"seq_len {args.seq_len}, method {args.method} needs about {need / 2**30:.1f} GiB "
+          f"(weights, gradients, optimizer state, activations; see memory_estimate) but "
+          f"{have / 2**30:.1f} GiB is available ({have_source} on {device.platform}). Shrink "
+          f"it with --layers N, a smaller --batch/--seq-len, --param-dtype bfloat16, --remat "
+          f"full or a LoRA --method; or measure compile time only with --compile-scaling, "
+          f"which allocates no weights. --skip-memory-check overrides.")
+    self.args, self.rows, self.examples = args, rows, examples
+    base_cfg = cfg
+    stage = make_stage(args)
+    rng = jax.random.key(args.seed)
+    # Random weights, initialized under jit so the whole tree is built in one
+    # program (eager init would hold every intermediate op's buffers).
+    params = jax.jit(llama.init_params, static_argnums=0)(cfg, rng)
+    self.cfg, params = cfg, params = _prepare_method(cfg, params, stage, jax.random.fold_in(rng, 1))
+    self.params = param_count(params)
+    total_steps = args.warmup + args.steps + args.profile_steps
+    step, self.state, trainable = build_step(cfg, params, stage, total_steps, args.seed)
+    del params
+    self.frozen, self.adapter = method_weights(base_cfg, cfg, self.state.params, trainable)
+    self.trainable_params = self.params if trainable is None else int(sum(
+        np.prod(x.shape) for x, t in zip(jax.tree_util.tree_leaves(self.state.params),
+                                         jax.tree_util.tree_leaves(trainable)) if t))
+    self.batches = [{k: jnp.asarray(v[i]) for k, v in rows.items()}
+                    for i in range(len(rows["tokens"]))]
+    jax.block_until_ready((self.state, self.batches))
+    t0 = time.perf_counter()
+    self.compiled = step.lower(self.state, self.batches[0]).compile()
+    self.compile_s = time.perf_counter() - t0
+
+  def __call__(self, i: int) -> dict:
+    self.state, out = self.compiled(self.state, self.batches[i % len(self.batches)])
+    return jax.block_until_ready(out)
+
+  def nonpad(self, i: int) -> int:
+    return int(np.count_nonzero(self.rows["segment_ids"][i % len(self.batches)]))
+
+  def flops(self, i: int) -> float:
+    """Model FLOPs of step i (``metrics.train_flops``; packed: its examples)."""
+    lengths = (None if self.examples is None
+               else self.examples["lengths_per_batch"][i % len(self.batches)])
+    return metrics.train_flops(self.cfg, self.args.batch, self.args.seq_len, frozen=self.frozen,
+                               adapter=self.adapter, lengths=lengths)
+
+
+def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
+  runner = StepRunner(cfg, args, rows, examples)
+  for i in range(args.warmup):
+    runner(i)
+  times, nonpad, flops, out = [], [], [], None
+  for i in range(args.warmup, args.warmup + args.steps):
+    t = time.perf_counter()
+    out = runner(i)
+    times.append(time.perf_counter() - t)
+    nonpad.append(runner.nonpad(i))
+    flops.append(runner.flops(i))
+  if args.profile:
+    jax.profiler.start_trace(args.profile)
+    for i in range(args.profile_steps):
+      with jax.profiler.StepTraceAnnotation("train", step_num=i):
+        runner(args.warmup + args.steps + i)
+    jax.profiler.stop_trace()
+  step_s = statistics.median(times)
+  flops_per_step = statistics.mean(flops)
+  peak = args.peak_tflops or metrics.peak_tflops(runner.device, args.dtype)
+  mem, mem_source = peak_memory(runner.device)
+  return {
+      "step": f"train step ({args.method}, AdamW, grad clip)",
+      "params": runner.params,
+      "trainable_params": runner.trainable_params,
+      "compile_s": runner.compile_s,
+      "step_s": step_s,
+      "step_s_min": min(times),
+      "step_s_max": max(times),
+      "tokens_per_s": args.batch * args.seq_len / step_s,
+      "nonpad_tokens_per_s": statistics.mean(nonpad) / step_s,
+      "nonpad_fraction": statistics.mean(nonpad) / (args.batch * args.seq_len),
+      "flops_per_step": flops_per_step,
+      "tflops_per_s": flops_per_step / step_s / 1e12,
+      "peak_tflops": peak,
+      "mfu": None if peak is None else flops_per_step / step_s / (peak * 1e12),
+      "peak_mem_gib": mem / 2**30,
+      "peak_memory_bytes": mem,
+      "peak_memory_source": mem_source,
+      "memory_estimate_bytes": runner.memory_estimate,
+      "loss": float(out["loss"]),
+  }
+
+
+def compile_step(cfg: ModelConfig, batch: int, seq_len: int, stage):
+  """Lower and compile the full-method train step from abstract inputs.
 
   Returns (compiled, times) with wall-clock ``lower_s``, ``compile_s`` and
   ``cpu_s``, the process CPU time of both (all threads): on a shared machine
   other processes stretch the wall time, much less the CPU time.
   """
-  params, tokens = abstract_inputs(cfg, batch, seq_len)
+  params = llama.abstract_params(cfg)
+  tx, lr_fn = optim.build(stage, 10, params)
+  state = jax.eval_shape(lambda p: trainer.init_state(p, tx, 0), params)
+  row = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  batch_struct = {k: row for k in trainer.BATCH_KEYS}
   c0, t0 = time.process_time(), time.perf_counter()
-  lowered = make_step(cfg).lower(params, tokens)
+  lowered = jax.jit(trainer.make_train_step(cfg, tx, lr_fn, 1), donate_argnums=0).lower(
+      state, batch_struct)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2, c2 = time.perf_counter(), time.process_time()
   return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "cpu_s": c2 - c0}
 
 
-# ----------------------------------------------------------------------------- modes
-
-def run_steps(cfg: ModelConfig, args) -> dict:
-  device = jax.devices()[0]
-  need = memory_estimate(cfg, args.batch, args.seq_len)
-  have, have_source = available_memory(device)
-  if have is not None and need > have and not args.skip_memory_check:
-    raise SystemExit(
-        f"shape {args.shape!r} with {cfg.num_layers} layers, batch {args.batch}, seq_len "
-        f"{args.seq_len} needs about {need / 2**30:.1f} GiB (weights + gradients + activations; "
-        f"see memory_estimate) but {have / 2**30:.1f} GiB is available ({have_source} on "
-        f"{device.platform}). Shrink it with --layers N, a smaller --batch/--seq-len, "
-        f"--param-dtype bfloat16 or --remat full; or measure compile time only with "
-        f"--compile-scaling, which allocates no weights. --skip-memory-check overrides.")
-
-  compiled, compile_times = compile_step(cfg, args.batch, args.seq_len)
-  # Random weights, initialized under jit so the whole tree is built in one
-  # program (eager init would hold every intermediate op's buffers).
-  params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(args.seed))
-  tokens = jax.random.randint(jax.random.key(args.seed + 1), (args.batch, args.seq_len), 0,
-                              cfg.vocab_size, jnp.int32)
-  jax.block_until_ready((params, tokens))
-
-  for _ in range(args.warmup):
-    jax.block_until_ready(compiled(params, tokens))
-  times, loss = [], None
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    loss, grads = jax.block_until_ready(compiled(params, tokens))
-    times.append(time.perf_counter() - t0)
-    del grads
-  step_s = statistics.median(times)
-
-  tokens_per_step = args.batch * args.seq_len
-  flops = metrics.train_flops(cfg, args.batch, args.seq_len)
-  peak = args.peak_tflops or metrics.peak_tflops(device, args.dtype)
-  mem, mem_source = peak_memory(device)
-  return {
-      "step": "fwd+bwd (no optimizer)",
-      "params": param_count(params),
-      "compile_s": compile_times["lower_s"] + compile_times["compile_s"],
-      "lower_s": compile_times["lower_s"],
-      "step_s": step_s,
-      "step_s_min": min(times),
-      "step_s_max": max(times),
-      "tokens_per_s": tokens_per_step / step_s,
-      "nonpad_tokens_per_s": tokens_per_step / step_s,
-      "flops_per_step": flops,
-      "tflops_per_s": flops / step_s / 1e12,
-      "peak_tflops": peak,
-      "mfu": None if peak is None else flops / step_s / (peak * 1e12),
-      "peak_memory_bytes": mem,
-      "peak_memory_source": mem_source,
-      "memory_estimate_bytes": need,
-      "loss": float(loss),
-  }
-
-
 def run_compile_scaling(cfg: ModelConfig, args) -> dict:
   depths = args.compile_scaling
+  stage = make_stage(args)
   # One throwaway compile first, so one-time costs (backend start-up, lowering
   # rule registration) do not land on the first measured depth.
-  compile_step(cfg.replace(num_layers=depths[0]), args.batch, args.seq_len)
+  compile_step(cfg.replace(num_layers=depths[0]), args.batch, args.seq_len, stage)
   # Depths are interleaved across repeats so that a burst of load from other
   # processes hits all of them alike; the fastest repeat of each is reported,
   # since interference only ever adds time.
   runs: dict[int, list] = {layers: [] for layers in depths}
   for _ in range(args.repeats):
     for layers in depths:
-      runs[layers].append(compile_step(cfg.replace(num_layers=layers), args.batch, args.seq_len))
+      runs[layers].append(
+          compile_step(cfg.replace(num_layers=layers), args.batch, args.seq_len, stage))
   rows = []
   for layers in depths:
     compiled, best = min(runs[layers], key=lambda r: r[1]["lower_s"] + r[1]["compile_s"])
@@ -299,7 +542,7 @@ def run_compile_scaling(cfg: ModelConfig, args) -> dict:
         "temp_bytes": None if mem is None else int(mem.temp_size_in_bytes),
     })
   return {
-      "step": "fwd+bwd (no optimizer), compiled from abstract inputs",
+      "step": "train step (full, AdamW), compiled from abstract inputs",
       "compile_scaling": rows,
       "repeats": args.repeats,
       "compile_ratio": rows[-1]["total_s"] / rows[0]["total_s"],
@@ -320,18 +563,33 @@ def _layer_list(text: str) -> list[int]:
   return values
 
 
+def _lengths_arg(text: str) -> str:
+  parse_lengths(text)
+  return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m jaxsft.bench", description=__doc__.split("\n")[0])
   p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+  p.add_argument("--method", default="full", choices=METHODS)
   p.add_argument("--layers", type=int, help="override the shape's layer count")
   p.add_argument("--seq-len", type=int, default=512)
-  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--batch", type=int, default=8, help="rows per step (and the peer's examples "
+                 "per batch with --packed-lengths)")
   p.add_argument("--steps", type=int, default=10, help="timed steps (normal mode)")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
-  p.add_argument("--remat", default="none", choices=REMAT_POLICIES)
+  p.add_argument("--remat", default="none", choices=REMAT_POLICIES,
+                 help="jaxsft's remat policy; the peer uses gradient checkpointing unless none")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                 help="compute dtype of matmuls and activations")
+                 help="compute dtype of matmuls and activations (the peer: bf16 autocast or not)")
   p.add_argument("--param-dtype", default="float32", choices=("bfloat16", "float32"))
+  p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+  p.add_argument("--packed-lengths", type=_lengths_arg, metavar="DIST",
+                 help="pack examples of lengths drawn from DIST: sft or fixed:N (module doc)")
+  p.add_argument("--peer", choices=PEERS, help="also run the PyTorch peer (tools/hf_peer.py)")
+  p.add_argument("--peer-compile", action="store_true", help="the peer uses torch.compile")
+  p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of a few steps")
+  p.add_argument("--profile-steps", type=int, default=3)
   p.add_argument("--compile-scaling", type=_layer_list, metavar="L1,L2,...",
                  help="only compile (from abstract shapes) at each layer count; print last/first")
   p.add_argument("--repeats", type=int, default=1,
@@ -346,11 +604,22 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.compile_scaling and args.layers:
     p.error("--layers and --compile-scaling both set the layer count; give one")
-  for name in ("seq_len", "batch", "steps", "repeats"):
+  if args.compile_scaling and (args.peer or args.packed_lengths or args.method != "full"):
+    p.error("--compile-scaling measures compile time of the full method only; drop --peer, "
+            "--packed-lengths and --method")
+  for name in ("seq_len", "batch", "steps", "repeats", "profile_steps"):
     if getattr(args, name) <= 0:
       p.error(f"--{name.replace('_', '-')} must be positive")
+  if args.warmup < 0:
+    p.error("--warmup must be 0 or more")
   if args.layers is not None and args.layers <= 0:
     p.error("--layers must be positive")
+  context = SHAPES[args.shape].max_position_embeddings
+  if args.seq_len > context:
+    p.error(f"--seq-len {args.seq_len} exceeds the context of shape {args.shape!r} "
+            f"({context} tokens, max_position_embeddings)")
+  if args.peer and args.method not in ("full", "lora", "dora"):
+    p.error(f"--peer hf runs the methods full, lora and dora (PEFT); not {args.method}")
   return args
 
 
@@ -371,35 +640,66 @@ def _print_table(result: dict) -> None:
             f"  {r['cpu_s']:>7.2f}  {r['cpu_s'] / rows[0]['cpu_s']:>7.2f}x")
 
 
+def model_config(args) -> ModelConfig:
+  cfg = SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.param_dtype,
+                                   remat=args.remat, attention=args.attention)
+  if cfg.is_moe:
+    cfg = cfg.replace(moe_dispatch=args.moe_dispatch)
+  return cfg.replace(num_layers=args.layers) if args.layers else cfg
+
+
+def make_data(cfg: ModelConfig, args) -> tuple[dict, dict | None]:
+  """(rows [steps, B, T] per field, the packed examples or None), on the host."""
+  n_batches = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
+  if args.packed_lengths:
+    return packed_batches(cfg, args.packed_lengths, n_batches, args.batch, args.seq_len,
+                          args.seed)
+  return row_batches(cfg, n_batches, args.batch, args.seq_len, args.seed), None
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  cfg = SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.param_dtype,
-                                   remat=args.remat, moe_dispatch=args.moe_dispatch)
-  if args.layers:
-    cfg = cfg.replace(num_layers=args.layers)
-  device = jax.devices()[0]
+  cfg = model_config(args)
   result = {
       "shape": args.shape,
+      "method": args.method,
       "layers": None if args.compile_scaling else cfg.num_layers,
       "batch": args.batch,
       "seq_len": args.seq_len,
+      "packed_lengths": args.packed_lengths,
       "dtype": args.dtype,
       "param_dtype": args.param_dtype,
       "remat": args.remat,
       "moe_dispatch": mixtral.resolve_dispatch(cfg) if cfg.is_moe else None,
-      "backend": device.platform,
-      "device": device.device_kind,
-      "device_count": jax.device_count(),
-      "cpu_count": os.cpu_count(),
-      "jax_version": jax.__version__,
   }
   if args.compile_scaling:
+    result.update(_platform())
     result.update(run_compile_scaling(cfg, args))
   else:
-    result.update(run_steps(cfg, args))
+    # Host data first, then the peer, and only then JAX's backend (module doc).
+    rows, examples = make_data(cfg, args)
+    if examples is not None:
+      result["examples"] = len(examples["ex_lengths"])
+      result["mean_example_len"] = float(np.mean(examples["ex_lengths"]))
+    peer = run_peer(cfg, args, rows, examples) if args.peer else None
+    result.update(_platform())
+    result.update(run_steps(cfg, args, rows, examples))
+    if peer is not None:
+      result.update({f"peer_{k}": peer[k] for k in (
+          "tokens_per_s", "nonpad_tokens_per_s", "step_s", "peak_mem_gib", "peak_memory_source",
+          "compile_s", "loss", "device", "torch_version", "transformers_version", "compiled")})
+      result["ratio"] = result["tokens_per_s"] / peer["tokens_per_s"]
+      result["nonpad_ratio"] = result["nonpad_tokens_per_s"] / peer["nonpad_tokens_per_s"]
   _print_table(result)
   print(json.dumps(result))
   return result
+
+
+def _platform() -> dict:
+  device = jax.devices()[0]
+  return {"backend": device.platform, "device": device.device_kind,
+          "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+          "jax_version": jax.__version__}
 
 
 if __name__ == "__main__":

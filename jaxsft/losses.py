@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Time steps per chunk. A chunk's logits are B × DEFAULT_CHUNK_SIZE × V fp32:
 # with a per-device batch of 8 and Qwen's 152k vocab that is 0.6 GB, instead of
@@ -50,8 +51,11 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   ``weights`` [B,T] per-position weights (0 = not trained; such targets may be
   any value, e.g. -100). Logits are computed in fp32 (inputs in ``hidden``'s
   dtype, as the model's own logits are), ``chunk_size`` time steps at a time,
-  and rematerialized in the backward pass, so peak memory holds one chunk's
-  B × chunk_size × V logits rather than all of them.
+  so memory holds one chunk's B × chunk_size × V logits rather than all of them.
+
+  The gradient is computed in the same pass (``_chunked_loss``): a chunk's
+  logits are used for the loss and for d loss/d logits = weight · (softmax −
+  onehot) at once, so the backward pass neither keeps nor recomputes them.
 
   Returns ``(loss_sum, token_count)``: Σ weight·(−log p(target)) and Σ weight.
   """
@@ -63,7 +67,6 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   # Ignored positions may carry any label; clipping keeps the gather in range
   # (an out-of-range gather fills NaN, and 0 · NaN is still NaN).
   targets = jnp.clip(targets, 0, v - 1).astype(jnp.int32)
-  w = unembedding.astype(hidden.dtype)
 
   # Chunks run along time, not along flattened B·T rows: the batch axis keeps
   # whatever data/fsdp sharding it has, and every device works on its own rows
@@ -71,6 +74,7 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   u = max(1, min(chunk_size, t))
   c = -(-t // u)
   pad = c * u - t
+  count = jnp.sum(weights)
   if pad:
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
@@ -78,21 +82,75 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   hidden_c = hidden.reshape(b, c, u, d).swapaxes(0, 1)  # [C,B,U,D]
   targets_c = targets.reshape(b, c, u).swapaxes(0, 1)
   weights_c = weights.reshape(b, c, u).swapaxes(0, 1)
+  loss_sum = _chunked_loss(hidden_c, unembedding, targets_c, weights_c)
+  return loss_sum, count
 
-  # Saving nothing makes the backward pass recompute a chunk's logits from its
-  # hidden states instead of keeping every chunk's [B,U,V] for the whole scan.
-  @jax.checkpoint
-  def chunk_loss(h, tgt, wt):
-    logits = jnp.einsum("BUD,DV->BUV", h, w, preferred_element_type=jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-    return jnp.sum(wt * (logz - target_logit))
 
+def _chunk_nll(h, w, tgt):
+  """fp32 logits [B,U,V] of one chunk, their logsumexp and the per-token −log p."""
+  logits = jnp.einsum("BUD,DV->BUV", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+  return logits, logz, logz - target_logit
+
+
+@jax.custom_vjp
+def _chunked_loss(hidden_c, w, targets_c, weights_c):
+  """Σ weight·nll over chunks [C,B,U,...]; the forward-only path (evaluation)."""
   def body(total, chunk):
-    return total + chunk_loss(*chunk), None
+    h, tgt, wt = chunk
+    return total + jnp.sum(wt * _chunk_nll(h, w, tgt)[2]), None
 
-  loss_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_c, targets_c, weights_c))
-  return loss_sum, jnp.sum(weights)
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_c, targets_c, weights_c))
+  return total
+
+
+def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c):
+  """The loss and, in the same scan, its gradients (the residuals).
+
+  d loss/d logits = weight · (softmax − onehot(target)), cast to the compute
+  dtype for the two matmuls that follow (as autocast does in PyTorch; in fp32
+  this is exactly what autodiff computes): d hidden = g·Wᵀ per chunk, and
+  d W = Σ_chunks hᵀ·g accumulated in fp32. d W is computed only when W is being
+  differentiated (not for a frozen output layer, e.g. under LoRA); d weights
+  (the per-token nll) only when they are.
+  """
+  need_w, need_wt = w.perturbed, weights_c.perturbed
+  hidden_c, w, targets_c, weights_c = (x.value for x in (hidden_c, w, targets_c, weights_c))
+  dt = hidden_c.dtype
+  wc = w.astype(dt)
+  v = w.shape[1]
+
+  def body(carry, chunk):
+    total, dw = carry
+    h, tgt, wt = chunk
+    logits, logz, nll = _chunk_nll(h, wc, tgt)
+    probs = jnp.exp(logits - logz[..., None])
+    hit = jnp.arange(v, dtype=jnp.int32) == tgt[..., None]
+    g = (wt[..., None] * jnp.where(hit, probs - 1.0, probs)).astype(dt)
+    dh = jnp.einsum("BUV,DV->BUD", g, wc, preferred_element_type=jnp.float32).astype(dt)
+    if need_w:
+      dw = dw + jnp.einsum("BUD,BUV->DV", h, g, preferred_element_type=jnp.float32)
+    return (total + jnp.sum(wt * nll), dw), (dh, nll if need_wt else None)
+
+  dw0 = jnp.zeros(w.shape if need_w else (), jnp.float32)
+  (total, dw), (dh_c, nll_c) = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), dw0), (hidden_c, targets_c, weights_c))
+  return total, (dh_c, dw.astype(w.dtype) if need_w else None, nll_c, targets_c)
+
+
+def _chunked_loss_bwd(residuals, ct):
+  dh_c, dw, nll_c, targets_c = residuals
+  if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+    ct = jnp.zeros((), jnp.float32)
+  int_zero = np.zeros(targets_c.shape, jax.dtypes.float0)
+  return ((ct * dh_c).astype(dh_c.dtype),
+          None if dw is None else (ct * dw).astype(dw.dtype),
+          int_zero,
+          None if nll_c is None else ct * nll_c)
+
+
+_chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd, symbolic_zeros=True)
 
 
 def pairwise_loss(chosen: jax.Array, rejected: jax.Array, valid: jax.Array

@@ -1,22 +1,32 @@
 """FLOP/MFU accounting, the metrics.jsonl writer, the loss plot and the progress bar.
 
-Model FLOPs of one forward+backward step over B·T tokens (L layers, D width,
-N/K query/kv heads of size H, F ffn width, V vocab, E experts of which k are
+Model FLOPs of one training step over B·T tokens (L layers, D width, N/K
+query/kv heads of size H, F ffn width, V vocab, E experts of which k are
 active):
 
-    flops = 6 · N_matmul · B·T  +  12 · L · B · P · N·H
+    flops = (6 · N_train + 4 · N_frozen) · tokens  +  12 · L · P · N·H
 
   * ``N_matmul`` = L·(2·D·N·H + 2·D·K·H + 3·D·F·k' + D·E) + D·V: the weights
     that take part in a matmul per token (q/o and k/v projections, the SwiGLU
     gate/up/down with k' active experts (1 when dense), the MoE router, the
     output projection). The embedding lookup is a gather; norms and biases are
-    negligible. Each matmul weight costs 2 FLOPs per token forward, 4 backward.
-  * ``P`` = Σ_t min(t+1, W): the (query, key) pairs a causal (sliding-window)
-    mask keeps per sequence; QKᵀ and PV cost 2·2·P·N·H forward, ×3 with backward.
+    negligible. A matmul weight costs 2 FLOPs per token forward, and 4 backward:
+    2 for the gradient of its input, 2 for its own gradient. A frozen weight
+    (LoRA's base, freeze tuning's frozen layers) needs no gradient of its own,
+    only the input gradient: 4 per token. So ``N_frozen`` are the frozen matmul
+    weights and ``N_train`` the trainable ones plus any adapter weights applied
+    per token (LoRA's A and B: 6 each per token).
+  * ``P`` = Σ over sequences of Σ_t min(t+1, W): the (query, key) pairs a
+    causal (sliding-window) mask keeps; QKᵀ and PV cost 2·2·P·N·H forward,
+    ×3 with backward (activations always need their gradients). For packed
+    rows the sequences are the examples, and ``tokens`` counts non-pad tokens
+    only: padding is not useful work.
 
-Recomputation (remat, the chunked loss's backward) is not counted: this is MFU,
-not hardware utilization. MFU = flops / step time / peak, with the dense bf16
-peak of the device from ``PEAK_TFLOPS``; None on CPU, in fp32, or when unknown.
+That is "matmul FLOPs ×3, causal attention halved" as in the PaLM appendix and
+MaxText. Recomputation (remat, the chunked loss's backward) is not counted:
+this is MFU, not hardware utilization. MFU = flops / step time / peak, with the
+dense bf16 peak of the device from ``PEAK_TFLOPS``; None on CPU, in fp32, or
+when unknown.
 """
 from __future__ import annotations
 
@@ -55,19 +65,48 @@ def matmul_params(cfg: ModelConfig) -> int:
   return cfg.num_layers * per_layer + d * cfg.vocab_size
 
 
-def attended_pairs(cfg: ModelConfig, seq_len: int) -> int:
-  """(query, key) pairs per sequence under the causal (and sliding-window) mask."""
-  t = np.arange(1, seq_len + 1)
-  if cfg.sliding_window is not None:
-    t = np.minimum(t, cfg.sliding_window)
-  return int(t.sum())
+def attended_pairs(cfg: ModelConfig, seq_len) -> int:
+  """(query, key) pairs of one sequence (or, for an array of lengths, of all of
+  them) under the causal (and sliding-window) mask."""
+  n = np.asarray(seq_len, np.int64)
+  full = n * (n + 1) // 2
+  w = cfg.sliding_window
+  if w is not None:
+    # Σ_t min(t+1, W): the first W queries see t+1 keys, the rest W each.
+    full = np.where(n <= w, full, w * (w + 1) // 2 + (n - w) * w)
+  return int(full.sum())
 
 
-def train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
-  """Model FLOPs of one forward+backward step over ``batch`` × ``seq_len`` tokens."""
-  dense = 6 * matmul_params(cfg) * batch * seq_len
-  attention = (12 * cfg.num_layers * batch * attended_pairs(cfg, seq_len)
-               * cfg.num_heads * cfg.head_dim)
+def matmul_weight_count(cfg: ModelConfig, path: tuple[str, ...], shape) -> float:
+  """How many of one parameter's scalars multiply each token (0 for gathers,
+  norms and biases; k/E of an expert tensor). Sums to ``matmul_params`` over
+  the base model, and counts adapter matrices (e.g. LoRA factors) too."""
+  name = path[-1]
+  if name.startswith("scale_") or "_bias_" in name or "bias" == name:
+    return 0.0
+  size = float(np.prod(shape))
+  if name == "embedding_vd":  # a lookup, unless it is also the output projection
+    return size if cfg.tie_word_embeddings else 0.0
+  if cfg.is_moe and path[-2:-1] == ("moe",) and name != "router_de":
+    return size * cfg.num_experts_per_tok / cfg.num_experts
+  return size
+
+
+def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, frozen: float = 0,
+                adapter: float = 0, lengths=None) -> float:
+  """Model FLOPs of one training step (module doc).
+
+  ``batch`` × ``seq_len`` rows of one sequence each, unless ``lengths`` gives
+  the lengths of the examples packed into them (padding is then not counted).
+  ``frozen``: matmul weights (of ``matmul_params``) that get no gradient;
+  ``adapter``: extra per-token matmul weights that train (LoRA factors).
+  """
+  if lengths is None:
+    lengths = np.full(batch, seq_len)
+  tokens = int(np.sum(lengths))
+  train = matmul_params(cfg) - frozen + adapter
+  dense = (6 * train + 4 * frozen) * tokens
+  attention = 12 * cfg.num_layers * attended_pairs(cfg, lengths) * cfg.num_heads * cfg.head_dim
   return float(dense + attention)
 
 
