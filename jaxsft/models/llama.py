@@ -209,7 +209,8 @@ class Transformer(nn.Module):
       layer = nn.remat(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
     self.layers = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * 5 + (0,), length=cfg.num_layers)(cfg)
+        in_axes=(nn.broadcast,) * 5 + (0,), length=cfg.num_layers,
+        unroll=min(cfg.scan_unroll, cfg.num_layers))(cfg)
     self.embed = Embed(cfg)
     self.final_norm = RMSNorm(cfg)
     if cfg.has_head:  # a classifier / reward model has a score head instead of an lm_head

@@ -151,6 +151,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls and activations
   remat: str = "none"
+  # Layers per iteration of the layer scan (1: a loop over layers; num_layers:
+  # fully unrolled, as XLA's cost analysis needs to count every layer).
+  scan_unroll: int = 1
   attention: str = "auto"  # "auto": cuDNN fused attention on GPU, XLA elsewhere
   # Parameter-efficient additions (LoRA, DoRA, adapters, prompts); None: none.
   adapters: Adapters | None = None
@@ -167,6 +170,8 @@ class ModelConfig:
     if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
       problems.append(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.scan_unroll < 1:
+      problems.append(f"scan_unroll={self.scan_unroll} must be at least 1")
     if self.remat not in REMAT_POLICIES:
       problems.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:
