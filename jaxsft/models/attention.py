@@ -145,11 +145,13 @@ def _xla_attention(q, k, v, mask, scale):
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def resolve_impl(requested: str) -> str:
-  """"auto" → cuDNN fused attention on GPU, XLA elsewhere."""
+def resolve_impl(requested: str, dtype=None) -> str:
+  """"auto" → cuDNN fused attention on GPU for 16-bit inputs, XLA elsewhere
+  (cuDNN's kernel takes bf16/fp16 only, so fp32 compute stays on XLA)."""
   if requested != "auto":
     return requested
-  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  sixteen_bit = dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else "xla"
 
 
 def _causal_blocks(t: int) -> int:
@@ -183,7 +185,10 @@ def dot_product_attention(q, k, v, *, segment_ids, positions, sliding_window, im
   (padding, segment 0) get some average of values, never used.
   """
   scale = 1.0 / math.sqrt(q.shape[-1])
-  if resolve_impl(impl) == "cudnn":
+  if resolve_impl(impl, q.dtype) == "cudnn":
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention='cudnn' needs bfloat16/float16 compute, got {q.dtype}; use "
+                       "model.dtype=bfloat16 or attention='auto'/'xla'")
     seg_mask = None
     if segment_ids is not None:
       seg_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
