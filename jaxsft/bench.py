@@ -265,14 +265,16 @@ def _prompt_masked(length: int) -> np.ndarray:
 
 
 def row_batches(cfg: ModelConfig, n_batches: int, batch: int, seq_len: int, seed: int) -> dict:
-  """Unpacked data: ``n_batches`` × [B, T] random tokens, one sequence per row."""
+  """Unpacked data: ``n_batches`` × [B, T] random tokens, one sequence per row.
+
+  No segment ids or positions: a row that is one example without padding
+  needs no attention mask beyond causality (as the peer gets none).
+  """
   rng = np.random.default_rng(seed)
   shape = (n_batches, batch, seq_len)
   return {
       "tokens": rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
       "loss_mask": np.broadcast_to(_prompt_masked(seq_len), shape).copy(),
-      "segment_ids": np.ones(shape, np.int32),
-      "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy(),
   }
 
 
@@ -440,6 +442,8 @@ class StepRunner:
     return jax.block_until_ready(out)
 
   def nonpad(self, i: int) -> int:
+    if "segment_ids" not in self.rows:
+      return self.args.batch * self.args.seq_len
     return int(np.count_nonzero(self.rows["segment_ids"][i % len(self.batches)]))
 
   def flops(self, i: int) -> float:
@@ -505,7 +509,7 @@ def compile_step(cfg: ModelConfig, batch: int, seq_len: int, stage):
   tx, lr_fn = optim.build(stage, 10, params)
   state = jax.eval_shape(lambda p: trainer.init_state(p, tx, 0), params)
   row = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-  batch_struct = {k: row for k in trainer.BATCH_KEYS}
+  batch_struct = {"tokens": row, "loss_mask": row}
   c0, t0 = time.process_time(), time.perf_counter()
   lowered = jax.jit(trainer.make_train_step(cfg, tx, lr_fn, 1), donate_argnums=0).lower(
       state, batch_struct)

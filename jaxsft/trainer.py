@@ -100,9 +100,11 @@ def stage_loss(cfg: ModelConfig, params, batch, objective: str = "sft", dropout_
     loss_sum, count, sums, aux = heads.head_loss(cfg, params, batch, objective)
     aux = {**aux, **sums}
   else:
-    hidden, aux = llama.hidden_states(cfg, params, batch["tokens"], batch["positions"],
-                                      batch["segment_ids"], dropout_rng=dropout_rng)
-    targets, weights = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
+    # A batch without segment ids / positions is one example per row, no padding.
+    segment_ids = batch.get("segment_ids")
+    hidden, aux = llama.hidden_states(cfg, params, batch["tokens"], batch.get("positions"),
+                                      segment_ids, dropout_rng=dropout_rng)
+    targets, weights = losses.next_token_targets(batch["tokens"], segment_ids,
                                                  batch["loss_mask"])
     loss_sum, count = losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params),
                                                   targets, weights)

@@ -9,23 +9,37 @@ import os
 import subprocess
 import sys
 
+import argparse
+import pathlib
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from jaxsft import bench, metrics
+from jaxsft import bench, losses, metrics
 from jaxsft.models import llama
 
-STEP_KEYS = {"shape", "layers", "batch", "seq_len", "dtype", "remat", "backend", "device",
-             "jax_version", "step", "params", "compile_s", "step_s", "tokens_per_s",
-             "nonpad_tokens_per_s", "flops_per_step", "mfu", "peak_memory_bytes",
-             "peak_memory_source", "loss"}
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+hf_peer = pytest.importorskip("hf_peer")  # needs torch (a test dependency)
+
+STEP_KEYS = {"shape", "method", "layers", "batch", "seq_len", "dtype", "remat", "backend",
+             "device", "jax_version", "step", "params", "trainable_params", "compile_s", "step_s",
+             "tokens_per_s", "nonpad_tokens_per_s", "flops_per_step", "mfu", "peak_mem_gib",
+             "peak_memory_bytes", "peak_memory_source", "loss"}
+PEER_KEYS = {"peer_tokens_per_s", "peer_nonpad_tokens_per_s", "peer_peak_mem_gib", "ratio",
+             "nonpad_ratio"}
+ENV = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+
+
+def _run_cli(*args):
+  cmd = [sys.executable, "-m", "jaxsft.bench", *args]
+  return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
 
 
 def test_cli_prints_a_table_then_one_json_line():
-  cmd = [sys.executable, "-m", "jaxsft.bench", "--shape", "tiny", "--layers", "2",
-         "--seq-len", "64", "--batch", "2", "--steps", "2"]
-  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-  out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+  out = _run_cli("--shape", "tiny", "--layers", "2", "--seq-len", "64", "--batch", "2",
+                 "--steps", "2")
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
   assert len(lines) > 1  # the table comes first
@@ -38,10 +52,77 @@ def test_cli_prints_a_table_then_one_json_line():
       bench.SHAPES["tiny"].replace(num_layers=2), 2, 64)
   assert result["step_s"] > 0 and result["compile_s"] > 0 and result["peak_memory_bytes"] > 0
   assert result["tokens_per_s"] == pytest.approx(2 * 64 / result["step_s"])
+  assert result["nonpad_tokens_per_s"] == result["tokens_per_s"]  # unpacked rows: no padding
+  assert result["trainable_params"] == result["params"]  # method full
   if result["backend"] == "cpu":
     assert result["mfu"] is None
   # Random weights and uniform tokens: the loss is about log(vocab).
   assert result["loss"] == pytest.approx(math.log(8192), rel=0.1)
+
+
+def test_peer_runs_in_the_same_invocation_on_the_same_packed_examples():
+  """--peer hf: the PyTorch peer trains on the very examples jaxsft packs, and
+  the JSON line reports both sides and their ratios."""
+  pytest.importorskip("torch")
+  out = _run_cli("--shape", "tiny", "--layers", "1", "--seq-len", "64", "--batch", "2",
+                 "--steps", "1", "--warmup", "0", "--dtype", "float32",
+                 "--packed-lengths", "fixed:20", "--peer", "hf")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert STEP_KEYS | PEER_KEYS <= set(result), (STEP_KEYS | PEER_KEYS) - set(result)
+  assert result["ratio"] == pytest.approx(result["tokens_per_s"] / result["peer_tokens_per_s"])
+  assert result["nonpad_ratio"] == pytest.approx(
+      result["nonpad_tokens_per_s"] / result["peer_nonpad_tokens_per_s"])
+  # 3 examples of 20 fill each 64-token row; the peer's batches of 2 are
+  # padded to 20 = no padding, so its non-pad rate equals its rate.
+  assert result["examples"] == 3 * 2 and result["nonpad_fraction"] == pytest.approx(60 / 64)
+  assert result["peer_nonpad_tokens_per_s"] == pytest.approx(result["peer_tokens_per_s"])
+  assert result["peer_loss"] == pytest.approx(math.log(8192), rel=0.1)
+
+
+def test_packed_examples_are_the_peers_examples_and_counted_right():
+  cfg = bench.SHAPES["tiny"]
+  rows, ex = bench.packed_batches(cfg, "sft", n_batches=3, batch=4, seq_len=512, seed=0)
+  lengths = ex["ex_lengths"]
+  assert rows["tokens"].shape == (3, 4, 512)
+  # Every example is in exactly one row, whole, with its own tokens and mask.
+  assert sum(len(b) for b in ex["lengths_per_batch"]) == len(lengths)
+  for b in range(3):
+    seg = rows["segment_ids"][b]
+    assert np.count_nonzero(seg) == ex["lengths_per_batch"][b].sum()
+    # Segment lengths in each row are example lengths; positions restart per segment.
+    per_row = [np.bincount(row)[1:] for row in seg]
+    assert sorted(np.concatenate(per_row).tolist()) == sorted(ex["lengths_per_batch"][b].tolist())
+    for row_seg, row_pos in zip(seg, rows["positions"][b]):
+      for s in range(1, row_seg.max() + 1):
+        np.testing.assert_array_equal(row_pos[row_seg == s], np.arange((row_seg == s).sum()))
+  flat = np.concatenate([rows["tokens"][b][rows["segment_ids"][b] > 0] for b in range(3)])
+  assert np.count_nonzero(np.concatenate([rows["segment_ids"][b].ravel() for b in range(3)])) \
+      == lengths.sum() == len(ex["ex_tokens"]) == len(flat)
+  assert sorted(flat.tolist()) == sorted(ex["ex_tokens"].tolist())
+  # The first quarter of every example is the untrained prompt.
+  starts = np.concatenate([[0], np.cumsum(lengths)])
+  for i in range(len(lengths)):
+    mask = ex["ex_loss_mask"][starts[i]:starts[i + 1]]
+    assert mask[:lengths[i] // 4].sum() == 0 and mask[lengths[i] // 4:].all()
+  # Packing fills the rows; lengths look like SFT data (median ~250, clipped).
+  assert np.count_nonzero(rows["segment_ids"]) / rows["segment_ids"].size > 0.9
+  assert 16 <= lengths.min() and lengths.max() <= 512
+  # The peer's padded batches hold the same non-pad tokens.
+  peer_nonpad = sum(real for *_, real in hf_peer.batches(
+      {"ex_tokens": ex["ex_tokens"], "ex_loss_mask": ex["ex_loss_mask"], "ex_lengths": lengths,
+       "batch": np.array(4)}))
+  assert peer_nonpad == lengths.sum()
+
+
+def test_length_distributions():
+  rng = np.random.default_rng(0)
+  sft = bench.draw_lengths("sft", 20000, 4096, rng)
+  assert 230 <= np.median(sft) <= 270 and np.percentile(sft, 99) > 1000
+  assert (bench.draw_lengths("fixed:100", 5, 64, rng) == 64).all()  # clipped to seq_len
+  for bad in ("lognormal", "fixed:0", "fixed:x"):
+    with pytest.raises(argparse.ArgumentTypeError, match="sft"):
+      bench.parse_lengths(bad)
 
 
 def test_compile_scaling_compiles_abstract_shapes(capsys):
@@ -62,11 +143,27 @@ def test_refuses_shapes_that_do_not_fit_and_says_how_to_shrink(monkeypatch):
     bench.main(["--shape", "qwen1.5-72b", "--steps", "1"])
 
 
-def test_cli_rejects_conflicting_layer_options():
-  with pytest.raises(SystemExit):
-    bench.parse_args(["--layers", "2", "--compile-scaling", "2,32"])
-  with pytest.raises(SystemExit):
-    bench.parse_args(["--compile-scaling", "32"])
+def test_cli_rejects_bad_input_with_a_clear_error(capsys):
+  for argv, message in [
+      (["--layers", "2", "--compile-scaling", "2,32"], "--layers and --compile-scaling"),
+      (["--compile-scaling", "32"], "at least two"),
+      (["--shape", "gpt5"], "invalid choice: 'gpt5'"),
+      (["--method", "qlora"], "invalid choice: 'qlora'"),
+      (["--shape", "tiny", "--seq-len", "8192"], "exceeds the context of shape 'tiny' (4096"),
+      (["--packed-lengths", "zipf"], "sft' or 'fixed:N'"),
+      (["--method", "freeze", "--peer", "hf"], "full, lora and dora"),
+      (["--batch", "0"], "--batch must be positive")]:
+    with pytest.raises(SystemExit) as e:
+      bench.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err, argv
+
+
+def test_a_method_without_jaxsft_peft_says_so(monkeypatch):
+  monkeypatch.setitem(sys.modules, "jaxsft.peft", None)  # as if not built yet
+  stage = bench.make_stage(bench.parse_args(["--method", "lora"]))
+  with pytest.raises(SystemExit, match="--method lora needs jaxsft.peft"):
+    bench._prepare_method(bench.SHAPES["tiny"], {}, stage, None)
 
 
 def _norm_params(cfg) -> int:
@@ -105,7 +202,7 @@ def test_forward_flops_match_xla_cost_analysis(shape, seq_len):
   cfg = bench.SHAPES[shape].replace(**SMALL)
   batch = 2
   compiled = jax.jit(lambda p, x: llama.forward(cfg, p, x)[0]).lower(
-      *bench.abstract_inputs(cfg, batch, seq_len)).compile()
+      llama.abstract_params(cfg), jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)).compile()
   cost = compiled.cost_analysis()
   xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
 
@@ -117,3 +214,69 @@ def test_forward_flops_match_xla_cost_analysis(shape, seq_len):
     expected += 2 * 3 * cfg.hidden_size * cfg.intermediate_size * inactive * batch * seq_len
   # The rest is elementwise work (norms, softmax, RoPE, SiLU): under 2% here.
   assert xla_flops == pytest.approx(expected, rel=0.02)
+
+
+def test_packed_flops_count_each_examples_own_causal_pairs():
+  """By hand: packed examples of 3 and 5 tokens are 8 tokens of 6·N_matmul and
+  (1+2+3) + (1+2+3+4+5) attended pairs, not one 8-token sequence's 36."""
+  cfg = bench.SHAPES["tiny"].replace(**SMALL)
+  n, nh = metrics.matmul_params(cfg), cfg.num_heads * cfg.head_dim
+  got = metrics.train_flops(cfg, 1, 8, lengths=np.array([3, 5]))
+  assert got == 6 * n * 8 + 12 * cfg.num_layers * (6 + 15) * nh
+  assert metrics.train_flops(cfg, 2, 8) == 6 * n * 16 + 12 * cfg.num_layers * 2 * 36 * nh
+
+
+def test_method_weights_count_frozen_base_and_trained_adapters():
+  """LoRA-style trees: every base matmul weight frozen (4 FLOPs/token), each
+  added factor trained (6); norms and the embedding lookup count nothing."""
+  cfg = bench.SHAPES["tiny"].replace(**SMALL)
+  params = llama.abstract_params(cfg)
+  r = 4
+  lora = dict(params)
+  lora["layers"] = dict(params["layers"])
+  lora["layers"]["attn"] = dict(params["layers"]["attn"], q_lora_a_dr=jax.ShapeDtypeStruct(
+      (cfg.num_layers, cfg.hidden_size, r), jnp.float32))
+  trainable = jax.tree_util.tree_map_with_path(
+      lambda path, _: "lora" in str(path), lora)
+  frozen, adapter = bench.method_weights(cfg, cfg, lora, trainable)
+  assert frozen == metrics.matmul_params(cfg)
+  assert adapter == cfg.num_layers * cfg.hidden_size * r
+  total = sum(metrics.matmul_weight_count(cfg, bench.sharding_lib.path_names(p), x.shape)
+              for p, x in jax.tree_util.tree_flatten_with_path(params)[0])
+  assert total == metrics.matmul_params(cfg)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_train_flops_match_xla_cost_of_the_backward(frozen):
+  """XLA's count of forward+backward (one layer, seq 32: one attention block,
+  all T² scores) against the formula. Frozen: the gradient of the embedding
+  only, so every matmul weight needs its input gradient but none its own
+  (4·N per token; the fused loss then skips d W too)."""
+  cfg = bench.SHAPES["tiny"].replace(**SMALL)
+  batch, seq_len = 2, 32
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+
+  def loss(params, tokens):
+    hidden, _ = llama.hidden_states(cfg, params, tokens)
+    targets, weights = losses.next_token_targets(tokens)
+    return losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params), targets,
+                                       weights)[0]
+
+  def grad(params, tokens):
+    if not frozen:
+      return jax.grad(loss)(params, tokens)
+    def of_embedding(emb):
+      constants = jax.tree_util.tree_map(jax.lax.stop_gradient, params)
+      return loss(dict(constants, embed={"embedding_vd": emb}), tokens)
+    return jax.grad(of_embedding)(params["embed"]["embedding_vd"])
+
+  compiled = jax.jit(grad).lower(llama.abstract_params(cfg), tokens).compile()
+  cost = compiled.cost_analysis()
+  xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  n = metrics.matmul_params(cfg)
+  expected = metrics.train_flops(cfg, batch, seq_len, frozen=n if frozen else 0)
+  # The XLA attention path computes all T² scores (12 FLOPs per pair and
+  # head dim with backward, where the formula keeps the causal half).
+  nh = cfg.num_heads * cfg.head_dim
+  expected += 12 * batch * (seq_len**2 - metrics.attended_pairs(cfg, seq_len)) * nh
+  assert xla_flops == pytest.approx(expected, rel=0.03)

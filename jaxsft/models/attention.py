@@ -145,11 +145,13 @@ def _xla_attention(q, k, v, mask, scale):
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def resolve_impl(requested: str) -> str:
-  """"auto" → cuDNN fused attention on GPU, XLA elsewhere."""
+def resolve_impl(requested: str, dtype=None) -> str:
+  """"auto" → cuDNN fused attention on GPU for 16-bit inputs, XLA elsewhere
+  (cuDNN's kernel takes bf16/fp16 only, so fp32 compute stays on XLA)."""
   if requested != "auto":
     return requested
-  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  sixteen_bit = dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else "xla"
 
 
 def _causal_blocks(t: int) -> int:
@@ -170,21 +172,34 @@ def _causal_blocks(t: int) -> int:
 def dot_product_attention(q, k, v, *, segment_ids, positions, sliding_window, impl):
   """Causal self-attention over one (possibly packed) row: q [B,T,N,H], k/v [B,T,K,H].
 
-  The single dispatch point: the XLA path everywhere, cuDNN's fused kernel on
-  GPU (segment masks passed as a mask, the causal and window structure as flags).
-  The XLA path skips key blocks that the causal (and sliding-window) mask
-  hides from a whole query block (``_causal_blocks``); rows that attend to
-  nothing (padding, segment 0) get some average of values, never used.
+  ``segment_ids`` [B,T] mark packed examples (0 = padding), or None: one
+  example per row and no padding, which needs no mask beyond causality.
+
+  The single dispatch point. On GPU, cuDNN's fused flash attention: with
+  ``segment_ids`` None, plain ``is_causal`` (the fastest kernel: no mask is
+  read); with segments, the segment mask [B,1,T,T] as well (JAX turns it
+  into an additive bias that the kernel reads; tools/gpu_check.py measures it
+  against cuDNN's packed-sequence offsets). Elsewhere the XLA path, which
+  skips key blocks that the causal (and sliding-window) mask hides from a
+  whole query block (``_causal_blocks``). Rows that attend to nothing
+  (padding, segment 0) get some average of values, never used.
   """
   scale = 1.0 / math.sqrt(q.shape[-1])
-  if resolve_impl(impl) == "cudnn":
-    seg_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  if resolve_impl(impl, q.dtype) == "cudnn":
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention='cudnn' needs bfloat16/float16 compute, got {q.dtype}; use "
+                       "model.dtype=bfloat16 or attention='auto'/'xla'")
+    seg_mask = None
+    if segment_ids is not None:
+      seg_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     window = None if sliding_window is None else (sliding_window - 1, 0)
     return jax.nn.dot_product_attention(
         q, k, v, mask=seg_mask, scale=scale, is_causal=True, local_window_size=window,
         implementation="cudnn")
-  b, t = segment_ids.shape
+  b, t = q.shape[:2]
   slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+  ones = jnp.ones((b, t), jnp.int32)
+  segments = ones if segment_ids is None else segment_ids
   n = _causal_blocks(t)
   size = t // n
   outs = []
@@ -194,8 +209,8 @@ def dot_product_attention(q, k, v, *, segment_ids, positions, sliding_window, im
     # every query of the block: slots differ by at least W there, and so do
     # positions within a segment.
     k0 = 0 if sliding_window is None else max(0, q0 - sliding_window + 1) // size * size
-    mask = attention_mask(slots[:, q0:q1], slots[:, k0:q1], segment_ids[:, q0:q1],
-                          segment_ids[:, k0:q1], positions[:, q0:q1], positions[:, k0:q1],
+    mask = attention_mask(slots[:, q0:q1], slots[:, k0:q1], segments[:, q0:q1],
+                          segments[:, k0:q1], positions[:, q0:q1], positions[:, k0:q1],
                           sliding_window)
     outs.append(_xla_attention(q[:, q0:q1], k[:, k0:q1], v[:, k0:q1], mask, scale))
   return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)

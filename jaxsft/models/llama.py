@@ -131,7 +131,8 @@ class DecoderLayer(nn.Module):
     x = x + h
     normed = RMSNorm(cfg, name="mlp_norm")(x)
     if cfg.is_moe:
-      h, stats = mixtral.MoE(cfg, name="moe")(normed, segment_ids != 0)
+      valid = jnp.ones(x.shape[:2], bool) if segment_ids is None else segment_ids != 0
+      h, stats = mixtral.MoE(cfg, name="moe")(normed, valid)
     else:
       h, stats = MLP(cfg, name="mlp")(normed), None
     return x + h, (new_cache, stats)
@@ -253,8 +254,8 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------- functional API
 
 def _defaults(tokens, positions, segment_ids):
-  if segment_ids is None:
-    segment_ids = jnp.ones(tokens.shape, jnp.int32)
+  # segment_ids None stays None: one example per row and no padding, which
+  # attention can run without any mask beyond causality (models/attention.py).
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
   return positions, segment_ids
@@ -288,7 +289,7 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions=None, segment_ids=
   positions, segment_ids = _defaults(tokens, positions, segment_ids)
   hidden, _, stats = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
                                             rngs=_rngs(dropout_rng))
-  return hidden, _aux(cfg, stats, segment_ids)
+  return hidden, _aux(cfg, stats, tokens, segment_ids)
 
 
 def unembedding(cfg: ModelConfig, params) -> jax.Array:
@@ -305,7 +306,7 @@ def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None,
   logits, stats = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
                                          method=Transformer.forward_logits,
                                          rngs=_rngs(dropout_rng))
-  return logits, _aux(cfg, stats, segment_ids)
+  return logits, _aux(cfg, stats, tokens, segment_ids)
 
 
 def _require_lm(cfg: ModelConfig) -> None:
@@ -315,9 +316,11 @@ def _require_lm(cfg: ModelConfig) -> None:
                      "(use jaxsft.models.heads)")
 
 
-def _aux(cfg: ModelConfig, stats, segment_ids) -> dict[str, Any]:
+def _aux(cfg: ModelConfig, stats, tokens, segment_ids) -> dict[str, Any]:
   if not cfg.is_moe:
     return {}
+  if segment_ids is None:
+    segment_ids = jnp.ones(tokens.shape, jnp.int32)
   return mixtral.aux_outputs(cfg, stats, segment_ids)
 
 

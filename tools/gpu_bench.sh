@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# The GPU table of docs/BENCHMARKS.md in one command, jaxsft against the
+# PyTorch peer (tools/hf_peer.py) on the same device, in under 7 minutes on
+# one H100/H200 including compiles:
+#
+#   tools/gpu_bench.sh [OUT_DIR]               # default OUT_DIR /tmp/gpu_bench
+#   tools/gpu_bench.sh --cpu-smoke [OUT_DIR]   # the same items on tiny shapes, on a CPU
+#
+# Run from the repository root (python = the environment with jax, torch,
+# transformers, peft; PYTHON=... overrides). Items, in priority order, each
+# under its own `timeout` and skipped when the 420 s budget is spent; a failed
+# item is logged and the next one runs:
+#   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings)
+#   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer
+#   1b_packed    the same on packed SFT lengths vs the padded peer (non-pad tokens/s)
+#   8b_lora      llama3-8b, LoRA r=16, batch 4, remat full, vs PEFT + checkpointing
+#   1b_lora      llama3.2-1b LoRA vs PEFT (skipped if jaxsft.peft is missing)
+#   1b_flags     1b_full again (no peer) with XLA flags: latency-hiding scheduler on,
+#                Triton GEMMs off (cuBLAS for every matmul)
+# bf16 compute, fp32 master weights, 2 warmup + 6 timed steps.
+#
+# OUT_DIR gets at most 8 files: env.txt (versions, nvidia-smi -L), one .log
+# per item, and results.jsonl (one JSON line per item: its name, exit code and
+# the bench's JSON line).
+set -u
+SMOKE=0
+if [ "${1:-}" = "--cpu-smoke" ]; then SMOKE=1; shift; fi
+OUT=${1:-/tmp/gpu_bench}
+PY=${PYTHON:-python}
+BUDGET=${BUDGET_S:-420}
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+START=$(date +%s)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(hostname)"
+  lscpu 2>/dev/null | grep -m1 'Model name' || true
+  nvidia-smi -L 2>&1 || echo "nvidia-smi: not available"
+  "$PY" - <<'EOF' 2>&1
+import importlib, sys
+print("python", sys.version.split()[0])
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch", "transformers", "peft",
+             "ml_collections", "datasets"):
+  try:
+    m = importlib.import_module(name)
+    print(name, getattr(m, "__version__", "?"))
+  except Exception as e:  # noqa: BLE001
+    print(name, "MISSING:", type(e).__name__, e)
+try:
+  import jax
+  print("jax devices:", jax.devices())
+except Exception as e:  # noqa: BLE001
+  print("jax devices: error", e)
+EOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# run NAME TIMEOUT_S CMD...: run one item, log it, append its JSON line.
+run() {
+  local name=$1 limit=$2; shift 2
+  local now left
+  now=$(date +%s); left=$((BUDGET - (now - START)))
+  if [ "$left" -lt 30 ]; then
+    echo "== $name: SKIPPED (budget of ${BUDGET}s spent)"
+    echo "{\"item\": \"$name\", \"rc\": null, \"skipped\": \"budget spent\"}" >> "$RESULTS"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (timeout ${limit}s): $*"
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  tail -n 3 "$OUT/$name.log" | cut -c1-400
+  "$PY" - "$name" "$rc" "$dt" "$OUT/$name.log" >> "$RESULTS" <<'EOF'
+import json, sys
+name, rc, dt, log = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+row = {"item": name, "rc": rc, "wall_s": dt}
+lines = [l for l in open(log, errors="replace").read().splitlines() if l.startswith("{")]
+if lines:
+  try:
+    row.update(json.loads(lines[-1]))
+  except ValueError:
+    row["unparsed"] = lines[-1][:500]
+if rc == 124:
+  row["timed_out"] = True
+print(json.dumps(row))
+EOF
+  echo "== $name: rc=$rc in ${dt}s"
+}
+
+if [ "$SMOKE" = 1 ]; then
+  SHAPE="--shape tiny --layers 1 --seq-len 64 --dtype float32"
+  BIG="--shape tiny --layers 1 --seq-len 64 --dtype float32"
+  STEPS="--warmup 1 --steps 1"
+  B8="--batch 2"; B4="--batch 2"
+  CHECK="--cpu-smoke"
+else
+  SHAPE="--shape llama3.2-1b --seq-len 2048"
+  BIG="--shape llama3-8b --seq-len 2048 --remat full"
+  STEPS="--warmup 2 --steps 6"
+  B8="--batch 8"; B4="--batch 4"
+  CHECK=""
+fi
+BENCH="$PY -m jaxsft.bench"
+
+run check 90 "$PY" tools/gpu_check.py $CHECK
+run 1b_full 150 $BENCH $SHAPE $B8 $STEPS --method full --peer hf
+run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --peer hf
+if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
+  run 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
+  run 1b_lora 120 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
+else
+  echo "== 8b_lora, 1b_lora: SKIPPED (jaxsft.peft not in this checkout)"
+  echo '{"item": "8b_lora", "rc": null, "skipped": "jaxsft.peft missing"}' >> "$RESULTS"
+  echo '{"item": "1b_lora", "rc": null, "skipped": "jaxsft.peft missing"}' >> "$RESULTS"
+fi
+if [ "$SMOKE" = 1 ]; then
+  run 1b_flags 100 $BENCH $SHAPE $B8 $STEPS --method full
+else
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false" \
+    run 1b_flags 100 $BENCH $SHAPE $B8 $STEPS --method full
+fi
+
+echo "== total $(( $(date +%s) - START ))s; results in $RESULTS"
+"$PY" - "$RESULTS" <<'EOF'
+import json, sys
+keys = ("tokens_per_s", "nonpad_tokens_per_s", "mfu", "step_s", "compile_s", "peak_mem_gib",
+        "peer_tokens_per_s", "peer_nonpad_tokens_per_s", "peer_peak_mem_gib", "ratio",
+        "nonpad_ratio")
+for line in open(sys.argv[1]):
+  r = json.loads(line)
+  if r.get("gpu_check"):
+    print(f"{r['item']:10s} passed {r['passed']}/{len(r['cases'])} failed {r['failed']} "
+          f"timing {r.get('timing')}")
+    continue
+  vals = " ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r.get(k)}"
+                  for k in keys if k in r)
+  print(f"{r['item']:10s} rc={r.get('rc')} {r.get('skipped', '')} {vals}")
+EOF
