@@ -62,7 +62,8 @@ def matmul_params(cfg: ModelConfig) -> int:
   else:
     ffn = 3 * d * cfg.intermediate_size
   per_layer = 2 * d * n * h + 2 * d * k * h + ffn
-  return cfg.num_layers * per_layer + d * cfg.vocab_size
+  # A task head (models/heads.py) scores only each sequence's last token: no per-token output.
+  return cfg.num_layers * per_layer + (0 if cfg.has_head else d * cfg.vocab_size)
 
 
 def attended_pairs(cfg: ModelConfig, seq_len) -> int:

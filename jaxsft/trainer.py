@@ -589,6 +589,8 @@ def _with_head(name: str, objective: str, cfg: ModelConfig, params, pipe, mesh, 
                        "earlier stage or model.source); put language-model stages first")
     return cfg, params
   head_cfg = heads.head_config(cfg, objective, pipe.label_names, pipe.multi_label, pipe.pad_id)
+  if head_cfg.pad_token_id != pipe.pad_id:  # the id transformers will pool by
+    pipe.check_head_ends(head_cfg.pad_token_id)
   if pipe.unseen_labels:
     log.warning("stage %s: evaluation labels unseen in training (always wrong): %s", name,
                 dict(sorted(pipe.unseen_labels.items())))

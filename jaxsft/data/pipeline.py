@@ -585,6 +585,11 @@ class Pipeline:
       chunk = chunk + [[]] * (batch_size - len(chunk))
       yield self._fill(chunk, self.eval)
 
+  def check_head_ends(self, pad_id: int) -> None:
+    """``check_head_ends`` over every dataset of this (head) pipeline."""
+    parts = self.train.parts + (self.eval.parts if self.eval is not None else [])
+    check_head_ends(list({id(p): p for p in parts}.values()), pad_id)
+
   @property
   def multi_label(self) -> bool:
     """Whether a cls pipeline's examples may carry several labels (sigmoid head)."""
@@ -709,7 +714,7 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
   if head is None:
     return Pipeline(cfg, train, eval_pool, stream, seq_len, int(pad_id), seed)
   every = parts + eval_parts
-  _check_head_ends(every, int(pad_id))
+  check_head_ends(every, int(pad_id))
   # Sequences per row: as many as the shortest example lets a row hold.
   per_item = 1 if head == "cls" else 2
   shortest = min(int(p.lengths.min()) for p in every)
@@ -722,9 +727,10 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
                   label_names=names, slots=slots, max_labels=max_labels)
 
 
-def _check_head_ends(parts: list[Tokenized], pad_id: int) -> None:
+def check_head_ends(parts: list[Tokenized], pad_id: int) -> None:
   """transformers pools a sequence at its rightmost token that is not the pad
-  id; a sequence ending in the pad id would be scored elsewhere after export."""
+  id; a sequence ending in the pad id would be scored elsewhere after export.
+  (The trainer checks again with the model's pad id when it differs.)"""
   for part in parts:
     marked = np.flatnonzero(part.loss_mask)
     bad = marked[part.tokens[marked] == pad_id]

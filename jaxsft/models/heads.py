@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsft import losses
 from jaxsft import sharding as sharding_lib
@@ -39,7 +40,6 @@ from jaxsft.models import llama
 from jaxsft.models.model_config import ModelConfig
 
 OBJECTIVES = ("cls", "reward")
-PROBLEM_TYPE = {"reward": "regression"}  # cls: single- or multi-label, from the data
 
 # Per objective, the metrics a step reports: name -> (numerator, denominator)
 # among the sums ``head_loss`` returns.
@@ -64,7 +64,11 @@ def head_config(cfg: ModelConfig, objective: str, label_names=(), multi_label: b
     want = dict(num_labels=len(label_names), label_names=tuple(label_names),
                 problem_type=f"{kind}_label_classification")
   if cfg.has_head:
-    if cfg.problem_type != want["problem_type"] or cfg.num_labels != want["num_labels"]:
+    # Rows with one label each also train a multi-label head.
+    compatible = cfg.problem_type == want["problem_type"] or (
+        cfg.problem_type == "multi_label_classification" and not multi_label
+        and objective == "cls")
+    if not compatible or cfg.num_labels != want["num_labels"]:
       raise ValueError(
           f"the model already has a {cfg.problem_type} head of {cfg.num_labels} label(s); "
           f"objective {objective!r} on this data needs a {want['problem_type']} head of "
@@ -185,8 +189,6 @@ def head_loss(cfg: ModelConfig, params, batch, objective: str):
 def predictions(cfg: ModelConfig, logits) -> list[list[int]]:
   """Predicted label ids per row of scores [B, C]: the argmax, or every label
   whose sigmoid passes 0.5 for a multi-label head."""
-  import numpy as np  # noqa: PLC0415
-
   logits = np.asarray(logits)
   if cfg.problem_type == "multi_label_classification":
     return [np.flatnonzero(row > 0).tolist() for row in logits]
