@@ -22,10 +22,20 @@ A config file defines ``get_config()`` returning a ConfigDict built from
 A stage (``stage(**overrides)``):
 
   objective   lm (continued pre-training) | sft (answer-only loss)
-  method      full | lora | dora | full_then_lora (jaxsft/peft/methods.py); its knobs
-              in ``peft``: targets ("all-linear", names such as ["q_proj", "v_proj"],
-              or a regex), rank, alpha, rslora, dropout, init, switch_at (the
-              fraction of steps trained in full before LoRA), train_modules
+  method      full | lora | dora | full_then_lora | prompt | p_tuning | prefix | adapter |
+              freeze (jaxsft/peft/methods.py); the knobs live in ``peft``:
+                lora/dora/full_then_lora: targets ("all-linear", names such as
+                  ["q_proj", "v_proj"], or a regex), rank, alpha, rslora, dropout,
+                  init, switch_at (the fraction of steps trained in full before LoRA)
+                prompt: virtual_tokens, prompt_init_text (None: random init)
+                p_tuning: virtual_tokens, encoder ("mlp" | "lstm"), encoder_hidden
+                  (None: the model width)
+                prefix: virtual_tokens, prefix_projection_hidden (0: prefixes learned
+                  directly; > 0: PEFT's reparameterization MLP of that width)
+                adapter: bottleneck_size
+                freeze: train_layers (the last N layers train), train_modules
+                any method: train_modules, a regex over parameter paths
+                  ("layers/mlp", "embed", "final_norm") that also trains
   lr          peak learning rate. SFT uses about 0.1x the pre-training lr
               (e.g. 1e-5..2e-5 for 7B-70B chat models, 1e-4 for small ones)
   lr_groups   {regex over parameter paths: lr multiplier}, first match wins,
@@ -58,9 +68,7 @@ from jaxsft.sharding import MESH_AXES
 
 OBJECTIVES = ("lm", "sft")
 LATER_OBJECTIVES = ("cls", "reward")  # task heads arrive with their own issue
-# Methods not yet wired are refused with a pointer (they arrive in steps).
-LATER_METHODS = ("freeze", "adapter", "prefix", "prompt", "p_tuning")
-METHODS = tuple(m for m in peft_methods.METHODS if m not in LATER_METHODS)
+METHODS = peft_methods.METHODS
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -162,7 +170,7 @@ def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
   _check_keys(s.data, stage_defaults().data, f"{where}.data")
   _check_keys(s.peft, stage_defaults().peft, f"{where}.peft")
   _one_of(s.objective, OBJECTIVES, f"{where}.objective", LATER_OBJECTIVES)
-  _one_of(s.method, METHODS, f"{where}.method", LATER_METHODS)
+  _one_of(s.method, METHODS, f"{where}.method")
   peft_methods.validate(s.method, s.peft, where)
   _one_of(s.schedule, SCHEDULES, f"{where}.schedule")
   if not s.data.datasets:
