@@ -160,8 +160,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "config.stages.sft = jaxsft.config.stage(lr=1e-5, data=dict(datasets=[...]))")
   for name, s in config.stages.items():
     validate_stage(name, s)
+  _check_unmergeable(config)
   if config.export.dtype is not None:
     _one_of(config.export.dtype, DTYPES, "config.export.dtype")
+
+
+def _check_unmergeable(config: ml_collections.ConfigDict) -> None:
+  """Prompt/prefix tuning and bottleneck adapters have no merged form: nothing
+  can follow them but more of the same, and they cannot be exported as HF weights."""
+  names = list(config.stages.keys())
+  for a, b in zip(names, names[1:]):
+    sa, sb = config.stages[a], config.stages[b]
+    if sa.method in peft_methods.UNMERGEABLE and (
+        sb.method != sa.method
+        or peft_methods.adapters_for(sa.method, sa.peft) != peft_methods.adapters_for(
+            sb.method, sb.peft)):
+      raise ValueError(
+          f"config.stages.{b}: stage {a!r} trains {sa.method!r}, which cannot be merged into "
+          f"the weights, so stage {b!r} cannot start from a plain model; give {b!r} the same "
+          f"method and peft settings, or make {a!r} the last stage")
+  last = config.stages[names[-1]]
+  if config.export.hf and last.method in peft_methods.UNMERGEABLE:
+    raise ValueError(
+        f"config.export.hf: the last stage trains {last.method!r}, which has no merged Hugging "
+        "Face form; set export.hf=False and use python -m jaxsft.export --peft"
+        + (" (bottleneck adapters have no PEFT format either: keep the jaxsft checkpoint)"
+           if last.method == "adapter" else ""))
 
 
 def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:

@@ -394,3 +394,44 @@ def test_freeze_settings_checked_against_the_model(peft_kw, needle):
     methods.prepare(cfg, params, config_lib.stage(method="freeze", peft=peft_kw),
                     jax.random.key(0), where="config.stages.sft")
   assert "config.stages.sft.peft" in str(e.value)
+
+
+@pytest.mark.parametrize("method,hf_export,needle", [
+    ("prefix", False, "stage 'cpt' trains 'prefix'.*cannot start from a plain model"),
+    ("adapter", True, "export.hf.*no merged"),
+])
+def test_unmergeable_methods_cannot_be_followed_or_exported(tmp_path, method, hf_export, needle):
+  c = train_fixtures.tiny_config(tmp_path / "d", tmp_path / "o")
+  if hf_export:
+    c.stages.sft.method = method
+    c.export.hf = True
+  else:
+    c.stages.cpt.method = method
+  with pytest.raises(ValueError, match=needle):
+    config_lib.validate(c)
+  c.stages.cpt.method = c.stages.sft.method = method  # the same method throughout is fine
+  c.export.hf = False
+  config_lib.validate(c)
+
+
+def test_pipeline_reserves_virtual_slots_in_every_packed_example(tmp_path):
+  from jaxsft.data import pipeline
+  files = train_fixtures.write_data(tmp_path / "data")
+  tok = hf.load_tokenizer(files["tokenizer"])
+  data = dict(datasets=[str(files["chat"])], template="chatml",
+              cache_dir=str(tmp_path / "cache"))
+  pipe = pipeline.build(data, tok, seq_len=64, virtual_tokens=3)
+  batch = next(pipe.batches(4))
+  n_segments = 0
+  for r in range(4):
+    seg = batch["segment_ids"][r]
+    for s in set(seg[seg > 0].tolist()):
+      at = np.flatnonzero(seg == s)
+      tokens, mask = batch["tokens"][r, at], batch["loss_mask"][r, at]
+      assert tokens[:3].tolist() == [-1, -2, -3] and (tokens[3:] >= 0).all()
+      assert mask[:3].tolist() == [0, 0, 0] and mask[3:].any()
+      assert batch["positions"][r, at].tolist() == list(range(len(at)))
+      n_segments += 1
+  assert n_segments > 4  # rows hold several examples, each with its own slots
+  with pytest.raises(ValueError, match="max_length=62 is longer than seq_len=64 minus 3 virtual"):
+    pipeline.build({**data, "max_length": 62}, tok, seq_len=64, virtual_tokens=3)

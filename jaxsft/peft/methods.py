@@ -43,6 +43,8 @@ from jaxsft.peft import lora as lora_lib
 METHODS = ("full", "lora", "dora", "full_then_lora", "freeze", "adapter", "prompt", "p_tuning",
            "prefix")
 LORA_METHODS = ("lora", "dora", "full_then_lora")
+# Methods whose additions have no exact merged form (the model stays a jaxsft one).
+UNMERGEABLE = ("prompt", "p_tuning", "prefix", "adapter")
 # Methods whose trainable weights a PEFT adapter directory can hold.
 PEFT_FORMATS = ("lora", "dora", "full_then_lora", "prompt", "p_tuning", "prefix")
 
