@@ -240,7 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = prompt_tokens(tokenizer, args.prompt, args.chat, args.system)
     if not tokens:
       raise ValueError("the prompt is empty after tokenization; give a non-empty --prompt")
-    context = cfg.max_position_embeddings
+    # Prompt/prefix tuning's virtual tokens take the first positions.
+    a = cfg.adapters
+    context = cfg.max_position_embeddings - (
+        (a.virtual_tokens or a.prefix_tokens) if a is not None else 0)
     if len(tokens) >= context:
       raise ValueError(f"the prompt is {len(tokens)} tokens, but the model's context is "
                        f"{context} tokens (max_position_embeddings); shorten the prompt")
