@@ -31,10 +31,20 @@ A stage (``stage(**overrides)``):
               rows carry several labels) | reward (scalar head on pairwise rows,
               -log sigmoid(r_chosen - r_rejected)). A cls/reward stage replaces
               the lm_head by a score head (models/heads.py); no LM stage may follow
-  method      full | lora | dora | full_then_lora (jaxsft/peft/methods.py); its knobs
-              in ``peft``: targets ("all-linear", names such as ["q_proj", "v_proj"],
-              or a regex), rank, alpha, rslora, dropout, init, switch_at (the
-              fraction of steps trained in full before LoRA), train_modules
+  method      full | lora | dora | full_then_lora | prompt | p_tuning | prefix | adapter |
+              freeze (jaxsft/peft/methods.py); the knobs live in ``peft``:
+                lora/dora/full_then_lora: targets ("all-linear", names such as
+                  ["q_proj", "v_proj"], or a regex), rank, alpha, rslora, dropout,
+                  init, switch_at (the fraction of steps trained in full before LoRA)
+                prompt: virtual_tokens, prompt_init_text (None: random init)
+                p_tuning: virtual_tokens, encoder ("mlp" | "lstm"), encoder_hidden
+                  (None: the model width)
+                prefix: virtual_tokens, prefix_projection_hidden (0: prefixes learned
+                  directly; > 0: PEFT's reparameterization MLP of that width)
+                adapter: bottleneck_size
+                freeze: train_layers (the last N layers train), train_modules
+                any method: train_modules, a regex over parameter paths
+                  ("layers/mlp", "embed", "final_norm") that also trains
   lr          peak learning rate. SFT uses about 0.1x the pre-training lr
               (e.g. 1e-5..2e-5 for 7B-70B chat models, 1e-4 for small ones)
   lr_groups   {regex over parameter paths: lr multiplier}, first match wins,
@@ -76,9 +86,7 @@ from jaxsft.sharding import MESH_AXES
 
 OBJECTIVES = ("lm", "sft", "cls", "reward")
 LATER_OBJECTIVES = ()
-# Methods not yet wired are refused with a pointer (they arrive in steps).
-LATER_METHODS = ("freeze", "adapter", "prefix", "prompt", "p_tuning")
-METHODS = tuple(m for m in peft_methods.METHODS if m not in LATER_METHODS)
+METHODS = peft_methods.METHODS
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -180,8 +188,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "config.stages.sft = jaxsft.config.stage(lr=1e-5, data=dict(datasets=[...]))")
   for name, s in config.stages.items():
     validate_stage(name, s)
+  _check_unmergeable(config)
   if config.export.dtype is not None:
     _one_of(config.export.dtype, DTYPES, "config.export.dtype")
+
+
+def _check_unmergeable(config: ml_collections.ConfigDict) -> None:
+  """Prompt/prefix tuning and bottleneck adapters have no merged form: nothing
+  can follow them but more of the same, and they cannot be exported as HF weights."""
+  names = list(config.stages.keys())
+  for a, b in zip(names, names[1:]):
+    sa, sb = config.stages[a], config.stages[b]
+    if sa.method in peft_methods.UNMERGEABLE and (
+        sb.method != sa.method
+        or peft_methods.adapters_for(sa.method, sa.peft) != peft_methods.adapters_for(
+            sb.method, sb.peft)):
+      raise ValueError(
+          f"config.stages.{b}: stage {a!r} trains {sa.method!r}, which cannot be merged into "
+          f"the weights, so stage {b!r} cannot start from a plain model; give {b!r} the same "
+          f"method and peft settings, or make {a!r} the last stage")
+  last = config.stages[names[-1]]
+  if config.export.hf and last.method in peft_methods.UNMERGEABLE:
+    raise ValueError(
+        f"config.export.hf: the last stage trains {last.method!r}, which has no merged Hugging "
+        "Face form; set export.hf=False and use python -m jaxsft.export --peft"
+        + (" (bottleneck adapters have no PEFT format either: keep the jaxsft checkpoint)"
+           if last.method == "adapter" else ""))
 
 
 def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
@@ -190,7 +222,7 @@ def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
   _check_keys(s.data, stage_defaults().data, f"{where}.data")
   _check_keys(s.peft, stage_defaults().peft, f"{where}.peft")
   _one_of(s.objective, OBJECTIVES, f"{where}.objective", LATER_OBJECTIVES)
-  _one_of(s.method, METHODS, f"{where}.method", LATER_METHODS)
+  _one_of(s.method, METHODS, f"{where}.method")
   peft_methods.validate(s.method, s.peft, where)
   _one_of(s.schedule, SCHEDULES, f"{where}.schedule")
   if not s.data.datasets:

@@ -30,6 +30,7 @@ from jaxsft import checkpoint
 from jaxsft import hf
 from jaxsft.models import llama
 from jaxsft.models.model_config import ModelConfig
+from jaxsft.peft import prompts as prompts_lib
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -73,7 +74,7 @@ def _generate_padded(cfg: ModelConfig, params, tokens, valid, max_new_tokens, eo
   positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
   # Slots: P for the prompt, then one per fed-back token (the last new token is
   # never fed back, so max_out - 1 would do; one spare keeps the arithmetic plain).
-  cache = llama.init_cache(cfg, b, p + max_out)
+  cache = llama.init_cache(cfg, b, p + max_out, params=params)  # prefixes, if any, first
   # Prefill. Its logits are unused, so XLA drops the [B, P, V] projection.
   _, cache = llama.decode_step(cfg, params, cache, tokens, positions, valid)
   # The loop's first step re-runs the last prompt token in its own slot: that
@@ -141,6 +142,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
   if out_of_vocab:
     raise ValueError(f"token ids {out_of_vocab[:5]} are outside the vocabulary "
                      f"[0, {cfg.vocab_size}); was the prompt tokenized for another model?")
+  n_virtual = cfg.adapters.virtual_tokens if cfg.adapters is not None else 0
+  if n_virtual:  # prompt tuning / P-tuning: the virtual tokens stand before every prompt
+    prompts = [prompts_lib.virtual_ids(n_virtual).tolist() + list(p) for p in prompts]
   eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
   pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
 
@@ -239,7 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = prompt_tokens(tokenizer, args.prompt, args.chat, args.system)
     if not tokens:
       raise ValueError("the prompt is empty after tokenization; give a non-empty --prompt")
-    context = cfg.max_position_embeddings
+    # Prompt/prefix tuning's virtual tokens take the first positions.
+    a = cfg.adapters
+    context = cfg.max_position_embeddings - (
+        (a.virtual_tokens or a.prefix_tokens) if a is not None else 0)
     if len(tokens) >= context:
       raise ValueError(f"the prompt is {len(tokens)} tokens, but the model's context is "
                        f"{context} tokens (max_position_embeddings); shorten the prompt")

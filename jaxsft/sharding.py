@@ -83,7 +83,7 @@ def axis_letters(path: tuple[str, ...], ndim: int) -> str:
   """The axis letters of the parameter at ``path`` (e.g. ('layers','attn','q_dnh') -> 'Ldnh')."""
   name = path[-1]
   letters = name.rsplit("_", 1)[-1] if "_" in name else ""
-  if "layers" in path:
+  if "layers" in path or "layers_frozen" in path:  # stacked (freeze tuning splits the stack)
     letters = "L" + letters
   assert len(letters) == ndim, f"parameter {'/'.join(path)}: name says {letters!r} but ndim={ndim}"
   return letters

@@ -410,7 +410,8 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                      f"context of {cfg.max_position_embeddings} tokens (max_position_embeddings)")
 
   pipe = data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len, seed=config.seed,
-                             objective=stage.objective, label_names=cfg.label_names or None)
+                             objective=stage.objective, label_names=cfg.label_names or None,
+                             virtual_tokens=peft_methods.virtual_tokens(stage))
   cfg, params = _with_head(name, stage.objective, cfg, params, pipe, mesh, config.seed)
   keys = batch_keys(stage.objective)
   steps = _total_steps(stage, pipe, batch)
@@ -429,7 +430,8 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   latest = manager.latest_step()
   # full_then_lora checkpoints up to the switch hold the full phase's state.
   phase = 0 if switch is not None and (latest is None or latest <= switch) else 1
-  cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase)
+  cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase,
+                                     tokenizer=run.tokenizer, where=f"config.stages.{name}")
   ph = _Phase(cfg, params, stage, steps, mesh, config.seed)
 
   data_state = None
@@ -525,13 +527,15 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
       manager.wait_until_finished()
     manager.close()
 
-  checkpoint_lib.save_model(stage_dir / "final", state.params, ph.cfg,
+  # The final model is in the canonical layout (freeze tuning's split stack joined).
+  final_cfg, final_params = peft_methods.canonical(ph.cfg, state.params)
+  checkpoint_lib.save_model(stage_dir / "final", final_params, final_cfg,
                             tokenizer_src=run.tokenizer_dir, overwrite=True)
-  if (ph.cfg.adapters is not None and base_model is not None and incoming_adapters is None
+  if (final_cfg.adapters is not None and base_model is not None and incoming_adapters is None
       and stage.method != "full_then_lora" and jax.process_index() == 0):
     (stage_dir / "final" / peft_export.BASE_FILE).write_text(
         json.dumps({"base_model_name_or_path": base_model}) + "\n")
-  return ph.cfg, state.params
+  return final_cfg, final_params
 
 
 def _stable_hash(text: str) -> int:

@@ -97,8 +97,11 @@ def run(config, stage: str | None = None, show: int = 3, score_with: str | None 
   if score_with and objective in ("cls", "reward"):
     raise ValueError(f"--score-with scores answers; a {objective} stage has none (its marked "
                      "tokens are where sequences are scored)")
+  # Prompt tuning reserves virtual slots in every example, as the trainer does.
+  virtual = (int(_get(_get(st, "peft", {}) or {}, "virtual_tokens", 0))
+             if _get(st, "method") in ("prompt", "p_tuning") else 0)
   pipe = pipeline.build(_get(st, "data"), tokenizer, seq_len=seq_len, seed=_get(config, "seed", 0),
-                        objective=objective)
+                        objective=objective, virtual_tokens=virtual)
   color = out.isatty() if color is None else color
 
   order = pipe.stream.epoch(0).items[:show]

@@ -463,17 +463,19 @@ def _unique_names(specs: list[dict], taken: set[str]) -> list[str]:
 
 class _Pool:
   """Examples chosen from several tokenized datasets, named by global ids:
-  dataset d's j-th pick is ``offsets[d] + j``."""
+  dataset d's j-th pick is ``offsets[d] + j``. With ``virtual`` > 0 every
+  example starts with that many virtual-token slots (ids -1, -2, …; no loss)."""
 
-  def __init__(self, parts: list[Tokenized], picks: list[np.ndarray]):
-    self.parts, self.picks = parts, picks
+  def __init__(self, parts: list[Tokenized], picks: list[np.ndarray], virtual: int = 0):
+    self.parts, self.picks, self.virtual = parts, picks, virtual
     self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in picks])]).astype(np.int64)
+    self._virtual_ids = -(1 + np.arange(virtual, dtype=np.int32))
 
   def __len__(self) -> int:
     return int(self.offsets[-1])
 
   def lengths(self, d: int) -> np.ndarray:
-    return self.parts[d].lengths[self.picks[d]]
+    return self.parts[d].lengths[self.picks[d]] + self.virtual
 
   def locate(self, gid: int) -> tuple[int, int]:
     """(dataset, kept example) of a global id."""
@@ -482,7 +484,11 @@ class _Pool:
 
   def get(self, gid: int) -> tuple[np.ndarray, np.ndarray]:
     d, k = self.locate(gid)
-    return self.parts[d].example(k)
+    ids, mask = self.parts[d].example(k)
+    if not self.virtual:
+      return ids, mask
+    return (np.concatenate([self._virtual_ids, np.asarray(ids, np.int32)]),
+            np.concatenate([np.zeros(self.virtual, np.asarray(mask).dtype), mask]))
 
   def labels(self, gid: int) -> list[str]:
     d, k = self.locate(gid)
@@ -650,16 +656,19 @@ class Pipeline:
 
 def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int = 0,
           cache_dir: str | None = None, objective: str = "sft",
-          label_names: Sequence[str] | None = None) -> Pipeline:
+          label_names: Sequence[str] | None = None, virtual_tokens: int = 0) -> Pipeline:
   """The pipeline of one stage: tokenize (or load from cache) every dataset,
   hold out eval examples, and set up the mixture and its packed stream.
 
   ``cache_dir`` is used when ``data_cfg.cache_dir`` is unset (default: see
   ``default_cache_dir``). ``objective`` cls or reward builds a task head's
   pipeline (module doc); ``label_names``, a cls model's existing labels, fixes
-  the label set (training labels outside it are an error). Every problem a
-  config or file can cause is a ``ValueError`` naming the dataset (and file
-  and row where there is one).
+  the label set (training labels outside it are an error). ``virtual_tokens``
+  P > 0 (prompt tuning) reserves P slots at the start of every example, token
+  ids -1..-P with no loss, where the model puts its learned virtual
+  embeddings; examples then get at most seq_len - P tokens of their own. Every
+  problem a config or file can cause is a ``ValueError`` naming the dataset
+  (and file and row where there is one).
   """
   head = objective if objective in templates.HEAD_KINDS else None
   cfg = resolve_config(data_cfg)
@@ -668,10 +677,14 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
                      "datasets=[dict(path='train.jsonl')]")
   if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
     raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-  max_length = cfg["max_length"] or seq_len
-  if max_length > seq_len:
-    raise ValueError(f"data.max_length={max_length} is longer than seq_len={seq_len}: an example "
-                     "must fit in one row; lower max_length or raise seq_len")
+  if virtual_tokens < 0 or virtual_tokens >= seq_len:
+    raise ValueError(f"{virtual_tokens} virtual tokens leave no room in rows of seq_len={seq_len}; "
+                     "lower peft.virtual_tokens or raise seq_len")
+  max_length = cfg["max_length"] or seq_len - virtual_tokens
+  if max_length > seq_len - virtual_tokens:
+    extra = f" minus {virtual_tokens} virtual tokens" if virtual_tokens else ""
+    raise ValueError(f"data.max_length={max_length} is longer than seq_len={seq_len}{extra}: an "
+                     "example must fit in one row; lower max_length or raise seq_len")
   cache_dir = cfg["cache_dir"] or cache_dir or default_cache_dir()
   pad_id = cfg["pad_id"]
   if pad_id is None:
@@ -695,7 +708,7 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
     held = _holdout(len(part), cfg["eval_fraction"], seed, d, part.name)
     train_picks.append(np.setdiff1d(np.arange(len(part)), held))
     eval_picks.append(held)
-  train = _Pool(parts, train_picks)
+  train = _Pool(parts, train_picks, virtual_tokens)
 
   eval_names = _unique_names(cfg["eval_datasets"], taken)
   eval_parts = [tok(spec, name) for spec, name in zip(cfg["eval_datasets"], eval_names)]
@@ -705,7 +718,7 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
   eval_pool = None
   if cfg["eval_fraction"] > 0 or eval_parts:
     eval_pool = _Pool(parts + eval_parts,
-                      eval_picks + [np.arange(len(p)) for p in eval_parts])
+                      eval_picks + [np.arange(len(p)) for p in eval_parts], virtual_tokens)
 
   mix = mixture.Mixture([mixture.Part(p.name, len(picks), spec["weight"], spec["epochs"])
                          for p, picks, spec in zip(parts, train_picks, cfg["datasets"])], seed)

@@ -228,3 +228,22 @@ def cached_attention(q, k_cache, v_cache, *, q_slots, q_positions, k_positions, 
   mask = attention_mask(q_slots, k_slots, jnp.ones((b, t), jnp.int32), k_valid.astype(jnp.int32),
                         q_positions, k_positions, sliding_window)
   return _xla_attention(q, k_cache, v_cache, mask, 1.0 / math.sqrt(q.shape[-1]))
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, *, segment_ids, positions, sliding_window):
+  """``dot_product_attention`` (XLA path) with P extra key/value slots that every
+  query sees: prefix tuning. ``prefix_k``/``prefix_v`` [B, P, K, H] sit at
+  positions 0..P-1 (``positions`` of the real tokens start at P), before every
+  packed segment; the sliding window applies to them as to any key."""
+  b, t = segment_ids.shape
+  p = prefix_k.shape[1]
+  slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+  own = attention_mask(slots, slots, segment_ids, segment_ids, positions, positions,
+                       sliding_window)
+  prefix = jnp.ones((b, t, p), bool)
+  if sliding_window is not None:
+    prefix &= (positions[:, :, None] - jnp.arange(p)[None, None, :]) < sliding_window
+  mask = jnp.concatenate([prefix, own], axis=-1)
+  keys = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
+  values = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
+  return _xla_attention(q, keys, values, mask, 1.0 / math.sqrt(q.shape[-1]))

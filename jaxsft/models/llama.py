@@ -22,7 +22,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxsft.models import attention as attn_lib
 from jaxsft.models import mixtral
 from jaxsft.models.model_config import ModelConfig
+from jaxsft.peft import adapters as adapters_lib
 from jaxsft.peft import lora as lora_lib
+from jaxsft.peft import prompts as prompts_lib
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -61,7 +63,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, segment_ids, positions, layer_cache, decode):
+  def __call__(self, x, cos, sin, segment_ids, positions, layer_cache, decode, prefix=None):
     cfg = self.cfg
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
@@ -76,7 +78,13 @@ class Attention(nn.Module):
     q = attn_lib.apply_rope(q, cos, sin)
     key = attn_lib.apply_rope(key, cos, sin)
 
-    if decode is None:
+    if decode is None and prefix is not None:  # prefix tuning: XLA path only
+      b = x.shape[0]
+      pk, pv = (jnp.broadcast_to(t.astype(dt), (b,) + t.shape) for t in prefix)
+      out = attn_lib.prefix_attention(q, key, val, pk, pv, segment_ids=segment_ids,
+                                      positions=positions, sliding_window=cfg.sliding_window)
+      new_cache = None
+    elif decode is None:
       out = attn_lib.dot_product_attention(
           q, key, val, segment_ids=segment_ids, positions=positions,
           sliding_window=cfg.sliding_window, impl=cfg.attention)
@@ -124,10 +132,14 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, segment_ids, positions, decode, layer_cache):
+  def __call__(self, x, cos, sin, segment_ids, positions, decode, layer_cache, prefix):
     cfg = self.cfg
+    bottleneck = cfg.adapters is not None and cfg.adapters.bottleneck_size > 0
     h, new_cache = Attention(cfg, name="attn")(
-        RMSNorm(cfg, name="attn_norm")(x), cos, sin, segment_ids, positions, layer_cache, decode)
+        RMSNorm(cfg, name="attn_norm")(x), cos, sin, segment_ids, positions, layer_cache, decode,
+        prefix)
+    if bottleneck:
+      h = adapters_lib.Bottleneck(cfg, name="adapter_attn")(h)
     x = x + h
     normed = RMSNorm(cfg, name="mlp_norm")(x)
     if cfg.is_moe:
@@ -135,6 +147,8 @@ class DecoderLayer(nn.Module):
       h, stats = mixtral.MoE(cfg, name="moe")(normed, valid)
     else:
       h, stats = MLP(cfg, name="mlp")(normed), None
+    if bottleneck:
+      h = adapters_lib.Bottleneck(cfg, name="adapter_mlp")(h)
     return x + h, (new_cache, stats)
 
 
@@ -155,13 +169,19 @@ class Embed(nn.Module):
       self.lora_b_rd = self.param("embedding_lora_b_rd", nn.initializers.normal(1.0),
                                   (a.lora_rank, cfg.hidden_size), pdt)
 
-  def __call__(self, tokens):
+  def __call__(self, tokens, virtual=None):
+    """Embeddings [B,T,D] of ``tokens``; with ``virtual`` [P, D] (prompt tuning),
+    the slots marked -(1 + j) get the j-th virtual embedding."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    x = self.embedding_vd[tokens].astype(dt)
+    ids = jnp.maximum(tokens, 0)
+    x = self.embedding_vd[ids].astype(dt)
     if hasattr(self, "lora_a_vr"):
       x = x + cfg.adapters.lora_scale * jnp.einsum(
-          "BTR,RD->BTD", self.lora_a_vr[tokens].astype(dt), self.lora_b_rd.astype(dt))
+          "BTR,RD->BTD", self.lora_a_vr[ids].astype(dt), self.lora_b_rd.astype(dt))
+    if virtual is not None:
+      slot = jnp.clip(-tokens - 1, 0, virtual.shape[0] - 1)
+      x = jnp.where((tokens < 0)[..., None], virtual[slot].astype(dt), x)
     return x
 
 
@@ -205,27 +225,64 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
+    a = cfg.adapters
     layer = DecoderLayer
     if cfg.remat != "none":
       layer = nn.remat(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
-    self.layers = nn.scan(
-        layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * 5 + (0,), length=cfg.num_layers,
-        unroll=min(cfg.scan_unroll, cfg.num_layers))(cfg)
+
+    def stack(length):
+      return nn.scan(
+          layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast,) * 5 + (0, 0), length=length,
+          unroll=min(cfg.scan_unroll, length))(cfg)
+
+    # Freeze tuning keeps the first F layers in their own stack, a constant of the step.
+    frozen = a.frozen_layers if a is not None else 0
+    if frozen:
+      self.layers_frozen = stack(frozen)
+    self.layers = stack(cfg.num_layers - frozen)
     self.embed = Embed(cfg)
     self.final_norm = RMSNorm(cfg)
     if cfg.has_head:  # a classifier / reward model has a score head instead of an lm_head
       self.score = ScoreHead(cfg)
     elif not cfg.tie_word_embeddings:
       self.lm_head = LMHead(cfg)
+    if a is not None and a.prompt_tokens:
+      self.prompt = prompts_lib.Prompt(cfg)
+    if a is not None and a.prefix_tokens:
+      self.prefix = prompts_lib.Prefix(cfg)
 
   def __call__(self, tokens, positions, segment_ids, decode=None, cache=None):
-    """Final hidden states [B,T,D], the updated per-layer (k, v) cache, MoE stats."""
+    """Final hidden states [B,T,D], the updated per-layer (k, v) cache, MoE stats.
+    ``positions`` are the model's own (offset past prefix-tuning slots, see
+    ``model_positions``)."""
     cfg = self.cfg
-    x = self.embed(tokens)
+    x = self.embed(tokens, self.prompt() if hasattr(self, "prompt") else None)
     cos, sin = attn_lib.rope_tables(cfg, positions)
-    x, (new_cache, stats) = self.layers(x, cos, sin, segment_ids, positions, decode, cache)
-    return self.final_norm(x), new_cache, stats
+    # Prefixes enter the training forward; decoding finds them in the cache.
+    prefix = self.prefix() if hasattr(self, "prefix") and decode is None else None
+    if not hasattr(self, "layers_frozen"):
+      x, (new_cache, stats) = self.layers(x, cos, sin, segment_ids, positions, decode, cache,
+                                          prefix)
+      return self.final_norm(x), new_cache, stats
+    f = cfg.adapters.frozen_layers
+    head = lambda tree: jax.tree_util.tree_map(lambda t: t[:f], tree)  # noqa: E731
+    tail = lambda tree: jax.tree_util.tree_map(lambda t: t[f:], tree)  # noqa: E731
+    x, (cache_a, stats_a) = self.layers_frozen(x, cos, sin, segment_ids, positions, decode,
+                                               head(cache), head(prefix))
+    x, (cache_b, stats_b) = self.layers(x, cos, sin, segment_ids, positions, decode,
+                                        tail(cache), tail(prefix))
+    join = lambda a, b: jax.tree_util.tree_map(  # noqa: E731
+        lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
+    return self.final_norm(x), join(cache_a, cache_b), join(stats_a, stats_b)
+
+  def prefix_kv(self):
+    """Prefix tuning's (keys, values), each [L, P, K, H]."""
+    return self.prefix()
+
+  def virtual_embeddings(self):
+    """Prompt tuning's [P, D] virtual-token embeddings (P-tuning: the encoder's output)."""
+    return self.prompt()
 
   def unembedding(self):
     """The [D, V] output projection (the embedding's transpose when tied)."""
@@ -261,6 +318,19 @@ def _defaults(tokens, positions, segment_ids):
   return positions, segment_ids
 
 
+def prefix_tokens(cfg: ModelConfig) -> int:
+  """Key/value slots prefix tuning puts before every sequence (0: none)."""
+  return cfg.adapters.prefix_tokens if cfg.adapters is not None else 0
+
+
+def model_positions(cfg: ModelConfig, positions):
+  """The positions the model computes with: the tokens' own, shifted by P
+  with prefix tuning (the prefixes hold positions 0..P-1, as PEFT's past
+  key/values do)."""
+  p = prefix_tokens(cfg)
+  return positions + p if p else positions
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
   """Randomly initialized parameters (normal(initializer_range), unit norms, zero biases)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
@@ -287,7 +357,8 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions=None, segment_ids=
   is deterministic.
   """
   positions, segment_ids = _defaults(tokens, positions, segment_ids)
-  hidden, _, stats = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
+  hidden, _, stats = Transformer(cfg).apply({"params": params}, tokens,
+                                            model_positions(cfg, positions), segment_ids,
                                             rngs=_rngs(dropout_rng))
   return hidden, _aux(cfg, stats, tokens, segment_ids)
 
@@ -303,7 +374,8 @@ def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None,
   """fp32 logits [B,T,V] and auxiliary outputs; see ``hidden_states``."""
   _require_lm(cfg)
   positions, segment_ids = _defaults(tokens, positions, segment_ids)
-  logits, stats = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
+  logits, stats = Transformer(cfg).apply({"params": params}, tokens,
+                                         model_positions(cfg, positions), segment_ids,
                                          method=Transformer.forward_logits,
                                          rngs=_rngs(dropout_rng))
   return logits, _aux(cfg, stats, tokens, segment_ids)
@@ -326,16 +398,30 @@ def _aux(cfg: ModelConfig, stats, tokens, segment_ids) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- decoding
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-  """An empty KV cache for ``max_len`` slots: k/v [L,B,S,K,H], slot positions and validity."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, params=None) -> dict:
+  """An empty KV cache for ``max_len`` slots: k/v [L,B,S,K,H], slot positions and validity.
+
+  With prefix tuning (``params`` needed) the cache has P more slots, the first
+  P holding the prefixes (positions 0..P-1), and writing starts after them.
+  """
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {
+  p = prefix_tokens(cfg)
+  shape = (cfg.num_layers, batch, p + max_len, cfg.num_kv_heads, cfg.head_dim)
+  cache = {
       "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-      "positions": jnp.zeros((batch, max_len), jnp.int32),
-      "valid": jnp.zeros((batch, max_len), bool),
-      "index": jnp.zeros((), jnp.int32),
+      "positions": jnp.zeros((batch, p + max_len), jnp.int32),
+      "valid": jnp.zeros((batch, p + max_len), bool),
+      "index": jnp.full((), p, jnp.int32),
   }
+  if p:
+    assert params is not None, "prefix tuning: init_cache needs the params (the prefixes)"
+    keys, values = Transformer(cfg).apply({"params": params}, method=Transformer.prefix_kv)
+    fill = lambda t: jnp.broadcast_to(t[:, None].astype(dtype), (shape[0], batch) + t.shape[1:])  # noqa: E731
+    cache["k"] = cache["k"].at[:, :, :p].set(fill(keys))
+    cache["v"] = cache["v"].at[:, :, :p].set(fill(values))
+    cache["positions"] = cache["positions"].at[:, :p].set(jnp.arange(p, dtype=jnp.int32))
+    cache["valid"] = cache["valid"].at[:, :p].set(True)
+  return cache
 
 
 def decode_step(cfg: ModelConfig, params, cache: dict, tokens, positions, valid):
@@ -347,6 +433,7 @@ def decode_step(cfg: ModelConfig, params, cache: dict, tokens, positions, valid)
   _require_lm(cfg)
   b, t = tokens.shape
   index = cache["index"]
+  positions = model_positions(cfg, positions)
   slot_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, index, 1)
   slot_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid, index, 1)
   decode = {

@@ -54,6 +54,7 @@ class Adapters:
   prompt_encoder_hidden: int = 0
   prefix_tokens: int = 0
   prefix_projection_hidden: int = 0  # 0: prefixes are learned directly
+  frozen_layers: int = 0  # freeze tuning: the first F layers in their own stack
 
   def __post_init__(self):
     problems = []
@@ -73,10 +74,12 @@ class Adapters:
       problems.append(f"lora_init={self.lora_init!r} is not 'kaiming' or 'gaussian'")
     if self.prompt_encoder not in PROMPT_ENCODERS:
       problems.append(f"prompt_encoder={self.prompt_encoder!r} is not one of {PROMPT_ENCODERS}")
+    if self.prompt_tokens and self.prefix_tokens:
+      problems.append("prompt tuning and prefix tuning cannot be combined in one model")
     if self.prompt_encoder != "none" and not self.prompt_tokens:
       problems.append("a prompt encoder needs prompt_tokens > 0")
     for name in ("bottleneck_size", "prompt_tokens", "prompt_encoder_hidden", "prefix_tokens",
-                 "prefix_projection_hidden"):
+                 "prefix_projection_hidden", "frozen_layers"):
       if getattr(self, name) < 0:
         problems.append(f"{name}={getattr(self, name)} must be >= 0")
     if problems:
@@ -202,6 +205,10 @@ class ModelConfig:
     if self.problem_type == "regression" and self.num_labels != 1:
       problems.append(f"problem_type regression (a reward model) needs num_labels=1, got "
                       f"{self.num_labels}")
+    a = self.adapters
+    if a is not None and a.frozen_layers >= self.num_layers:
+      problems.append(f"adapters.frozen_layers={a.frozen_layers} must be below "
+                      f"num_layers={self.num_layers}")
     if problems:
       raise ValueError("invalid model config: " + "; ".join(problems))
 

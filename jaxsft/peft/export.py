@@ -6,6 +6,13 @@ and ``adapter_model.safetensors`` with PEFT's key names, e.g.
 tokenizer files. LoRA and DoRA factors are written per layer in PEFT's
 layout (``lora_A`` [r, in], ``lora_B`` [out, r], ``lora_magnitude_vector``
 [out]); see ``jaxsft.peft.lora`` for how they map.
+
+Prompt tuning, P-tuning and prefix tuning write PEFT's single tensor
+``prompt_embeddings``: the [P, D] virtual embeddings (for P-tuning the
+encoder's output, which PEFT uses in inference mode), or for prefix tuning
+the [P, L·2·K·H] key/value prefixes (projection applied; PEFT's
+``num_attention_heads`` and ``token_dim`` are the kv heads K and K·H, as
+``get_peft_model`` sets them for a GQA model).
 """
 from __future__ import annotations
 
@@ -16,8 +23,10 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxsft.models import llama
 from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import lora as lora_lib
+from jaxsft.peft import prompts as prompts_lib
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -77,6 +86,40 @@ def lora_config(cfg: ModelConfig, base_model: str | None) -> dict[str, Any]:
   }
 
 
+def prompt_config(cfg: ModelConfig, base_model: str | None) -> dict[str, Any]:
+  """PEFT's adapter_config.json of the prompt-learning method in ``cfg.adapters``."""
+  a = cfg.adapters
+  common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "num_transformer_submodules": 1, "num_layers": cfg.num_layers,
+            "inference_mode": True, "modules_to_save": None}
+  if a.prefix_tokens:
+    return {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": a.prefix_tokens,
+            "token_dim": cfg.num_kv_heads * cfg.head_dim,
+            "num_attention_heads": cfg.num_kv_heads,
+            # The projection is applied: the file holds the prefixes themselves.
+            "prefix_projection": False,
+            "encoder_hidden_size": a.prefix_projection_hidden or cfg.hidden_size}
+  out = {**common, "num_virtual_tokens": a.prompt_tokens, "token_dim": cfg.hidden_size,
+         "num_attention_heads": cfg.num_heads}
+  if a.prompt_encoder == "none":
+    return {**out, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM"}
+  return {**out, "peft_type": "P_TUNING",
+          "encoder_reparameterization_type": a.prompt_encoder.upper(),
+          "encoder_hidden_size": a.prompt_encoder_hidden or cfg.hidden_size,
+          "encoder_num_layers": 2, "encoder_dropout": 0.0}
+
+
+def prompt_tensors(cfg: ModelConfig, params, dtype=np.float32) -> dict[str, np.ndarray]:
+  """PEFT's state dict of a prompt-learning adapter: ``prompt_embeddings``."""
+  model = llama.Transformer(cfg)
+  if cfg.adapters.prefix_tokens:
+    keys, values = model.apply({"params": params}, method=llama.Transformer.prefix_kv)
+    table = prompts_lib.prefix_flat(keys, values)
+  else:
+    table = _np(model.apply({"params": params}, method=llama.Transformer.virtual_embeddings))
+  return {"prompt_embeddings": np.ascontiguousarray(table.astype(dtype))}
+
+
 def save_adapter(cfg: ModelConfig, params, out_dir: pathlib.Path, base_model: str | None,
                  dtype=np.float32) -> pathlib.Path:
   """Write the adapters of ``cfg``/``params`` as a PEFT directory in ``out_dir``
@@ -88,10 +131,16 @@ def save_adapter(cfg: ModelConfig, params, out_dir: pathlib.Path, base_model: st
   if a.bottleneck_size:
     raise ValueError("bottleneck adapters have no PEFT format (and no exact merged form); "
                      "keep the jaxsft checkpoint, or train LoRA/DoRA for an exportable adapter")
-  if not a.lora_targets:
+  prompt = a.prompt_tokens or a.prefix_tokens
+  if prompt and a.lora_targets:
+    raise ValueError("a PEFT directory holds one method; this checkpoint combines LoRA with "
+                     "prompt/prefix tuning")
+  if not (a.lora_targets or prompt):
     raise ValueError("this checkpoint's adapters have no PEFT export yet")
-  tensors = lora_tensors(cfg, params, dtype)
+  if prompt:
+    tensors, config = prompt_tensors(cfg, params, dtype), prompt_config(cfg, base_model)
+  else:
+    tensors, config = lora_tensors(cfg, params, dtype), lora_config(cfg, base_model)
   save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-  (out_dir / ADAPTER_CONFIG).write_text(
-      json.dumps(lora_config(cfg, base_model), indent=2, sort_keys=True) + "\n")
+  (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
   return out_dir

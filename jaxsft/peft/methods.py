@@ -7,11 +7,18 @@ Methods (a stage's ``method``; the knobs live in ``stage.peft``):
   full_then_lora  ``full`` for the first ``peft.switch_at`` of the stage's steps, then
                   LoRA on top of the updated weights (the trainer does the switch)
   freeze          only the last ``peft.train_layers`` layers and/or the modules
-                  matching ``peft.train_modules`` train
+                  matching ``peft.train_modules`` train (the frozen layers are split
+                  into their own stack for the stage: no gradient flows through them)
   adapter         bottleneck adapters (size ``peft.bottleneck_size``) train
-  prompt          prompt tuning: ``peft.virtual_tokens`` learned embeddings
-  p_tuning        the same virtual tokens, produced by an MLP/LSTM prompt encoder
-  prefix          prefix tuning: learned per-layer key/value prefixes
+  prompt          prompt tuning: ``peft.virtual_tokens`` learned embeddings before every
+                  example, initialized from the tokens of ``peft.prompt_init_text``
+                  (repeated or cut to length, as PEFT's TEXT init) or at random
+  p_tuning        the same virtual tokens, produced by a prompt encoder
+                  (``peft.encoder`` "mlp" or "lstm", hidden width ``peft.encoder_hidden``,
+                  default the model width)
+  prefix          prefix tuning: ``peft.virtual_tokens`` learned key/value slots per layer
+                  (reparameterized through an MLP of width ``peft.prefix_projection_hidden``
+                  when > 0)
 
 Whatever the method, ``peft.train_modules`` (a regex over parameter paths such
 as ``"embed|final_norm"``) adds parameters to the trainable set, and task
@@ -19,6 +26,7 @@ heads always train.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -35,6 +43,8 @@ from jaxsft.peft import lora as lora_lib
 METHODS = ("full", "lora", "dora", "full_then_lora", "freeze", "adapter", "prompt", "p_tuning",
            "prefix")
 LORA_METHODS = ("lora", "dora", "full_then_lora")
+# Methods whose additions have no exact merged form (the model stays a jaxsft one).
+UNMERGEABLE = ("prompt", "p_tuning", "prefix", "adapter")
 # Methods whose trainable weights a PEFT adapter directory can hold.
 PEFT_FORMATS = ("lora", "dora", "full_then_lora", "prompt", "p_tuning", "prefix")
 
@@ -76,6 +86,24 @@ def lora_targets(spec, where: str = "stage.peft.targets") -> tuple[str, ...]:
 
 def validate(method: str, peft, where: str) -> None:
   """Check ``stage.peft`` for ``method``; ValueError naming the key."""
+  if method in ("prompt", "p_tuning", "prefix") and peft.virtual_tokens < 1:
+    raise ValueError(f"{where}.peft.virtual_tokens={peft.virtual_tokens} must be a positive "
+                     "integer (the number of virtual tokens, e.g. 20)")
+  if method == "p_tuning":
+    if peft.encoder not in ("mlp", "lstm"):
+      raise ValueError(f"{where}.peft.encoder={peft.encoder!r} is not 'mlp' or 'lstm'")
+    if peft.encoder_hidden is not None and peft.encoder_hidden < 1:
+      raise ValueError(f"{where}.peft.encoder_hidden={peft.encoder_hidden} must be positive "
+                       "(or None: the model width)")
+  if method == "prefix" and peft.prefix_projection_hidden < 0:
+    raise ValueError(f"{where}.peft.prefix_projection_hidden={peft.prefix_projection_hidden} "
+                     "must be >= 0 (0: no reparameterization)")
+  if method == "adapter" and peft.bottleneck_size < 1:
+    raise ValueError(f"{where}.peft.bottleneck_size={peft.bottleneck_size} must be a positive "
+                     "integer")
+  if method == "freeze" and peft.train_layers is not None and peft.train_layers < 1:
+    raise ValueError(f"{where}.peft.train_layers={peft.train_layers} must be a positive number "
+                     "of layers (or None: only peft.train_modules train)")
   if method in LORA_METHODS:
     lora_targets(peft.targets, f"{where}.peft.targets")
     if peft.rank <= 0:
@@ -100,15 +128,60 @@ def validate(method: str, peft, where: str) -> None:
                        f"regex ({e})") from None
 
 
-def adapters_for(method: str, peft, phase: int = 1) -> Adapters | None:
+def adapters_for(method: str, peft, phase: int = 1, num_layers: int | None = None,
+                 where: str = "stage") -> Adapters | None:
   """The adapters a stage with ``method`` adds (``phase`` 0 is the full part of
-  ``full_then_lora``)."""
+  ``full_then_lora``); ``num_layers`` is the model's (freeze tuning needs it)."""
   if method in ("lora", "dora") or (method == "full_then_lora" and phase == 1):
     return Adapters(lora_targets=lora_targets(peft.targets), lora_rank=int(peft.rank),
                     lora_alpha=float(peft.alpha), rslora=bool(peft.rslora),
                     dora=method == "dora", lora_dropout=float(peft.dropout),
                     lora_init=peft.init)
+  if method == "prompt":
+    return Adapters(prompt_tokens=int(peft.virtual_tokens))
+  if method == "p_tuning":
+    return Adapters(prompt_tokens=int(peft.virtual_tokens), prompt_encoder=peft.encoder,
+                    prompt_encoder_hidden=int(peft.encoder_hidden or 0))
+  if method == "prefix":
+    return Adapters(prefix_tokens=int(peft.virtual_tokens),
+                    prefix_projection_hidden=int(peft.prefix_projection_hidden))
+  if method == "adapter":
+    return Adapters(bottleneck_size=int(peft.bottleneck_size))
+  if method == "freeze" and peft.train_layers is not None:
+    if num_layers is not None and peft.train_layers > num_layers:
+      raise ValueError(f"{where}.peft.train_layers={peft.train_layers} exceeds the model's "
+                       f"{num_layers} layers; use at most {num_layers}")
+    frozen = (num_layers or 0) - int(peft.train_layers)
+    return Adapters(frozen_layers=frozen) if frozen > 0 else None
   return None
+
+
+def virtual_tokens(stage) -> int:
+  """Slots the data pipeline reserves before every example of ``stage`` (prompt
+  tuning and P-tuning; 0 otherwise)."""
+  return int(stage.peft.virtual_tokens) if stage.method in ("prompt", "p_tuning") else 0
+
+
+def split_layers(params, frozen: int):
+  """The single ``layers`` stack → ``layers_frozen`` (the first ``frozen``) and ``layers``."""
+  out = dict(params)
+  stack = out.pop("layers")
+  out["layers_frozen"] = jax.tree_util.tree_map(lambda x: x[:frozen], stack)
+  out["layers"] = jax.tree_util.tree_map(lambda x: x[frozen:], stack)
+  return out
+
+
+def canonical(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
+  """The checkpoint layout: one ``layers`` stack (freeze tuning's split undone)."""
+  a = cfg.adapters
+  if a is None or not a.frozen_layers:
+    return cfg, params
+  out = dict(params)
+  first = out.pop("layers_frozen")
+  out["layers"] = jax.jit(lambda u, v: jax.tree_util.tree_map(
+      lambda x, y: jnp.concatenate([x, y], axis=0), u, v))(first, out["layers"])
+  a = dataclasses.replace(a, frozen_layers=0)
+  return cfg.replace(adapters=None if a == Adapters() else a), out
 
 
 def add_params(cfg: ModelConfig, params, rng: jax.Array):
@@ -130,15 +203,18 @@ def add_params(cfg: ModelConfig, params, rng: jax.Array):
 def merge(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
   """Fold LoRA/DoRA into the base weights: a plain model computing the same
   function. Adapters with no exact merged form are refused."""
+  cfg, params = canonical(cfg, params)
   a = cfg.adapters
   if a is None:
     return cfg, params
   if a.bottleneck_size or a.prompt_tokens or a.prefix_tokens:
     kind = ("bottleneck adapters" if a.bottleneck_size else
+            "P-tuning" if a.prompt_encoder != "none" else
             "prompt tuning" if a.prompt_tokens else "prefix tuning")
+    where = ("keep the jaxsft checkpoint (PEFT has no bottleneck adapter format)"
+             if a.bottleneck_size else "export it with --peft (a PEFT adapter directory)")
     raise ValueError(f"{kind} cannot be merged into the base weights (the result is not a "
-                     "plain model); export it with --peft where PEFT has a format, or keep "
-                     "the jaxsft checkpoint")
+                     f"plain model); {where}")
   if "embed_tokens" in a.lora_targets and cfg.tie_word_embeddings:
     raise ValueError("LoRA on embed_tokens of a model with tied embeddings cannot be merged "
                      "exactly (the merged embedding would change the output layer too); "
@@ -208,7 +284,7 @@ def trainable(path: tuple[str, ...], method: str, peft, params_have_lora: bool) 
     return path[0] == "prompt"
   if method == "prefix":
     return path[0] == "prefix"
-  if method == "freeze":
+  if method == "freeze":  # the first L-N layers live in "layers_frozen" (split_layers)
     return path[0] == "layers" and peft.train_layers is not None
   raise AssertionError(method)
 
@@ -217,15 +293,19 @@ def _is_abstract(params) -> bool:
   return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params))
 
 
-def prepare(cfg: ModelConfig, params, stage, rng: jax.Array, phase: int = 1):
+def prepare(cfg: ModelConfig, params, stage, rng: jax.Array, phase: int = 1, tokenizer=None,
+            where: str = "stage"):
   """The model a stage trains: ``cfg``/``params`` with the adapters of
   ``stage.method`` added (``phase`` 0: the full part of ``full_then_lora``).
 
   A model that arrives with other adapters (an earlier LoRA stage) has them
   merged first, so every stage starts from the previous stage's function.
   ``params`` may be abstract (resuming): the result is then abstract too.
+  ``tokenizer`` tokenizes ``peft.prompt_init_text`` (prompt tuning); errors
+  name the config keys under ``where`` (e.g. "config.stages.sft").
   """
-  want = adapters_for(stage.method, stage.peft, phase)
+  peft = stage.peft
+  want = adapters_for(stage.method, peft, phase, cfg.num_layers, where)
   abstract = _is_abstract(params)
   if cfg.adapters is not None and cfg.adapters != want:
     if abstract:
@@ -235,8 +315,44 @@ def prepare(cfg: ModelConfig, params, stage, rng: jax.Array, phase: int = 1):
       cfg, params = merge(cfg, params)
   if want is not None and cfg.adapters != want:
     cfg = cfg.replace(adapters=want)
-    params = llama.abstract_params(cfg) if abstract else add_params(cfg, params, rng)
+    if abstract:
+      params = llama.abstract_params(cfg)
+    elif want.frozen_layers:  # freeze tuning adds nothing: it only splits the stack
+      params = split_layers(params, want.frozen_layers)
+    else:
+      params = add_params(cfg, params, rng)
+      if stage.method == "prompt" and peft.prompt_init_text:
+        params = _init_prompt_from_text(params, peft.prompt_init_text, tokenizer, where)
+  if peft.train_modules:
+    _check_train_modules(params, peft.train_modules, where)
   return cfg, params
+
+
+def _init_prompt_from_text(params, text: str, tokenizer, where: str):
+  """PEFT's PromptTuningInit.TEXT: the embeddings of ``tokenizer(text)``'s ids,
+  repeated or cut to the number of virtual tokens."""
+  if tokenizer is None:
+    raise ValueError(f"{where}.peft.prompt_init_text needs the run's tokenizer")
+  ids = list(tokenizer(text)["input_ids"])
+  if not ids:
+    raise ValueError(f"{where}.peft.prompt_init_text={text!r} has no tokens")
+  table = params["prompt"]["embedding_pd"]
+  n = table.shape[0]
+  ids = (ids * -(-n // len(ids)))[:n]
+  out = dict(params)
+  out["prompt"] = dict(out["prompt"])
+  out["prompt"]["embedding_pd"] = params["embed"]["embedding_vd"][jnp.asarray(ids)].astype(
+      table.dtype)
+  return out
+
+
+def _check_train_modules(params, pattern: str, where: str) -> None:
+  names = ["/".join(sharding_lib.path_names(p))
+           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if not any(re.search(pattern, n) for n in names):
+    modules = sorted({n.rsplit("/", 1)[0] if "/" in n else n for n in names})
+    raise ValueError(f"{where}.peft.train_modules={pattern!r} matches no parameter; parameter "
+                     f"paths look like {names[0]!r}, modules: {', '.join(modules)}")
 
 
 def switch_step(stage, total_steps: int) -> int | None:
