@@ -234,7 +234,10 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, segment_ids, positions, sli
   """``dot_product_attention`` (XLA path) with P extra key/value slots that every
   query sees: prefix tuning. ``prefix_k``/``prefix_v`` [B, P, K, H] sit at
   positions 0..P-1 (``positions`` of the real tokens start at P), before every
-  packed segment; the sliding window applies to them as to any key."""
+  packed segment; the sliding window applies to them as to any key.
+  ``segment_ids`` None: one example per row, no padding."""
+  if segment_ids is None:
+    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   b, t = segment_ids.shape
   p = prefix_k.shape[1]
   slots = jnp.broadcast_to(jnp.arange(t), (b, t))
