@@ -421,7 +421,8 @@ class StepRunner:
     # Random weights, initialized under jit so the whole tree is built in one
     # program (eager init would hold every intermediate op's buffers).
     params = jax.jit(llama.init_params, static_argnums=0)(cfg, rng)
-    self.cfg, params = cfg, params = _prepare_method(cfg, params, stage, jax.random.fold_in(rng, 1))
+    cfg, params = _prepare_method(cfg, params, stage, jax.random.fold_in(rng, 1))
+    self.cfg = cfg
     self.params = param_count(params)
     total_steps = args.warmup + args.steps + args.profile_steps
     step, self.state, trainable = build_step(cfg, params, stage, total_steps, args.seed)

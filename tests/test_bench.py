@@ -37,10 +37,11 @@ def _run_cli(*args):
   return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
 
 
-def test_cli_prints_a_table_then_one_json_line():
+def test_cli_prints_a_table_then_one_json_line(tmp_path):
   out = _run_cli("--shape", "tiny", "--layers", "2", "--seq-len", "64", "--batch", "2",
-                 "--steps", "2")
+                 "--steps", "2", "--profile", str(tmp_path / "trace"), "--profile-steps", "1")
   assert out.returncode == 0, out.stderr
+  assert list((tmp_path / "trace").rglob("*.xplane.pb")), "--profile wrote no trace"
   lines = out.stdout.strip().splitlines()
   assert len(lines) > 1  # the table comes first
   result = json.loads(lines[-1])
