@@ -99,6 +99,7 @@ from jaxsft import sharding as sharding_lib
 from jaxsft.data import packing
 from jaxsft.models import llama, mixtral
 from jaxsft.models.model_config import MOE_DISPATCHES, REMAT_POLICIES, ModelConfig
+from jaxsft.peft import methods as peft_methods
 
 METHODS = ("full", "lora", "dora", "full_then_lora", "freeze")
 PEERS = ("hf",)
@@ -364,21 +365,10 @@ def make_stage(args):
 
 def _prepare_method(cfg: ModelConfig, params, stage, rng):
   """The model the stage trains: ``cfg``/``params`` with ``stage.method``'s
-  adapters added (``jaxsft.peft``); ``full`` adds none."""
+  adapters added (``jaxsft.peft.methods.prepare``); ``full`` adds none."""
   if stage.method == "full":
     return cfg, params
-  try:
-    from jaxsft import peft  # noqa: PLC0415  (built in its own issue)
-  except ImportError as e:
-    if e.name and e.name.startswith("jaxsft.peft"):
-      raise SystemExit(f"error: --method {stage.method} needs jaxsft.peft, which this "
-                       "checkout does not have yet; use --method full") from None
-    raise
-  prepare = getattr(peft, "prepare", None)
-  if prepare is None:
-    from jaxsft.peft import methods  # noqa: PLC0415
-    prepare = methods.prepare
-  return prepare(cfg, params, stage, rng)
+  return peft_methods.prepare(cfg, params, stage, rng)
 
 
 def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):

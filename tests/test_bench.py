@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft import bench, losses, metrics
+from jaxsft import bench, losses, metrics, optim
+from jaxsft import sharding as sharding_lib
 from jaxsft.models import llama
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
@@ -160,11 +161,15 @@ def test_cli_rejects_bad_input_with_a_clear_error(capsys):
     assert message in capsys.readouterr().err, argv
 
 
-def test_a_method_without_jaxsft_peft_says_so(monkeypatch):
-  monkeypatch.setitem(sys.modules, "jaxsft.peft", None)  # as if not built yet
+def test_a_peft_method_adds_its_adapters_and_trains_only_them():
   stage = bench.make_stage(bench.parse_args(["--method", "lora"]))
-  with pytest.raises(SystemExit, match="--method lora needs jaxsft.peft"):
-    bench._prepare_method(bench.SHAPES["tiny"], {}, stage, None)
+  cfg = bench.SHAPES["tiny"].replace(num_layers=1)
+  cfg, params = bench._prepare_method(cfg, llama.abstract_params(cfg), stage, jax.random.key(0))
+  assert cfg.adapters is not None and cfg.adapters.lora_rank == stage.peft.rank
+  mask = optim.trainable_mask(params, stage)
+  trained = [("/".join(sharding_lib.path_names(p)), m)
+             for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]]
+  assert all(m == ("_lora_" in name) for name, m in trained), trained
 
 
 def _norm_params(cfg) -> int:
