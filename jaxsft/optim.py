@@ -61,27 +61,33 @@ def labels(params, stage) -> Any:
   lora = peft_methods.has_lora(params)
   peft = stage.get("peft")
   freeze_router = bool(stage.get("freeze_router", False))
+  routers = []
 
   def label(path, _):
     names = sharding_lib.path_names(path)
     name = "/".join(names)
-    if freeze_router and "moe/router_de" in name:
-      return "frozen"
+    if "moe/router_de" in name:
+      routers.append(name)
+      if freeze_router:
+        return "frozen"
     if not peft_methods.trainable(names, stage.method, peft, lora):
       return "frozen"
     return next((f"group:{p}" for p in patterns if re.search(p, name)), "train")
 
   tree = jax.tree_util.tree_map_with_path(label, params)
-  if freeze_router and not any("router_de" in "/".join(sharding_lib.path_names(p))
-                               for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]):
+  if freeze_router and not routers:
     raise ValueError("stage.freeze_router=True, but the model has no MoE router to freeze "
                      "(it is not a mixture of experts); remove freeze_router")
   return tree
 
 
+def _is_trained(label_tree) -> Any:
+  return jax.tree_util.tree_map(lambda label: label != "frozen", label_tree)
+
+
 def trainable_mask(params, stage) -> Any:
   """True for every parameter that trains in this stage."""
-  return jax.tree_util.tree_map(lambda label: label != "frozen", labels(params, stage))
+  return _is_trained(labels(params, stage))
 
 
 def partition(params, mask) -> tuple[Any, Any]:
@@ -107,9 +113,10 @@ def build(stage, total_steps: int, params) -> tuple[optax.GradientTransformation
   ``partition``): frozen parameters get neither gradients nor optimizer state."""
   lr = schedule(stage, total_steps)
   groups = dict(stage.lr_groups or {})
-  mask = trainable_mask(params, stage)
+  label_tree = labels(params, stage)
+  mask = _is_trained(label_tree)
   train, _ = partition(params, mask)
-  train_labels, _ = partition(labels(params, stage), mask)
+  train_labels, _ = partition(label_tree, mask)
 
   def adamw(scale: float):
     rate = lr if scale == 1.0 else (lambda step: scale * lr(step))
