@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import torch
 import transformers
 
 import hf_builders
+import peft_fixtures
 import train_fixtures
 from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import config as config_lib
@@ -25,14 +23,6 @@ from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import methods
 
 TOKENS = np.random.default_rng(0).integers(3, hf_builders.VOCAB, size=(2, 12))
-
-
-def _hf_dir(root: pathlib.Path, variant: str = "llama") -> pathlib.Path:
-  d = root / f"hf_{variant}"
-  if not d.is_dir():
-    hf_builders.build_model(variant).save_pretrained(d)
-    hf_builders.build_tokenizer().save_pretrained(d)
-  return d
 
 
 def _lora_stage(method="lora", **peft_kw):
@@ -54,19 +44,9 @@ def _randomize_adapters(params, seed=1):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _torch_logits(model, tokens) -> np.ndarray:
-  with torch.no_grad():
-    return model(torch.tensor(tokens)).logits.float().numpy()
-
-
-def _leaves_by_path(params) -> dict[str, np.ndarray]:
-  return {"/".join(sharding_lib.path_names(p)): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
 @pytest.mark.parametrize("method,peft_kw", [("lora", {}), ("dora", {})])
 def test_new_adapter_computes_exactly_the_base_model(tmp_path, method, peft_kw):
-  cfg, params = hf.load_params(_hf_dir(tmp_path))
+  cfg, params = hf.load_params(peft_fixtures.hf_dir(tmp_path))
   base_logits, _ = llama.forward(cfg, params, TOKENS)
   cfg2, params2 = methods.prepare(cfg, params, _lora_stage(method, **peft_kw), jax.random.key(0))
   assert cfg2.adapters.lora_targets and methods.has_lora(params2)
@@ -88,7 +68,7 @@ def test_new_adapter_computes_exactly_the_base_model(tmp_path, method, peft_kw):
 ])
 def test_peft_loads_the_adapter_with_equal_logits_and_merge_is_exact(
     tmp_path, method, peft_kw, variant):
-  hf_dir = _hf_dir(tmp_path, variant)
+  hf_dir = peft_fixtures.hf_dir(tmp_path, variant)
   cfg, params = hf.load_params(hf_dir)
   cfg, params = methods.prepare(cfg, params, _lora_stage(method, **peft_kw), jax.random.key(0))
   params = _randomize_adapters(params)
@@ -104,38 +84,29 @@ def test_peft_loads_the_adapter_with_equal_logits_and_merge_is_exact(
   assert config["base_model_name_or_path"] == str(hf_dir)
   base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
   model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
-  np.testing.assert_allclose(_torch_logits(model, TOKENS), ours, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(peft_fixtures.torch_logits(model, TOKENS), ours, atol=1e-4, rtol=0)
 
   if "embed_tokens" in cfg.adapters.lora_targets and cfg.tie_word_embeddings:
     return
   merged_dir = export_lib.export(ckpt, tmp_path / "merged")
   merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-  np.testing.assert_allclose(_torch_logits(merged, TOKENS), ours, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(peft_fixtures.torch_logits(merged, TOKENS), ours, atol=1e-4, rtol=0)
 
 
 def _one_stage_config(tmp_path, hf_dir, method, steps=6, **peft_kw):
-  files = train_fixtures.write_data(tmp_path / "data")
-  c = config_lib.base_config()
-  c.output_dir = str(tmp_path / "run")
-  c.model.source = str(hf_dir)
-  c.model.dtype = "float32"
-  c.stages.sft = config_lib.stage(
-      objective="sft", method=method, lr=5e-3, steps=steps, batch_size=4, seq_len=64,
-      log_every=1, checkpoint_every=2, keep_checkpoints=20, warmup_ratio=0.0,
-      peft=dict(dict(rank=4, alpha=8.0), **peft_kw),
-      data=dict(datasets=[str(files["chat"])], template="chatml"))
-  return c
+  return peft_fixtures.one_stage_config(tmp_path, hf_dir, method, steps,
+                                        dict(dict(rank=4, alpha=8.0), **peft_kw))
 
 
 def test_lora_training_freezes_the_base_and_exports_a_peft_adapter(tmp_path):
-  hf_dir = _hf_dir(tmp_path)
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
   c = _one_stage_config(tmp_path, hf_dir, "lora", steps=4, dropout=0.1)
   out = trainer.train(c)
   final = out / "stages" / "sft" / "final"
   cfg, params = checkpoint_lib.load_model(final)
   _, start = hf.load_params(hf_dir)
-  trained = _leaves_by_path(params)
-  for path, x in _leaves_by_path(start).items():
+  trained = peft_fixtures.leaves_by_path(params)
+  for path, x in peft_fixtures.leaves_by_path(start).items():
     np.testing.assert_array_equal(trained[path], x, err_msg=f"frozen {path} changed")
   assert np.abs(trained["layers/attn/q_lora_b_rnh"]).max() > 0  # B moved from zero
 
@@ -146,7 +117,7 @@ def test_lora_training_freezes_the_base_and_exports_a_peft_adapter(tmp_path):
   model = peft.PeftModel.from_pretrained(
       transformers.AutoModelForCausalLM.from_pretrained(hf_dir), tmp_path / "a").eval()
   ours, _ = llama.forward(cfg, params, TOKENS)
-  np.testing.assert_allclose(_torch_logits(model, TOKENS), np.asarray(ours), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(peft_fixtures.torch_logits(model, TOKENS), np.asarray(ours), atol=1e-4, rtol=0)
 
 
 def test_frozen_weights_get_no_optimizer_state_and_no_gradient():
@@ -158,7 +129,7 @@ def test_frozen_weights_get_no_optimizer_state_and_no_gradient():
   mask = optim.trainable_mask(params, stage)
   state = trainer.init_state(params, tx, 0, mask)
   n_state = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state))
-  n_lora = sum(x.size for p, x in _leaves_by_path(params).items() if "_lora_" in p)
+  n_lora = sum(x.size for p, x in peft_fixtures.leaves_by_path(params).items() if "_lora_" in p)
   # Adam's two moments of the factors, plus scalar step counters.
   assert 2 * n_lora <= n_state <= 2 * n_lora + 4
   batch = {"tokens": jnp.asarray(TOKENS % 64), "loss_mask": jnp.ones(TOKENS.shape, jnp.int32),
@@ -176,22 +147,13 @@ def test_frozen_weights_get_no_optimizer_state_and_no_gradient():
       full_state, batch).compile().as_text()
   assert text.count(" dot(") < full_text.count(" dot(")
   new_state, _ = step(state, batch)
-  for path, x in _leaves_by_path(params).items():
+  for path, x in peft_fixtures.leaves_by_path(params).items():
     if "_lora_" not in path:
-      np.testing.assert_array_equal(_leaves_by_path(new_state.params)[path], x)
-
-
-def _copy_run_until(src: pathlib.Path, dst: pathlib.Path, stage: str, step: int):
-  """A run directory as a run killed right after its checkpoint of ``step`` left it."""
-  dst.mkdir(parents=True)
-  shutil.copy(src / "config.json", dst / "config.json")
-  ck = dst / "stages" / stage / "checkpoints"
-  ck.mkdir(parents=True)
-  shutil.copytree(src / "stages" / stage / "checkpoints" / str(step), ck / str(step))
+      np.testing.assert_array_equal(peft_fixtures.leaves_by_path(new_state.params)[path], x)
 
 
 def test_full_then_lora_switches_and_resumes_exactly_before_at_and_after_the_switch(tmp_path):
-  hf_dir = _hf_dir(tmp_path)
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
   c = _one_stage_config(tmp_path, hf_dir, "full_then_lora", steps=8, switch_at=0.375)
   out = trainer.train(c)  # switch after step 3
   rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -199,20 +161,20 @@ def test_full_then_lora_switches_and_resumes_exactly_before_at_and_after_the_swi
   assert sorted(losses) == list(range(1, 9))
   cfg, params = checkpoint_lib.load_model(out / "stages" / "sft" / "final")
   assert cfg.adapters is not None and cfg.adapters.lora_rank == 4
-  final = _leaves_by_path(params)
+  final = peft_fixtures.leaves_by_path(params)
   # The full phase moved the base weights; after the switch they stay put.
   _, start = hf.load_params(hf_dir)
-  moved = _leaves_by_path(start)["layers/mlp/up_df"]
+  moved = peft_fixtures.leaves_by_path(start)["layers/mlp/up_df"]
   assert not np.array_equal(final["layers/mlp/up_df"], moved)
   assert 3 in [int(p.name) for p in (out / "stages/sft/checkpoints").iterdir() if p.name.isdigit()]
 
   for k in (2, 3, 4):
     run = tmp_path / f"resumed_{k}"
-    _copy_run_until(out, run, "sft", k)
+    peft_fixtures.copy_run_until(out, run, "sft", k)
     c.output_dir = str(run)
     trainer.train(c)
     _, resumed = checkpoint_lib.load_model(run / "stages" / "sft" / "final")
-    for path, x in _leaves_by_path(resumed).items():
+    for path, x in peft_fixtures.leaves_by_path(resumed).items():
       np.testing.assert_array_equal(x, final[path], err_msg=f"resumed at {k}: {path}")
 
 
@@ -233,7 +195,7 @@ def test_bad_peft_settings_name_the_key(tmp_path, peft_kw, method, needle):
 
 
 def test_peft_export_of_a_full_checkpoint_is_refused(tmp_path, capsys):
-  hf_dir = _hf_dir(tmp_path)
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
   cfg, params = hf.load_params(hf_dir)
   checkpoint_lib.save_model(tmp_path / "ck", params, cfg, tokenizer_src=hf_dir)
   assert export_lib.main(["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "o"),

@@ -2,9 +2,6 @@
 parity with peft (fp32, tiny models), packing, training, export and bad input."""
 from __future__ import annotations
 
-import json
-import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,34 +12,21 @@ import torch
 import transformers
 
 import hf_builders
+import peft_fixtures
 import train_fixtures
 from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import config as config_lib
 from jaxsft import export as export_lib
 from jaxsft import generate as generate_lib
 from jaxsft import hf, optim, trainer
-from jaxsft import sharding as sharding_lib
 from jaxsft.models import llama
 from jaxsft.peft import methods, prompts
 
 TOKENS = np.random.default_rng(0).integers(3, hf_builders.VOCAB, size=(2, 12))
 
 
-def _hf_dir(root: pathlib.Path, variant: str = "llama") -> pathlib.Path:
-  d = root / f"hf_{variant}"
-  if not d.is_dir():
-    hf_builders.build_model(variant).save_pretrained(d)
-    hf_builders.build_tokenizer().save_pretrained(d)
-  return d
-
-
 def _stage(method, **peft_kw):
   return config_lib.stage(method=method, peft=dict(dict(virtual_tokens=5), **peft_kw))
-
-
-def _leaves(params) -> dict[str, np.ndarray]:
-  return {"/".join(sharding_lib.path_names(p)): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _randomize(params, top: str, scale=0.3, seed=1):
@@ -52,11 +36,6 @@ def _randomize(params, top: str, scale=0.3, seed=1):
   out[top] = jax.tree_util.tree_map(
       lambda x: jnp.asarray(scale * rng.standard_normal(x.shape).astype(np.float32)), params[top])
   return out
-
-
-def _torch_logits(model, tokens) -> np.ndarray:
-  with torch.no_grad():
-    return model(torch.tensor(tokens)).logits.float().numpy()
 
 
 def _ours(cfg, params, tokens) -> np.ndarray:
@@ -82,7 +61,7 @@ _forward = jax.jit(llama.forward, static_argnums=0)
 ])
 def test_peft_loads_the_prompt_adapter_with_equal_logits(tmp_path, method, peft_kw, variant,
                                                          top):
-  hf_dir = _hf_dir(tmp_path, variant)
+  hf_dir = peft_fixtures.hf_dir(tmp_path, variant)
   cfg, params = hf.load_params(hf_dir)
   cfg, params = methods.prepare(cfg, params, _stage(method, **peft_kw), jax.random.key(0))
   params = _randomize(params, top)
@@ -95,7 +74,7 @@ def test_peft_loads_the_prompt_adapter_with_equal_logits(tmp_path, method, peft_
   out = export_lib.export(ckpt, tmp_path / "adapter", peft=True, base_model=str(hf_dir))
   model = peft.PeftModel.from_pretrained(
       transformers.AutoModelForCausalLM.from_pretrained(hf_dir), out).eval()
-  theirs = _torch_logits(model, TOKENS)
+  theirs = peft_fixtures.torch_logits(model, TOKENS)
   assert theirs.shape == ours.shape
   np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
@@ -146,7 +125,7 @@ def test_prompt_encoder_computes_what_peft_prompt_encoder_computes(encoder):
 
 
 def test_prompt_init_from_text_matches_peft(tmp_path):
-  hf_dir = _hf_dir(tmp_path)
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
   tok = hf.load_tokenizer(hf_dir)
   cfg, params = hf.load_params(hf_dir)
   text = "The fox"
@@ -200,17 +179,8 @@ def test_generation_with_prompts_continues_the_full_forward(method):
 
 
 def _one_stage_config(tmp_path, hf_dir, method, steps=2, **peft_kw):
-  files = train_fixtures.write_data(tmp_path / "data")
-  c = config_lib.base_config()
-  c.output_dir = str(tmp_path / "run")
-  c.model.source = str(hf_dir)
-  c.model.dtype = "float32"
-  c.stages.sft = config_lib.stage(
-      objective="sft", method=method, lr=5e-3, steps=steps, batch_size=4, seq_len=64,
-      log_every=1, checkpoint_every=2, keep_checkpoints=20, warmup_ratio=0.0,
-      peft=dict(dict(virtual_tokens=4), **peft_kw),
-      data=dict(datasets=[str(files["chat"])], template="chatml"))
-  return c
+  return peft_fixtures.one_stage_config(tmp_path, hf_dir, method, steps,
+                                        dict(dict(virtual_tokens=4), **peft_kw))
 
 
 @pytest.mark.parametrize("method,peft_kw,top", [
@@ -220,28 +190,28 @@ def _one_stage_config(tmp_path, hf_dir, method, steps=2, **peft_kw):
     ("adapter", dict(bottleneck_size=8), None),
 ])
 def test_training_moves_only_the_method_parameters(tmp_path, method, peft_kw, top):
-  hf_dir = _hf_dir(tmp_path)
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
   c = _one_stage_config(tmp_path, hf_dir, method, **peft_kw)
   out = trainer.train(c)
   cfg, params = checkpoint_lib.load_model(out / "stages" / "sft" / "final")
   _, start = hf.load_params(hf_dir)
-  trained = _leaves(params)
-  base = _leaves(methods.base_params(params))
-  assert base.keys() == _leaves(start).keys()
-  for path, x in _leaves(start).items():
+  trained = peft_fixtures.leaves_by_path(params)
+  base = peft_fixtures.leaves_by_path(methods.base_params(params))
+  assert base.keys() == peft_fixtures.leaves_by_path(start).keys()
+  for path, x in peft_fixtures.leaves_by_path(start).items():
     np.testing.assert_array_equal(trained[path], x, err_msg=f"frozen {path} changed")
   # The method's own parameters moved away from their initial values.
   rng = jax.random.fold_in(jax.random.PRNGKey(c.seed), trainer._stable_hash("sft"))
   _, init = methods.prepare(*hf.load_params(hf_dir), c.stages.sft, rng,
                             tokenizer=hf.load_tokenizer(hf_dir))
-  added = {p: x for p, x in _leaves(init).items() if p not in base}
+  added = {p: x for p, x in peft_fixtures.leaves_by_path(init).items() if p not in base}
   assert added and all(p.startswith(top) if top else "/adapter_" in p for p in added)
   for path, x in added.items():
     assert not np.array_equal(trained[path], x), f"{path} did not train"
 
 
 def test_bottleneck_adapter_starts_as_the_identity_and_export_is_refused(tmp_path, capsys):
-  hf_dir = _hf_dir(tmp_path)
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
   cfg, params = hf.load_params(hf_dir)
   base = _ours_plain(cfg, params)
   cfg2, params2 = methods.prepare(cfg, params, _stage("adapter", bottleneck_size=8),
@@ -271,24 +241,16 @@ def _randomize_layers(params):
   return {**params, "layers": layers}
 
 
-def _copy_run_until(src: pathlib.Path, dst: pathlib.Path, stage: str, step: int):
-  dst.mkdir(parents=True)
-  shutil.copy(src / "config.json", dst / "config.json")
-  ck = dst / "stages" / stage / "checkpoints"
-  ck.mkdir(parents=True)
-  shutil.copytree(src / "stages" / stage / "checkpoints" / str(step), ck / str(step))
-
-
 def test_freeze_trains_the_last_layers_splits_the_stack_and_resumes(tmp_path):
-  hf_dir = _hf_dir(tmp_path)
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
   c = _one_stage_config(tmp_path, hf_dir, "freeze", steps=4, train_layers=1,
                         train_modules="final_norm")
   out = trainer.train(c)
   cfg, params = checkpoint_lib.load_model(out / "stages" / "sft" / "final")
   assert cfg.adapters is None and params["layers"]["attn"]["q_dnh"].shape[0] == 2  # canonical
   _, start = hf.load_params(hf_dir)
-  trained = _leaves(params)
-  for path, x in _leaves(start).items():
+  trained = peft_fixtures.leaves_by_path(params)
+  for path, x in peft_fixtures.leaves_by_path(start).items():
     if path.startswith("layers/"):
       np.testing.assert_array_equal(trained[path][0], x[0], err_msg=f"frozen layer 0 {path}")
       assert not np.array_equal(trained[path][1], x[1]), f"layer 1 {path} did not train"
@@ -298,11 +260,11 @@ def test_freeze_trains_the_last_layers_splits_the_stack_and_resumes(tmp_path):
       np.testing.assert_array_equal(trained[path], x, err_msg=f"frozen {path} changed")
   # Step checkpoints keep the split layout, and resuming from one continues exactly.
   run = tmp_path / "resumed"
-  _copy_run_until(out, run, "sft", 2)
+  peft_fixtures.copy_run_until(out, run, "sft", 2)
   c.output_dir = str(run)
   trainer.train(c)
   _, resumed = checkpoint_lib.load_model(run / "stages" / "sft" / "final")
-  for path, x in _leaves(resumed).items():
+  for path, x in peft_fixtures.leaves_by_path(resumed).items():
     np.testing.assert_array_equal(x, trained[path], err_msg=f"resumed: {path}")
 
 
