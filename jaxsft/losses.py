@@ -9,6 +9,8 @@ true global token count instead of averaging per-batch means.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,19 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   c = -(-t // u)
   pad = c * u - t
   count = jnp.sum(weights)
+  skip = c > 1 and jax.default_backend() == "cpu"
+  if skip:
+    # Prompts, padding and the last slot carry weight 0, often a third or more
+    # of a row. Each row's trained positions move to its front (a stable
+    # reordering; the loss is a sum, so order does not matter), and chunks in
+    # which no row has a trained position left skip their vocab matmuls
+    # (``lax.cond`` in the scan). CPU only: on GPU a conditional per chunk
+    # would wait for the device each time, for a loss that is a small part of
+    # a big model's step.
+    order = jnp.argsort(weights == 0, axis=1, stable=True)
+    hidden = _permute_time(hidden, order)
+    targets = jnp.take_along_axis(targets, order, axis=1)
+    weights = jnp.take_along_axis(weights, order, axis=1)
   if pad:
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
@@ -82,8 +97,29 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   hidden_c = hidden.reshape(b, c, u, d).swapaxes(0, 1)  # [C,B,U,D]
   targets_c = targets.reshape(b, c, u).swapaxes(0, 1)
   weights_c = weights.reshape(b, c, u).swapaxes(0, 1)
-  loss_sum = _chunked_loss(hidden_c, unembedding, targets_c, weights_c)
+  loss_sum = _chunked_loss(hidden_c, unembedding, targets_c, weights_c, skip)
   return loss_sum, count
+
+
+@jax.custom_vjp
+def _permute_time(x, order):
+  """``x`` [B,T,D] with each row's time steps taken in ``order`` [B,T] (a
+  permutation); its gradient is the inverse permutation, a gather rather
+  than autodiff's scatter-add (slow on CPU)."""
+  return jnp.take_along_axis(x, order[..., None], axis=1)
+
+
+def _permute_time_fwd(x, order):
+  return _permute_time(x, order), order
+
+
+def _permute_time_bwd(order, dy):
+  inverse = jnp.argsort(order, axis=1)
+  return (jnp.take_along_axis(dy, inverse[..., None], axis=1),
+          np.zeros(order.shape, jax.dtypes.float0))
+
+
+_permute_time.defvjp(_permute_time_fwd, _permute_time_bwd)
 
 
 def _chunk_nll(h, w, tgt):
@@ -94,18 +130,28 @@ def _chunk_nll(h, w, tgt):
   return logits, logz, logz - target_logit
 
 
-@jax.custom_vjp
-def _chunked_loss(hidden_c, w, targets_c, weights_c):
-  """Σ weight·nll over chunks [C,B,U,...]; the forward-only path (evaluation)."""
+def _if_trained(skip, wt, compute, skipped, *operands):
+  """``compute(*operands)``, or with ``skip`` and no weight in the chunk,
+  ``skipped(*operands)`` without running ``compute``."""
+  if not skip:
+    return compute(*operands)
+  return jax.lax.cond(jnp.any(wt != 0), compute, skipped, *operands)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_loss(hidden_c, w, targets_c, weights_c, skip):
+  """Σ weight·nll over chunks [C,B,U,...]; the forward-only path (evaluation).
+  ``skip``: chunks whose weights are all zero are not computed."""
   def body(total, chunk):
     h, tgt, wt = chunk
-    return total + jnp.sum(wt * _chunk_nll(h, w, tgt)[2]), None
+    return _if_trained(skip, wt, lambda: total + jnp.sum(wt * _chunk_nll(h, w, tgt)[2]),
+                       lambda: total), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_c, targets_c, weights_c))
   return total
 
 
-def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c):
+def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c, skip):
   """The loss and, in the same scan, its gradients (the residuals).
 
   d loss/d logits = weight · (softmax − onehot(target)), cast to the compute
@@ -121,9 +167,7 @@ def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c):
   wc = w.astype(dt)
   v = w.shape[1]
 
-  def body(carry, chunk):
-    total, dw = carry
-    h, tgt, wt = chunk
+  def chunk_grads(total, dw, h, tgt, wt):
     logits, logz, nll = _chunk_nll(h, wc, tgt)
     probs = jnp.exp(logits - logz[..., None])
     hit = jnp.arange(v, dtype=jnp.int32) == tgt[..., None]
@@ -133,13 +177,22 @@ def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c):
       dw = dw + jnp.einsum("BUD,BUV->DV", h, g, preferred_element_type=jnp.float32)
     return (total + jnp.sum(wt * nll), dw), (dh, nll if need_wt else None)
 
+  def untrained(total, dw, h, tgt, wt):
+    # Weight 0 everywhere: no loss, no gradient; the nll (only wanted when the
+    # weights are differentiated) is computed as usual.
+    nll = _chunk_nll(h, wc, tgt)[2] if need_wt else None
+    return (total, dw), (jnp.zeros_like(h), nll)
+
+  def body(carry, chunk):
+    return _if_trained(skip, chunk[2], chunk_grads, untrained, *carry, *chunk)
+
   dw0 = jnp.zeros(w.shape if need_w else (), jnp.float32)
   (total, dw), (dh_c, nll_c) = jax.lax.scan(
       body, (jnp.zeros((), jnp.float32), dw0), (hidden_c, targets_c, weights_c))
   return total, (dh_c, dw.astype(w.dtype) if need_w else None, nll_c, targets_c)
 
 
-def _chunked_loss_bwd(residuals, ct):
+def _chunked_loss_bwd(skip, residuals, ct):
   dh_c, dw, nll_c, targets_c = residuals
   if isinstance(ct, jax.custom_derivatives.SymbolicZero):
     ct = jnp.zeros((), jnp.float32)

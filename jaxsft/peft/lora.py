@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft.models import dense
 from jaxsft.models.model_config import Adapters
 
 # Base weight name -> (PEFT/HF module name, number of leading input axes).
@@ -97,7 +98,7 @@ def project(mdl: nn.Module, x: jax.Array, w: jax.Array, weight: str, adapters: A
   _, ins, outs = split_name(weight)
   i, o = ins.upper(), outs.upper()
   xd, wd = x.astype(dtype), w.astype(dtype)
-  y = jnp.einsum(f"BT{i},{i}{o}->BT{o}", xd, wd)
+  y = dense.project(xd, wd, len(ins))
   if not targets(adapters, weight):
     return y
   n_in, r = len(ins), adapters.lora_rank
