@@ -62,7 +62,9 @@ autocast, fp32 master weights, SDPA, fused AdamW; PEFT LoRA r=16 α=32 on all
 linear layers for lora/dora; its docstring has the details) on the same model
 (``hf.config_to_hf``), tokens, masks and method, run as a subprocess BEFORE
 this process initializes JAX's backend, so the two never hold device memory at
-once. ``--peer-compile`` adds ``torch.compile``. On CPU, compare in
+once. ``--peer hf-compile`` (or ``--peer-compile``) runs the same peer under
+``torch.compile`` (inductor; it needs a C++ compiler on CPU, Triton on GPU),
+its compile time landing in the warmup steps. On CPU, compare in
 ``--dtype float32``: neither side has fast bf16 matmuls on a CPU without
 AVX512-BF16/AMX (PyTorch's bf16 autocast ran 35x slower there).
 
@@ -102,7 +104,7 @@ from jaxsft.models.model_config import MOE_DISPATCHES, REMAT_POLICIES, ModelConf
 from jaxsft.peft import methods as peft_methods
 
 METHODS = ("full", "lora", "dora", "full_then_lora", "freeze")
-PEERS = ("hf",)
+PEERS = ("hf", "hf-compile")  # hf-compile: the same peer under torch.compile
 PEER_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "tools" / "hf_peer.py"
 # The "sft" length distribution (module doc).
 SFT_MEDIAN, SFT_SIGMA, MIN_EXAMPLE = 250, 0.8, 16
@@ -343,7 +345,7 @@ def run_peer(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
            "--warmup", str(args.warmup), "--seed", str(args.seed)]
     if args.remat != "none":
       cmd.append("--remat")
-    if args.peer_compile:
+    if args.peer_compile or args.peer == "hf-compile":
       cmd.append("--compile")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # in case anything imports jax there
     print("peer:", " ".join(cmd[1:]), flush=True)
@@ -372,7 +374,8 @@ def _prepare_method(cfg: ModelConfig, params, stage, rng):
 
 
 def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
-  """(jitted train step with the state donated, initial state, trainable mask or None)."""
+  """(jitted train step with the state donated, ``init(params) -> state``,
+  trainable mask or None). ``params`` may be abstract (only shapes are read)."""
   tx, lr_fn = optim.build(stage, total_steps, params)
   if stage.method == "full":
     trainable = None
@@ -382,40 +385,58 @@ def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
     trainable = optim.trainable_mask(params, stage)
     step = trainer.make_train_step(cfg, tx, lr_fn, 1, trainable)
     init = lambda p: trainer.init_state(p, tx, seed, trainable)  # noqa: E731
-  state = jax.jit(init, donate_argnums=0)(params)
-  return jax.jit(step, donate_argnums=0), state, trainable
+  return jax.jit(step, donate_argnums=0), init, trainable
+
+
+def compiled_memory(compiled) -> int | None:
+  """Bytes the compiled step holds at its peak, from XLA's own buffer
+  assignment (``compiled.memory_analysis()``): arguments + outputs + temporaries
+  − outputs that alias (donated) arguments. None where the backend gives no
+  analysis. Excludes what lives outside the step (e.g. the batches queued on
+  the device, the runtime's own reservations)."""
+  try:
+    stats = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
 class StepRunner:
   """The jitted train step on random weights, compiled, with its batches on
   the device: ``runner(i)`` runs step i (batch i mod n) to completion and
-  returns its metrics. Also used by tools/hf_peer.py --paired."""
+  returns its metrics. Also used by tools/hf_peer.py --paired.
+
+  The step is compiled from abstract shapes first, so the memory check reads
+  the compiled step's own figure (``compiled_memory``) before any weight is
+  allocated; ``memory_estimate`` (analytic) is the fallback where the backend
+  reports none. The same executable then runs on the real state."""
 
   def __init__(self, cfg: ModelConfig, args, rows: dict, examples: dict | None):
     self.device = device = jax.devices()[0]
-    self.memory_estimate = need = memory_estimate(cfg, args.batch, args.seq_len, args.method)
-    have, have_source = available_memory(device)
-    if have is not None and need > have and not args.skip_memory_check:
-      raise SystemExit(
-          f"error: shape {args.shape!r} with {cfg.num_layers} layers, batch {args.batch}, "
-          f"seq_len {args.seq_len}, method {args.method} needs about {need / 2**30:.1f} GiB "
-          f"(weights, gradients, optimizer state, activations; see memory_estimate) but "
-          f"{have / 2**30:.1f} GiB is available ({have_source} on {device.platform}). Shrink "
-          f"it with --layers N, a smaller --batch/--seq-len, --param-dtype bfloat16, --remat "
-          f"full or a LoRA --method; or measure compile time only with --compile-scaling, "
-          f"which allocates no weights. --skip-memory-check overrides.")
     self.args, self.rows, self.examples = args, rows, examples
     base_cfg = cfg
     stage = make_stage(args)
     rng = jax.random.key(args.seed)
+    cfg, abstract = _prepare_method(cfg, llama.abstract_params(cfg), stage, rng)
+    self.cfg = cfg
+    self.params = param_count(abstract)
+    total_steps = args.warmup + args.steps + args.profile_steps
+    step, init, trainable = build_step(cfg, abstract, stage, total_steps, args.seed)
+    abstract_state = jax.eval_shape(init, abstract)
+    batch0 = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in rows.items()}
+    t0 = time.perf_counter()
+    self.compiled = step.lower(abstract_state, batch0).compile()
+    self.compile_s = time.perf_counter() - t0
+    self._check_memory(base_cfg, args, device)
     # Random weights, initialized under jit so the whole tree is built in one
     # program (eager init would hold every intermediate op's buffers).
-    params = jax.jit(llama.init_params, static_argnums=0)(cfg, rng)
-    cfg, params = _prepare_method(cfg, params, stage, jax.random.fold_in(rng, 1))
-    self.cfg = cfg
-    self.params = param_count(params)
-    total_steps = args.warmup + args.steps + args.profile_steps
-    step, self.state, trainable = build_step(cfg, params, stage, total_steps, args.seed)
+    params = jax.jit(llama.init_params, static_argnums=0)(base_cfg, rng)
+    cfg_real, params = _prepare_method(base_cfg, params, stage, jax.random.fold_in(rng, 1))
+    assert cfg_real == cfg, (cfg_real, cfg)
+    self.state = jax.jit(init, donate_argnums=0)(params)
     del params
     self.frozen, self.adapter = method_weights(base_cfg, cfg, self.state.params, trainable)
     self.trainable_params = self.params if trainable is None else int(sum(
@@ -424,9 +445,24 @@ class StepRunner:
     self.batches = [{k: jnp.asarray(v[i]) for k, v in rows.items()}
                     for i in range(len(rows["tokens"]))]
     jax.block_until_ready((self.state, self.batches))
-    t0 = time.perf_counter()
-    self.compiled = step.lower(self.state, self.batches[0]).compile()
-    self.compile_s = time.perf_counter() - t0
+
+  def _check_memory(self, base_cfg: ModelConfig, args, device) -> None:
+    need = compiled_memory(self.compiled)
+    self.memory_estimate_source = "compiled memory_analysis"
+    if need is None:
+      need = memory_estimate(base_cfg, args.batch, args.seq_len, args.method)
+      self.memory_estimate_source = "analytic memory_estimate"
+    self.memory_estimate = need
+    have, have_source = available_memory(device)
+    if have is not None and need > have and not args.skip_memory_check:
+      raise SystemExit(
+          f"error: shape {args.shape!r} with {base_cfg.num_layers} layers, batch {args.batch}, "
+          f"seq_len {args.seq_len}, method {args.method} needs {need / 2**30:.1f} GiB "
+          f"(weights, gradients, optimizer state, activations; {self.memory_estimate_source}) "
+          f"but {have / 2**30:.1f} GiB is available ({have_source} on {device.platform}). "
+          f"Shrink it with --layers N, a smaller --batch/--seq-len, --param-dtype bfloat16, "
+          f"--remat full or a LoRA --method; or measure compile time only with "
+          f"--compile-scaling, which allocates no weights. --skip-memory-check overrides.")
 
   def __call__(self, i: int) -> dict:
     self.state, out = self.compiled(self.state, self.batches[i % len(self.batches)])
@@ -485,6 +521,7 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
       "peak_memory_bytes": mem,
       "peak_memory_source": mem_source,
       "memory_estimate_bytes": runner.memory_estimate,
+      "memory_estimate_source": runner.memory_estimate_source,
       "loss": float(out["loss"]),
   }
 
@@ -582,7 +619,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--packed-lengths", type=_lengths_arg, metavar="DIST",
                  help="pack examples of lengths drawn from DIST: sft or fixed:N (module doc)")
   p.add_argument("--peer", choices=PEERS, help="also run the PyTorch peer (tools/hf_peer.py)")
-  p.add_argument("--peer-compile", action="store_true", help="the peer uses torch.compile")
+  p.add_argument("--peer-compile", action="store_true",
+                 help="the peer uses torch.compile (the same as --peer hf-compile)")
   p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of a few steps")
   p.add_argument("--profile-steps", type=int, default=3)
   p.add_argument("--compile-scaling", type=_layer_list, metavar="L1,L2,...",
@@ -613,8 +651,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.seq_len > context:
     p.error(f"--seq-len {args.seq_len} exceeds the context of shape {args.shape!r} "
             f"({context} tokens, max_position_embeddings)")
+  if args.peer_compile and not args.peer:
+    p.error("--peer-compile needs --peer hf (or use --peer hf-compile)")
   if args.peer and args.method not in ("full", "lora", "dora"):
-    p.error(f"--peer hf runs the methods full, lora and dora (PEFT); not {args.method}")
+    p.error(f"--peer {args.peer} runs the methods full, lora and dora (PEFT); not {args.method}")
   return args
 
 

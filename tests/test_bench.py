@@ -56,6 +56,11 @@ def test_cli_prints_a_table_then_one_json_line(tmp_path):
   assert result["tokens_per_s"] == pytest.approx(2 * 64 / result["step_s"])
   assert result["nonpad_tokens_per_s"] == result["tokens_per_s"]  # unpacked rows: no padding
   assert result["trainable_params"] == result["params"]  # method full
+  # The memory check reads the compiled step's own buffer assignment: at least
+  # the fp32 weights, their gradients and AdamW's two moments (16 bytes a
+  # weight), and no more than the whole process ever held.
+  assert result["memory_estimate_source"] == "compiled memory_analysis"
+  assert 16 * result["params"] <= result["memory_estimate_bytes"] < result["peak_memory_bytes"]
   if result["backend"] == "cpu":
     assert result["mfu"] is None
   # Random weights and uniform tokens: the loss is about log(vocab).
@@ -154,6 +159,8 @@ def test_cli_rejects_bad_input_with_a_clear_error(capsys):
       (["--shape", "tiny", "--seq-len", "8192"], "exceeds the context of shape 'tiny' (4096"),
       (["--packed-lengths", "zipf"], "sft' or 'fixed:N'"),
       (["--method", "freeze", "--peer", "hf"], "full, lora and dora"),
+      (["--method", "freeze", "--peer", "hf-compile"], "full, lora and dora"),
+      (["--peer-compile"], "--peer-compile needs --peer hf"),
       (["--batch", "0"], "--batch must be positive")]:
     with pytest.raises(SystemExit) as e:
       bench.parse_args(argv)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU table of docs/BENCHMARKS.md in one command, jaxsft against the
-# PyTorch peer (tools/hf_peer.py) on the same device, in under 7 minutes on
+# PyTorch peer (tools/hf_peer.py) on the same device, in under 8 minutes on
 # one H100/H200 including compiles:
 #
 #   tools/gpu_bench.sh [OUT_DIR]               # default OUT_DIR /tmp/gpu_bench
@@ -8,18 +8,20 @@
 #
 # Run from the repository root (python = the environment with jax, torch,
 # transformers, peft; PYTHON=... overrides). Items, in priority order, each
-# under its own `timeout` and skipped when the 420 s budget is spent; a failed
+# under its own `timeout` and skipped when the 460 s budget is spent; a failed
 # item is logged and the next one runs:
 #   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings)
 #   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer
 #   1b_packed    the same on packed SFT lengths vs the padded peer (non-pad tokens/s)
 #   8b_lora      llama3-8b, LoRA r=16, batch 4, remat full, vs PEFT + checkpointing
 #   1b_lora      llama3.2-1b LoRA vs PEFT (skipped if jaxsft.peft is missing)
+#   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
+#                time lands in the warmup steps)
 #   1b_flags     1b_full again (no peer) with XLA flags: latency-hiding scheduler on,
 #                Triton GEMMs off (cuBLAS for every matmul)
 # bf16 compute, fp32 master weights, 2 warmup + 6 timed steps.
 #
-# OUT_DIR gets at most 8 files: env.txt (versions, nvidia-smi -L), one .log
+# OUT_DIR gets at most 9 files: env.txt (versions, nvidia-smi -L), one .log
 # per item, and results.jsonl (one JSON line per item: its name, exit code and
 # the bench's JSON line).
 set -u
@@ -27,7 +29,7 @@ SMOKE=0
 if [ "${1:-}" = "--cpu-smoke" ]; then SMOKE=1; shift; fi
 OUT=${1:-/tmp/gpu_bench}
 PY=${PYTHON:-python}
-BUDGET=${BUDGET_S:-420}
+BUDGET=${BUDGET_S:-460}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
@@ -118,6 +120,7 @@ else
   echo '{"item": "8b_lora", "rc": null, "skipped": "jaxsft.peft missing"}' >> "$RESULTS"
   echo '{"item": "1b_lora", "rc": null, "skipped": "jaxsft.peft missing"}' >> "$RESULTS"
 fi
+run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
 if [ "$SMOKE" = 1 ]; then
   run 1b_flags 100 $BENCH $SHAPE $B8 $STEPS --method full
 else
