@@ -616,6 +616,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="compute dtype of matmuls and activations (the peer: bf16 autocast or not)")
   p.add_argument("--param-dtype", default="float32", choices=("bfloat16", "float32"))
   p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+  p.add_argument("--scan-unroll", type=int, default=1,
+                 help="model.scan_unroll: layers per iteration of the layer scan (default 1; "
+                 "the layer count unrolls it fully, compile time then grows with depth)")
   p.add_argument("--packed-lengths", type=_lengths_arg, metavar="DIST",
                  help="pack examples of lengths drawn from DIST: sft or fixed:N (module doc)")
   p.add_argument("--peer", choices=PEERS, help="also run the PyTorch peer (tools/hf_peer.py)")
@@ -640,7 +643,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.compile_scaling and (args.peer or args.packed_lengths or args.method != "full"):
     p.error("--compile-scaling measures compile time of the full method only; drop --peer, "
             "--packed-lengths and --method")
-  for name in ("seq_len", "batch", "steps", "repeats", "profile_steps"):
+  for name in ("seq_len", "batch", "steps", "repeats", "profile_steps", "scan_unroll"):
     if getattr(args, name) <= 0:
       p.error(f"--{name.replace('_', '-')} must be positive")
   if args.warmup < 0:
@@ -677,7 +680,8 @@ def _print_table(result: dict) -> None:
 
 def model_config(args) -> ModelConfig:
   cfg = SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.param_dtype,
-                                   remat=args.remat, attention=args.attention)
+                                   remat=args.remat, attention=args.attention,
+                                   scan_unroll=args.scan_unroll)
   if cfg.is_moe:
     cfg = cfg.replace(moe_dispatch=args.moe_dispatch)
   return cfg.replace(num_layers=args.layers) if args.layers else cfg
@@ -705,6 +709,7 @@ def main(argv=None) -> dict:
       "dtype": args.dtype,
       "param_dtype": args.param_dtype,
       "remat": args.remat,
+      "scan_unroll": args.scan_unroll,
       "moe_dispatch": mixtral.resolve_dispatch(cfg) if cfg.is_moe else None,
   }
   if args.compile_scaling:

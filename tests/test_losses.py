@@ -60,6 +60,28 @@ def test_gradient_matches_unchunked():
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
 
 
+def test_chunks_without_trained_positions_are_skipped_and_change_nothing():
+  """Prompt-masked rows: each row's trained positions move to its front, and
+  chunks no row trains in are skipped (CPU). Values and gradients (hidden, W
+  and the weights themselves) still equal the full-logits reference."""
+  hidden, w, targets, _ = _inputs(2)
+  starts = jnp.array([[2], [7], [9]])  # rows train from these positions on
+  weights = (jnp.arange(T)[None, :] >= starts).astype(jnp.float32)
+  # 11 positions in chunks of 3: at most 9 trained per row, so the last of the
+  # 4 chunks is empty after reordering (and chunk 0 of the raw rows is not).
+  got = jax.jit(jax.value_and_grad(
+      lambda h, w, wt: losses.masked_cross_entropy(h, w, targets, wt, chunk_size=3)[0],
+      argnums=(0, 1, 2)))(hidden, w, weights)
+  want = jax.value_and_grad(lambda h, w, wt: _reference(h, w, targets, wt)[0],
+                            argnums=(0, 1, 2))(hidden, w, weights)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, r in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(
+      lambda h: losses.masked_cross_entropy(h, w, targets, weights, chunk_size=3))(hidden))
+  assert ("cond" in jaxpr) == (jax.default_backend() == "cpu")
+
+
 def test_never_materializes_more_than_one_chunk_of_logits():
   hidden, w, targets, weights = _inputs(4)
   loss = lambda h, w: losses.masked_cross_entropy(h, w, targets, weights, chunk_size=4)[0]

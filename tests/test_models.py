@@ -172,3 +172,27 @@ def test_model_config_rejects_bad_values(bad, match):
 def test_model_config_json_round_trip():
   cfg = _tiny(rope_scaling=(("factor", 8.0), ("rope_type", "llama3")), eos_token_ids=(2, 7))
   assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("n_in,shapes", [(1, ((2, 5, 6), (6, 3, 4))), (2, ((2, 5, 3, 4), (3, 4, 6)))])
+def test_dense_projection_matches_einsum_and_its_autodiff(n_in, shapes):
+  """models/dense.py's hand-written backward (the CPU path) gives autodiff's
+  values and gradients; a weight held constant gets no gradient computation."""
+  from jaxsft.models import dense  # noqa: PLC0415
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, shapes[0]), jax.random.normal(kw, shapes[1])
+  ct = jax.random.normal(kg, dense._einsum(x, w, n_in).shape)
+
+  def loss(f):
+    return lambda x, w: jnp.sum(f(x, w, n_in) * ct)
+
+  got = jax.value_and_grad(loss(dense.project), argnums=(0, 1))(x, w)
+  want = jax.value_and_grad(loss(dense._einsum), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, r in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+  # Forward + dx + dW: three matmuls; with the weight a constant (frozen, as
+  # under LoRA) the weight-gradient matmul is not computed: two.
+  both = jax.make_jaxpr(jax.grad(loss(dense.project), argnums=(0, 1)))(x, w)
+  frozen = jax.make_jaxpr(jax.grad(lambda x: loss(dense.project)(x, w)))(x)
+  assert (str(both).count("dot_general"), str(frozen).count("dot_general")) == (3, 2)
