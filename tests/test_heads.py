@@ -8,6 +8,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
@@ -17,6 +18,8 @@ import train_fixtures
 from jaxsft import checkpoint, config as config_lib, export, hf, trainer
 from jaxsft.data import packing
 from jaxsft.models import heads
+from jaxsft.peft import export as peft_export
+from jaxsft.peft import methods as peft_methods
 
 LABELS = ("billing", "orders", "tech")
 # Rows of different lengths; the longest passes Mistral's sliding window (8).
@@ -113,6 +116,49 @@ def test_reward_model_export(hf_model_factory, tmp_path):
   np.testing.assert_allclose(np.asarray(heads.sequence_logits(head_cfg, params, tokens, mask)),
                              _torch_logits(model, tokens, mask), atol=1e-4)
   assert hf.load_params(out)[0] == head_cfg
+
+
+def _seq_cls_peft_model(base_dir, adapter_dir):
+  """transformers + peft's model of a SEQ_CLS adapter directory, its base
+  built from ``base_dir`` with the keyword arguments the export wrote."""
+  kwargs = json.loads((adapter_dir / peft_export.SEQ_CLS_FILE).read_text())
+  base = transformers.AutoModelForSequenceClassification.from_pretrained(
+      base_dir, attn_implementation="eager", **kwargs)
+  return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+@pytest.mark.parametrize("variant,objective", [("llama", "cls"), ("qwen2", "cls"),
+                                               ("llama", "reward")])
+def test_peft_export_of_lora_with_a_head_is_peft_seq_cls(hf_model_factory, tmp_path, variant,
+                                                         objective):
+  d, _ = hf_model_factory(variant)
+  cfg, params = hf.load_params(d)
+  head_cfg, params = _with_random_head(cfg, params, objective, () if objective == "reward"
+                                       else LABELS)
+  stage = config_lib.stage(objective=objective, method="lora",
+                           peft=dict(rank=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"]))
+  head_cfg, params = peft_methods.prepare(head_cfg, params, stage, jax.random.key(2))
+  # Trained-looking factors: B starts at zero, which would hide a wrong layout.
+  rng = np.random.default_rng(4)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32)
+      if "_lora_" in str(p[-1]) else x, params)
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save_model(ckpt, params, head_cfg, tokenizer_src=d)
+  out = tmp_path / "adapter"
+  assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--peft",
+                      "--base-model", str(d)]) == 0
+  config = json.loads((out / "adapter_config.json").read_text())
+  assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+  model = _seq_cls_peft_model(d, out)
+  base_only = heads.sequence_logits(head_cfg.replace(adapters=None),
+                                    peft_methods.base_params(params), *_padded(ROWS, "left"))
+  for side in ("left", "right"):
+    tokens, mask = _padded(ROWS, side)
+    got = np.asarray(heads.sequence_logits(head_cfg, params, tokens, mask))
+    np.testing.assert_allclose(_torch_logits(model, tokens, mask), got, atol=1e-4,
+                               err_msg=side)
+  assert np.abs(got - np.asarray(base_only)).max() > 1e-2  # the adapter matters
 
 
 def _head_batch(rows, labels=None, seq_len=24, slots=8):
@@ -305,12 +351,6 @@ def test_a_language_model_stage_after_a_head_is_refused(head_runs, tmp_path):
   with pytest.raises(ValueError, match="objective='sft' trains a causal LM, but the model has "
                                        "a multi_label_classification head"):
     trainer.train(c)
-
-
-def test_export_peft_of_a_head_is_refused(head_runs, tmp_path, capsys):
-  src = head_runs["cls"] / "stages" / "head" / "final"
-  assert export.main(["--checkpoint", str(src), "--out", str(tmp_path / "x"), "--peft"]) == 2
-  assert "SEQ_CLS" in capsys.readouterr().err
 
 
 def test_stage_data_of_the_wrong_kind_is_an_error(tmp_path):

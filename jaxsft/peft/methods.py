@@ -200,7 +200,7 @@ def add_params(cfg: ModelConfig, params, rng: jax.Array):
   def init(params, rng):
     _, variables = llama.Transformer(cfg).apply(
         {"params": params}, tokens, positions, segment_ids,
-        method=llama.Transformer.forward_logits, mutable=["params"], rngs={"params": rng})
+        method=llama.Transformer.init_all, mutable=["params"], rngs={"params": rng})
     return variables["params"]
 
   return jax.jit(init, donate_argnums=0)(params, rng)
