@@ -97,7 +97,8 @@ def stage_loss(cfg: ModelConfig, params, batch, objective: str = "sft", dropout_
   ``loss + router_aux_loss_coef * aux_loss`` in expectation.
   """
   if objective in heads.OBJECTIVES:
-    loss_sum, count, sums, aux = heads.head_loss(cfg, params, batch, objective)
+    loss_sum, count, sums, aux = heads.head_loss(cfg, params, batch, objective,
+                                                 dropout_rng=dropout_rng)
     aux = {**aux, **sums}
   else:
     # A batch without segment ids / positions is one example per row, no padding.
