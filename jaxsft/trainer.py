@@ -7,7 +7,8 @@ starts from and which is never rotated away.
 
 Layout of a run directory:
   config.json               the resolved config
-  metrics.jsonl, loss.png   one JSON object per logged step (train and eval rows)
+  metrics.jsonl, loss.png   one JSON object per logged step (train and eval rows; a
+                            head stage's eval labels unseen in training: split "data")
   stages/NAME/checkpoints/  orbax CheckpointManager: state + data position, every N steps
   stages/NAME/final/        the stage's final model (jaxsft.checkpoint format)
   hf/                       Hugging Face export, when config.export.hf
@@ -431,6 +432,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   latest = manager.latest_step()
   # full_then_lora checkpoints up to the switch hold the full phase's state.
   phase = 0 if switch is not None and (latest is None or latest <= switch) else 1
+  if pipe.unseen_labels and latest is None:  # once per stage, not again when resuming
+    # Split "data", not "eval": eval rows carry losses and accuracies.
+    run.writer.write({"stage": name, "step": 0, "split": "data",
+                      "unseen_labels": dict(sorted(pipe.unseen_labels.items()))})
   cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase,
                                      tokenizer=run.tokenizer, where=f"config.stages.{name}")
   ph = _Phase(cfg, params, stage, steps, mesh, config.seed)

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import hf_builders
+import peft_fixtures
 import train_fixtures
 from jaxsft import checkpoint, config as config_lib, export, hf, optim, trainer
 from jaxsft.data import packing
@@ -345,6 +346,9 @@ def test_cls_stage_trains_a_head_and_exports_it(head_runs):
   train = [r for r in rows if r["split"] == "train"]
   evals = [r for r in rows if r["split"] == "eval"]
   assert all(0 <= r["accuracy"] <= 1 for r in train + evals)
+  # The eval-only label is reported once, in its own record.
+  assert [r for r in rows if r["split"] == "data"] == [
+      {"stage": "head", "step": 0, "split": "data", "unseen_labels": {"owl": 1}}]
   assert train[-1]["loss"] < train[0]["loss"]
   cfg, params = checkpoint.load_model(out / "stages" / "head" / "final")
   # The label set is the training data's, sorted; "owl" (eval only) is not in it.
@@ -378,6 +382,46 @@ def test_a_language_model_stage_after_a_head_is_refused(head_runs, tmp_path):
   with pytest.raises(ValueError, match="objective='sft' trains a causal LM, but the model has "
                                        "a multi_label_classification head"):
     trainer.train(c)
+
+
+def test_lora_cls_stage_resumes_exactly_and_exports_peft_seq_cls(tmp_path):
+  # LoRA with dropout on a head stage from a Hugging Face causal LM: killed
+  # after its step-2 checkpoint and resumed, it ends where the uninterrupted
+  # run ends; the adapter's recorded base is that causal LM, which
+  # transformers grows a head on for PEFT's SEQ_CLS.
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
+  c = peft_fixtures.one_stage_config(tmp_path, hf_dir, "lora", 4,
+                                     dict(rank=4, alpha=8.0, dropout=0.1))
+  del c.stages["sft"]
+  c.stages.head = config_lib.stage(
+      objective="cls", method="lora", lr=5e-3, steps=4, batch_size=4, seq_len=64, log_every=1,
+      checkpoint_every=2, keep_checkpoints=5, warmup_ratio=0.0,
+      peft=dict(rank=4, alpha=8.0, dropout=0.1),
+      data=dict(datasets=[_write(tmp_path / "labels.jsonl", _label_rows(24, multi=False))]))
+  out = trainer.train(c)
+  cfg, params = checkpoint.load_model(out / "stages" / "head" / "final")
+  assert cfg.adapters.lora_dropout == 0.1 and cfg.label_names == ("cat", "dog", "fox")
+  final = peft_fixtures.leaves_by_path(params)
+  assert np.abs(final["layers/attn/q_lora_b_rnh"]).max() > 0  # the factors trained
+
+  run = tmp_path / "resumed"
+  peft_fixtures.copy_run_until(out, run, "head", 2)
+  c.output_dir = str(run)
+  trainer.train(c)
+  _, resumed = checkpoint.load_model(run / "stages" / "head" / "final")
+  for path, x in peft_fixtures.leaves_by_path(resumed).items():
+    np.testing.assert_array_equal(x, final[path], err_msg=path)
+
+  adapter = tmp_path / "adapter"
+  assert export.main(["--checkpoint", str(out / "stages" / "head" / "final"), "--out",
+                      str(adapter), "--peft"]) == 0
+  config = json.loads((adapter / "adapter_config.json").read_text())
+  assert config["base_model_name_or_path"] == str(hf_dir.resolve())
+  model = _seq_cls_peft_model(hf_dir, adapter)
+  tokens, mask = _padded(ROWS, "right")
+  np.testing.assert_allclose(_torch_logits(model, tokens, mask),
+                             np.asarray(heads.sequence_logits(cfg, params, tokens, mask)),
+                             atol=1e-4)
 
 
 def test_stage_data_of_the_wrong_kind_is_an_error(tmp_path):
