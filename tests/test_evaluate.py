@@ -431,3 +431,7 @@ def test_accuracy_of_a_prompt_tuned_classifier_matches_peft(hf_model_factory, tm
     with torch.no_grad():
       theirs = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(ours[i], theirs, atol=1e-4, err_msg=TEXTS[i])
+  # PEFT pools prompt-tuned padded batches at the last column, pad or not: no export.
+  (tmp_path / "x").mkdir()
+  with pytest.raises(ValueError, match="SEQ_CLS export covers LoRA/DoRA"):
+    peft_export.save_adapter(cfg, params, tmp_path / "x", None)
