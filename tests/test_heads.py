@@ -16,7 +16,7 @@ import transformers
 import hf_builders
 import peft_fixtures
 import train_fixtures
-from jaxsft import checkpoint, config as config_lib, export, hf, optim, trainer
+from jaxsft import checkpoint, config as config_lib, export, hf, trainer
 from jaxsft.data import packing
 from jaxsft.models import heads
 from jaxsft.peft import export as peft_export
@@ -224,12 +224,12 @@ def test_cls_loss_and_accuracy_match_transformers(hf_model_factory, tmp_path, mu
 
 
 def test_lora_dropout_applies_in_a_head_stage(hf_model_factory):
-  # The train step's loss is the head loss under the step's dropout key: not
+  # A head stage's loss under a dropout key is the head loss with dropout: not
   # the deterministic loss (dropout was silently off in cls/reward stages).
   d, _ = hf_model_factory("llama")
   cfg, params = hf.load_params(d)
   head_cfg, params = _with_random_head(cfg, params)
-  stage = config_lib.stage(objective="cls", method="lora", warmup_ratio=0.0,
+  stage = config_lib.stage(objective="cls", method="lora",
                            peft=dict(rank=4, alpha=8.0, dropout=0.5))
   head_cfg, params = peft_methods.prepare(head_cfg, params, stage, jax.random.key(2))
   rng = np.random.default_rng(5)
@@ -238,16 +238,14 @@ def test_lora_dropout_applies_in_a_head_stage(hf_model_factory):
       if "_lora_b" in str(p[-1]) else x, params)
   batch = _head_batch([[ROWS[0], ROWS[1]], [ROWS[2], ROWS[3]]], labels=[[0], [2], [1], [2]])
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k in trainer.batch_keys("cls")}
-  tx, lr_fn = optim.build(stage, 4, params)
-  mask = optim.trainable_mask(params, stage)
-  state = trainer.init_state(params, tx, 7, mask)
-  step = jax.jit(trainer.make_train_step(head_cfg, tx, lr_fn, 1, mask, "cls"))
-  _, metrics = step(state, batch)
-  _, step_rng = jax.random.split(jax.random.PRNGKey(7))
-  dropped = _head_loss(head_cfg, params, batch, "cls", jax.random.fold_in(step_rng, 0))
-  plain = _head_loss(head_cfg, params, batch, "cls")
-  np.testing.assert_allclose(float(metrics["loss"]), float(dropped[0] / dropped[1]), rtol=1e-5)
-  assert abs(float(metrics["loss"]) - float(plain[0] / plain[1])) > 1e-3
+  # stage_loss is what the train step differentiates (with the step's key).
+  loss_fn = jax.jit(trainer.stage_loss, static_argnums=(0, 3))
+  key = jax.random.key(7)
+  _, (dropped, count, _) = loss_fn(head_cfg, params, batch, "cls", key)
+  _, (plain, _, _) = loss_fn(head_cfg, params, batch, "cls")
+  ref = _head_loss(head_cfg, params, batch, "cls", key)
+  np.testing.assert_allclose(float(dropped), float(ref[0]), rtol=1e-6)
+  assert abs(float(dropped) - float(plain)) / float(count) > 1e-3
 
 
 def test_unseen_labels_count_as_wrong_and_carry_no_loss(hf_model_factory):
