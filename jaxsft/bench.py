@@ -382,6 +382,9 @@ def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
     trainable = optim.trainable_mask(params, stage)
     step = trainer.make_train_step(cfg, tx, lr_fn, 1, trainable)
     init = lambda p: trainer.init_state(p, tx, seed, trainable)  # noqa: E731
+    # Frozen weights held as the trainer holds them (stage.peft.frozen_dtype).
+    params = optim.store_frozen(params, trainable,
+                                optim.frozen_dtype(stage, cfg.dtype, cfg.param_dtype))
   state = jax.jit(init, donate_argnums=0)(params)
   return jax.jit(step, donate_argnums=0), state, trainable
 

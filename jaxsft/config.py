@@ -47,7 +47,11 @@ A stage (``stage(**overrides)``):
                 adapter: bottleneck_size
                 freeze: train_layers (the last N layers train), train_modules
                 any method: train_modules, a regex over parameter paths
-                  ("layers/mlp", "embed", "final_norm") that also trains
+                  ("layers/mlp", "embed", "final_norm") that also trains;
+                  frozen_dtype: "auto" (default; "compute" on GPU/TPU, "param" on
+                  CPU), "compute" (frozen weights held in model.dtype: the step
+                  computes the same, an 8B LoRA base takes 15 GiB instead of 30) or
+                  "param"
   lr          peak learning rate. SFT uses about 0.1x the pre-training lr
               (e.g. 1e-5..2e-5 for 7B-70B chat models, 1e-4 for small ones)
   lr_groups   {regex over parameter paths: lr multiplier}, first match wins,

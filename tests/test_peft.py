@@ -178,12 +178,49 @@ def test_full_then_lora_switches_and_resumes_exactly_before_at_and_after_the_swi
       np.testing.assert_array_equal(x, final[path], err_msg=f"resumed at {k}: {path}")
 
 
+def test_frozen_weights_held_in_the_compute_dtype_train_the_same(tmp_path):
+  """frozen_dtype="compute" holds the frozen base in bf16 (it is only ever read
+  in bf16): the factors train exactly as with fp32-held weights, the final
+  checkpoint's base is their bf16 rounding (in fp32), and a resume restores
+  the bf16 state."""
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
+  finals = {}
+  for held in ("compute", "param"):
+    c = _one_stage_config(tmp_path / held, hf_dir, "lora", steps=4, frozen_dtype=held)
+    c.model.dtype = "bfloat16"
+    out = trainer.train(c)
+    _, params = checkpoint_lib.load_model(out / "stages" / "sft" / "final")
+    finals[held] = peft_fixtures.leaves_by_path(params)
+  _, start = hf.load_params(hf_dir)
+  rounded = 0
+  for path, x in peft_fixtures.leaves_by_path(start).items():
+    np.testing.assert_array_equal(finals["param"][path], x, err_msg=path)
+    assert finals["compute"][path].dtype == x.dtype == np.float32
+    np.testing.assert_array_equal(finals["compute"][path],
+                                  np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)))
+    rounded += not np.array_equal(finals["compute"][path], x)
+  assert rounded  # the state really held bf16
+  for path, x in finals["param"].items():
+    if "_lora_" in path:
+      np.testing.assert_allclose(finals["compute"][path], x, atol=1e-6, rtol=0, err_msg=path)
+
+  run = tmp_path / "resumed"
+  peft_fixtures.copy_run_until(tmp_path / "compute" / "run", run, "sft", 2)
+  c = _one_stage_config(tmp_path / "compute", hf_dir, "lora", steps=4, frozen_dtype="compute")
+  c.model.dtype, c.output_dir = "bfloat16", str(run)
+  trainer.train(c)
+  _, resumed = checkpoint_lib.load_model(run / "stages" / "sft" / "final")
+  for path, x in peft_fixtures.leaves_by_path(resumed).items():
+    np.testing.assert_array_equal(x, finals["compute"][path], err_msg=f"resumed: {path}")
+
+
 @pytest.mark.parametrize("peft_kw,method,needle", [
     (dict(targets=["qproj"]), "lora", "q_proj"),
     (dict(targets="attn.*"), "lora", "available"),
     (dict(rank=0), "lora", "rank=0"),
     (dict(switch_at=1.0), "full_then_lora", "switch_at"),
     (dict(switch_at=0.0), "full_then_lora", "switch_at"),
+    (dict(frozen_dtype="fp8"), "lora", "frozen_dtype"),
 ])
 def test_bad_peft_settings_name_the_key(tmp_path, peft_kw, method, needle):
   c = train_fixtures.tiny_config(tmp_path / "d", tmp_path / "o")

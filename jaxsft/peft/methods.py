@@ -58,7 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
       bottleneck_size=64,
       virtual_tokens=20, prompt_init_text=placeholder(str), encoder="mlp",
       encoder_hidden=placeholder(int), prefix_projection_hidden=0,
-      train_layers=placeholder(int), train_modules=placeholder(str)))
+      train_layers=placeholder(int), train_modules=placeholder(str),
+      frozen_dtype="auto"))
 
 
 def lora_targets(spec, where: str = "stage.peft.targets") -> tuple[str, ...]:
@@ -86,6 +87,10 @@ def lora_targets(spec, where: str = "stage.peft.targets") -> tuple[str, ...]:
 
 def validate(method: str, peft, where: str) -> None:
   """Check ``stage.peft`` for ``method``; ValueError naming the key."""
+  if peft.get("frozen_dtype", "auto") not in ("auto", "compute", "param"):
+    raise ValueError(f"{where}.peft.frozen_dtype={peft.frozen_dtype!r} is not 'auto', "
+                     "'compute' (frozen weights held in model.dtype) or 'param' (in "
+                     "model.param_dtype)")
   if method in ("prompt", "p_tuning", "prefix") and peft.virtual_tokens < 1:
     raise ValueError(f"{where}.peft.virtual_tokens={peft.virtual_tokens} must be a positive "
                      "integer (the number of virtual tokens, e.g. 20)")
