@@ -374,18 +374,24 @@ def _prepare_method(cfg: ModelConfig, params, stage, rng):
 
 
 def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
-  """(jitted train step with the state donated, ``init(params) -> state``,
-  trainable mask or None). ``params`` may be abstract (only shapes are read)."""
+  """(jitted train step with the state donated, ``store(params)``,
+  ``init(stored params) -> state``, trainable mask or None). ``params`` may be
+  abstract (only shapes are read); ``store`` casts frozen weights as the
+  trainer holds them (``stage.peft.frozen_dtype``; leaf by leaf, outside the
+  init program, so the peak stays one leaf above the tree)."""
   tx, lr_fn = optim.build(stage, total_steps, params)
   if stage.method == "full":
     trainable = None
     step = trainer.make_train_step(cfg, tx, lr_fn, 1)
+    store = lambda p: p  # noqa: E731
     init = lambda p: trainer.init_state(p, tx, seed)  # noqa: E731
   else:  # the trainer's frozen/trainable split (jaxsft.peft's issue)
     trainable = optim.trainable_mask(params, stage)
     step = trainer.make_train_step(cfg, tx, lr_fn, 1, trainable)
+    frozen_dtype = optim.frozen_dtype(stage, cfg.dtype, cfg.param_dtype)
+    store = lambda p: optim.store_frozen(p, trainable, frozen_dtype)  # noqa: E731
     init = lambda p: trainer.init_state(p, tx, seed, trainable)  # noqa: E731
-  return jax.jit(step, donate_argnums=0), init, trainable
+  return jax.jit(step, donate_argnums=0), store, init, trainable
 
 
 def compiled_memory(compiled) -> int | None:
@@ -424,8 +430,8 @@ class StepRunner:
     self.cfg = cfg
     self.params = param_count(abstract)
     total_steps = args.warmup + args.steps + args.profile_steps
-    step, init, trainable = build_step(cfg, abstract, stage, total_steps, args.seed)
-    abstract_state = jax.eval_shape(init, abstract)
+    step, store, init, trainable = build_step(cfg, abstract, stage, total_steps, args.seed)
+    abstract_state = jax.eval_shape(init, store(abstract))
     batch0 = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in rows.items()}
     t0 = time.perf_counter()
     self.compiled = step.lower(abstract_state, batch0).compile()
@@ -436,7 +442,7 @@ class StepRunner:
     params = jax.jit(llama.init_params, static_argnums=0)(base_cfg, rng)
     cfg_real, params = _prepare_method(base_cfg, params, stage, jax.random.fold_in(rng, 1))
     assert cfg_real == cfg, (cfg_real, cfg)
-    self.state = jax.jit(init, donate_argnums=0)(params)
+    self.state = jax.jit(init, donate_argnums=0)(store(params))
     del params
     self.frozen, self.adapter = method_weights(base_cfg, cfg, self.state.params, trainable)
     self.trainable_params = self.params if trainable is None else int(sum(

@@ -35,7 +35,10 @@ A stage (``stage(**overrides)``):
               freeze (jaxsft/peft/methods.py); the knobs live in ``peft``:
                 lora/dora/full_then_lora: targets ("all-linear", names such as
                   ["q_proj", "v_proj"], or a regex), rank, alpha, rslora, dropout,
-                  init, switch_at (the fraction of steps trained in full before LoRA)
+                  init, switch_at (the fraction of steps trained in full before LoRA),
+                  lora_lr_scale (full_then_lora: the LoRA phase's lr multiplier; LoRA
+                  usually wants several times the full fine-tuning lr), loraplus_lr_ratio
+                  (LoRA+: the B factors train at this multiple of the lr, e.g. 16)
                 prompt: virtual_tokens, prompt_init_text (None: random init)
                 p_tuning: virtual_tokens, encoder ("mlp" | "lstm"), encoder_hidden
                   (None: the model width)
@@ -44,7 +47,11 @@ A stage (``stage(**overrides)``):
                 adapter: bottleneck_size
                 freeze: train_layers (the last N layers train), train_modules
                 any method: train_modules, a regex over parameter paths
-                  ("layers/mlp", "embed", "final_norm") that also trains
+                  ("layers/mlp", "embed", "final_norm") that also trains;
+                  frozen_dtype: "auto" (default; "compute" on GPU/TPU, "param" on
+                  CPU), "compute" (frozen weights held in model.dtype: the step
+                  computes the same, an 8B LoRA base takes 15 GiB instead of 30) or
+                  "param"
   lr          peak learning rate. SFT uses about 0.1x the pre-training lr
               (e.g. 1e-5..2e-5 for 7B-70B chat models, 1e-4 for small ones)
   lr_groups   {regex over parameter paths: lr multiplier}, first match wins,

@@ -40,6 +40,11 @@ sigmoid passes 0.5 for a multi-label model). Reported as json-labels reports
 data that the model does not have (``unseen_labels``: counted wrong, not an
 error).
 
+A prompt- or P-tuned checkpoint reads every row after its virtual tokens
+(so a row's first token is predicted too, as PEFT scores it), a prefix-tuned
+one with its key/value prefixes, for every metric, as in training and in
+``jaxsft.generate``; they take the first positions of the context.
+
 ``--predictions OUT.jsonl`` writes one line per example (source, prompt,
 generation, prediction, reference, correct fields) for error analysis.
 """
@@ -66,6 +71,7 @@ from jaxsft.data import templates as data_templates
 from jaxsft.models import heads
 from jaxsft.models import llama
 from jaxsft.models.model_config import ModelConfig
+from jaxsft.peft import prompts as prompts_lib
 
 METRICS = ("loss", "json-labels", "accuracy")
 FORMATS = ("text", "auto", "alpaca", "sharegpt", "messages", "label")
@@ -142,6 +148,22 @@ def _batch_loss(cfg: ModelConfig, params, tokens, segment_ids, loss_mask):
   return losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params), targets, weights)
 
 
+def virtual_ids(cfg: ModelConfig) -> list[int]:
+  """The ids of a prompt-tuned (or P-tuned) model's virtual tokens, which stand
+  before every sequence it reads (as ``generate.generate`` puts them); []
+  for other models. Prefix tuning's key/value prefixes need no ids: the model
+  adds them in every attention layer by itself."""
+  n = cfg.adapters.virtual_tokens if cfg.adapters is not None else 0
+  return prompts_lib.virtual_ids(n).tolist() if n else []
+
+
+def usable_context(cfg: ModelConfig) -> int:
+  """The positions left to a sequence: prompt/P-tuning's virtual tokens and
+  prefix tuning's prefixes take the first ones."""
+  a = cfg.adapters
+  return cfg.max_position_embeddings - ((a.virtual_tokens or a.prefix_tokens) if a else 0)
+
+
 def token_loss(cfg: ModelConfig, params, rows: Sequence[Sequence[int]],
                batch_size: int = DEFAULT_BATCH_SIZE,
                masks: Sequence[Sequence[int]] | None = None) -> tuple[float, int]:
@@ -149,9 +171,15 @@ def token_loss(cfg: ModelConfig, params, rows: Sequence[Sequence[int]],
 
   Rows are scored independently (each its own segment, right-padded), sorted
   by length so that batches carry little padding. ``masks`` (per row, aligned
-  with it) limit the scored targets, e.g. to the answers of a chat.
+  with it) limit the scored targets, e.g. to the answers of a chat. A
+  prompt-tuned model's virtual tokens stand before every row (``virtual_ids``),
+  as in training and in PEFT: the row's first token is then predicted too.
   """
   pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+  virtual = virtual_ids(cfg)
+  if virtual:
+    masks = [[0] * len(virtual) + list(m) for m in (masks or [[1] * len(r) for r in rows])]
+    rows = [virtual + list(r) for r in rows]
   order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
   total, count = 0.0, 0
   for start in range(0, len(order), batch_size):
@@ -375,7 +403,7 @@ def json_label_eval(cfg: ModelConfig, params, tokenizer, examples: Sequence[Exam
     raise ValueError(f"the model is a {cfg.problem_type} model (a score head, no lm_head): it "
                      "does not generate; use --metric accuracy")
   prompts = [prompt_ids(e, tokenizer, template) for e in examples]
-  context = cfg.max_position_embeddings
+  context = usable_context(cfg)
   for e, p in zip(examples, prompts):
     if len(p) + max_new_tokens > context:
       raise ValueError(f"{e.source}: the prompt ({len(p)} tokens) plus max_new_tokens="
@@ -403,6 +431,28 @@ def _sequence_logits(cfg, params, tokens, mask):
   return heads.sequence_logits(cfg, params, tokens, mask)
 
 
+def classifier_logits(cfg: ModelConfig, params, rows: Sequence[Sequence[int]],
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+  """fp32 scores [N, C] of a head model for ``rows`` of token ids, each read
+  alone (after a prompt-tuned model's virtual tokens), ``batch_size`` at a
+  time, right-padded, similar lengths together."""
+  virtual = virtual_ids(cfg)
+  rows = [virtual + list(r) for r in rows]
+  pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+  order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+  out = np.zeros((len(rows), cfg.num_labels), np.float32)
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    length = _padded_length(max(len(rows[i]) for i in chunk), 16)
+    tokens = np.full((batch_size, length), pad, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for j, i in enumerate(chunk):
+      tokens[j, :len(rows[i])], mask[j, :len(rows[i])] = rows[i], 1
+    logits = np.asarray(_sequence_logits(cfg, params, jnp.asarray(tokens), jnp.asarray(mask)))
+    out[chunk] = logits[:len(chunk)]
+  return out
+
+
 def classifier_eval(cfg: ModelConfig, params, tokenizer, conversations, batch_size: int,
                     max_length: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """(summary, records) of a classification model on label rows (module doc)."""
@@ -420,23 +470,11 @@ def classifier_eval(cfg: ModelConfig, params, tokenizer, conversations, batch_si
     ids = list(tokenizer(conv.text)["input_ids"])[:max_length or None]
     if not ids:
       raise ValueError(f"{conv.source}: the text is empty (no tokens)")
-    if len(ids) > cfg.max_position_embeddings:
+    if len(ids) > usable_context(cfg):
       raise ValueError(f"{conv.source}: {len(ids)} tokens, more than the model's context of "
-                       f"{cfg.max_position_embeddings}; pass --max-length to truncate")
+                       f"{usable_context(cfg)}; pass --max-length to truncate")
     rows.append(ids)
-  pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-  order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-  predicted: list[list[int]] = [[] for _ in rows]
-  for start in range(0, len(order), batch_size):
-    chunk = order[start:start + batch_size]
-    length = _padded_length(max(len(rows[i]) for i in chunk), 16)
-    tokens = np.full((batch_size, length), pad, np.int32)
-    mask = np.zeros((batch_size, length), np.int32)
-    for j, i in enumerate(chunk):
-      tokens[j, :len(rows[i])], mask[j, :len(rows[i])] = rows[i], 1
-    logits = np.asarray(_sequence_logits(cfg, params, jnp.asarray(tokens), jnp.asarray(mask)))
-    for j, ids in zip(chunk, heads.predictions(cfg, logits[:len(chunk)])):
-      predicted[j] = ids
+  predicted = heads.predictions(cfg, classifier_logits(cfg, params, rows, batch_size))
   comparisons, records = [], []
   for conv, ids in zip(conversations, predicted):
     pred = {"labels": [names[i] for i in ids]}
@@ -566,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     args.system if args.metric != "json-labels" or args.chat
                                     else None)
     cfg, params, tokenizer = generate.load_for_inference(args.model, args.trust_remote_code)
-    context = cfg.max_position_embeddings
+    context = usable_context(cfg)
     if args.max_length is not None and args.max_length > context:
       raise ValueError(f"--max-length={args.max_length} exceeds the model's context of "
                        f"{context} tokens (max_position_embeddings)")

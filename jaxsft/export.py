@@ -12,7 +12,9 @@ model directory (re-exported, e.g. to change dtype or sharding). The output
 holds config.json, generation_config.json, safetensors and the tokenizer files.
 A model with a classification or reward head (a cls/reward stage) is written
 as the family's ``*ForSequenceClassification`` (``score.weight``, num_labels,
-id2label/label2id, pad_token_id) for ``AutoModelForSequenceClassification``.
+id2label/label2id, pad_token_id) for ``AutoModelForSequenceClassification``;
+with ``--peft`` its adapter is PEFT's ``SEQ_CLS`` task, the head saved beside
+the LoRA factors (see ``jaxsft.peft.export``).
 Mistakes in the arguments or inputs print ``error: …`` and exit with status 2.
 """
 from __future__ import annotations
@@ -31,7 +33,6 @@ from jaxsft import hf
 from jaxsft import sharding as sharding_lib
 from jaxsft.peft import export as peft_export
 from jaxsft.peft import methods as peft_methods
-from jaxsft.models.model_config import ModelConfig
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -111,18 +112,6 @@ def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer
     if tokenizer_src is not None:
       hf.copy_tokenizer_files(tokenizer_src, tmp)
   return out
-def _has_head(source) -> bool:
-  """Whether the model at ``source`` (checkpoint or HF directory) has a task head;
-  False when it cannot be told (``export`` reports what is wrong)."""
-  source = pathlib.Path(source)
-  try:
-    if checkpoint_lib.is_checkpoint(source):
-      return ModelConfig.from_json((source / checkpoint_lib.CONFIG_FILE).read_text()).has_head
-    if (source / hf.CONFIG_FILE).is_file():
-      return hf.config_from_hf(source).has_head
-  except ValueError:
-    pass
-  return False
 
 
 def _size_arg(text: str) -> int:
@@ -149,18 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                            "(to check it) — only for code you trust")
   parser.add_argument("--peft", action="store_true",
                       help="write a PEFT adapter directory (LoRA, DoRA, prompt/P-/prefix "
-                           "tuning) instead of merged weights")
+                           "tuning; with a head: SEQ_CLS) instead of merged weights")
   parser.add_argument("--base-model",
                       help="with --peft: the adapter config's base_model_name_or_path (e.g. a "
                            "hub id); default: the recorded source directory, or the "
                            "checkpoint's base weights exported to OUT/base")
   args = parser.parse_args(argv)
   try:
-    if args.peft and _has_head(args.checkpoint):
-      raise ValueError(f"--peft: {args.checkpoint} has a classification/reward head; adapters "
-                       "with a head (PEFT's SEQ_CLS task type, the head saved beside them) are "
-                       "not supported yet; export the merged *ForSequenceClassification model "
-                       "without --peft")
     out = export(args.checkpoint, args.out, dtype=args.dtype,
                  max_shard_bytes=args.max_shard_size, trust_remote_code=args.trust_remote_code,
                  overwrite=args.overwrite, peft=args.peft, base_model=args.base_model)

@@ -43,6 +43,10 @@ def schedule(stage, total_steps: int) -> optax.Schedule:
       [optax.linear_schedule(peak / warmup, peak, warmup - 1), decay], [warmup - 1])
 
 
+# Suffix of the labels of LoRA+'s B factors (``labels``).
+LORAPLUS = "+loraplus"
+
+
 def decay_mask(params):
   """True where weight decay applies: matrices, not norm scales or biases."""
   def rule(path, x):
@@ -54,25 +58,29 @@ def decay_mask(params):
 def labels(params, stage) -> Any:
   """The label of every parameter: ``"frozen"`` where the stage's method does
   not train it (``jaxsft.peft.methods.trainable``) and for MoE routers with
-  ``stage.freeze_router``, else ``"group:<pattern>"``
-  for the first ``lr_groups`` pattern (a regex searched in the path, e.g.
-  ``"layers/attn/q_dnh"``) that matches it, else ``"train"``."""
+  ``stage.freeze_router``, else ``"group:<pattern>"`` for the first
+  ``lr_groups`` pattern (a regex searched in the checkpoint path, e.g.
+  ``"layers/attn/q_dnh"``) that matches it, else ``"train"``. With LoRA+
+  (``peft.loraplus_lr_ratio``) the B factors' labels end in ``LORAPLUS``."""
   patterns = list(stage.lr_groups or {})
   lora = peft_methods.has_lora(params)
   peft = stage.get("peft")
+  loraplus = (peft is not None and stage.method in peft_methods.LORA_METHODS
+              and peft.get("loraplus_lr_ratio") is not None)
   freeze_router = bool(stage.get("freeze_router", False))
   routers = []
 
   def label(path, _):
     names = sharding_lib.path_names(path)
-    name = "/".join(names)
+    name = peft_methods.canonical_path(names)
     if "moe/router_de" in name:
       routers.append(name)
       if freeze_router:
         return "frozen"
     if not peft_methods.trainable(names, stage.method, peft, lora):
       return "frozen"
-    return next((f"group:{p}" for p in patterns if re.search(p, name)), "train")
+    out = next((f"group:{p}" for p in patterns if re.search(p, name)), "train")
+    return out + LORAPLUS if loraplus and "_lora_b_" in names[-1] else out
 
   tree = jax.tree_util.tree_map_with_path(label, params)
   if freeze_router and not routers:
@@ -99,6 +107,46 @@ def partition(params, mask) -> tuple[Any, Any]:
   return train, frozen
 
 
+def frozen_dtype(stage, compute_dtype, param_dtype):
+  """The dtype a stage holds its frozen parameters in, or None (as they are).
+
+  ``stage.peft.frozen_dtype``: ``"compute"`` holds them in the compute dtype
+  (``model.dtype``): the forward pass reads every weight in that dtype anyway
+  (norm scales and biases included), so the step computes exactly the same,
+  and an 8B LoRA stage keeps 15 GiB of bf16 base weights instead of 30 GiB of
+  fp32. ``"param"`` keeps the parameter dtype (the final checkpoint's frozen
+  weights then equal the incoming ones bit for bit, not only their compute-dtype
+  rounding). ``"auto"``: ``"compute"`` on GPU/TPU, ``"param"`` on CPU, where
+  XLA computes bf16 matmuls in fp32 and would hoist fp32 copies of the stored
+  bf16 weights out of the layer loop.
+  """
+  peft = stage.get("peft")
+  choice = "auto" if peft is None else peft.get("frozen_dtype", "auto")
+  if choice not in ("auto", "compute", "param"):
+    raise ValueError(f"stage.peft.frozen_dtype={choice!r} is not 'auto', 'compute' or 'param'")
+  if choice == "param" or (choice == "auto" and jax.default_backend() == "cpu"):
+    return None
+  dt, pdt = jnp.dtype(compute_dtype), jnp.dtype(param_dtype)
+  return dt if dt.itemsize < pdt.itemsize else None
+
+
+def store_frozen(params, mask, dtype) -> Any:
+  """``params`` with the frozen (``mask`` False) floating leaves cast to
+  ``dtype`` (None: unchanged). Leaf by leaf, each original donated, so the
+  peak is the incoming tree plus one cast leaf; works on abstract leaves too."""
+  if dtype is None:
+    return params
+  cast = jax.jit(lambda x: x.astype(dtype), donate_argnums=0)
+
+  def store(x, trained):
+    if trained or not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return cast(x)
+  return jax.tree_util.tree_map(store, params, mask)
+
+
 def combine(train, frozen) -> Any:
   """Inverse of ``partition``."""
   masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
@@ -106,25 +154,42 @@ def combine(train, frozen) -> Any:
                                 is_leaf=masked)
 
 
+def lr_scale(stage, params) -> float:
+  """The multiplier of the whole schedule: ``peft.lora_lr_scale`` in the LoRA
+  phase of ``full_then_lora`` (``params`` hold LoRA factors), else 1."""
+  if stage.method == "full_then_lora" and peft_methods.has_lora(params):
+    return float(stage.peft.lora_lr_scale)
+  return 1.0
+
+
 def build(stage, total_steps: int, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Global-norm clipping, then AdamW per label: the stage's lr for ``train``,
-  scaled by the group's multiplier for each ``lr_groups`` entry. The
-  transformation applies to the trainable part of ``params`` only (see
-  ``partition``): frozen parameters get neither gradients nor optimizer state."""
-  lr = schedule(stage, total_steps)
+  scaled by the group's multiplier for each ``lr_groups`` entry and by
+  ``peft.loraplus_lr_ratio`` for LoRA+'s B factors. The transformation applies
+  to the trainable part of ``params`` only (see ``partition``): frozen
+  parameters get neither gradients nor optimizer state. The returned schedule
+  is the lr of ``train`` parameters (``peft.lora_lr_scale`` included)."""
+  base, scale = schedule(stage, total_steps), lr_scale(stage, params)
+  lr = base if scale == 1.0 else (lambda step: scale * base(step))
   groups = dict(stage.lr_groups or {})
   label_tree = labels(params, stage)
   mask = _is_trained(label_tree)
   train, _ = partition(params, mask)
   train_labels, _ = partition(label_tree, mask)
+  used = set(jax.tree_util.tree_leaves(train_labels))
+
+  def multiplier(label: str) -> float:
+    group = label.removesuffix(LORAPLUS)
+    m = float(groups[group[len("group:"):]]) if group.startswith("group:") else 1.0
+    return m * float(stage.peft.loraplus_lr_ratio) if label.endswith(LORAPLUS) else m
 
   def adamw(scale: float):
     rate = lr if scale == 1.0 else (lambda step: scale * lr(step))
     return optax.adamw(rate, b1=stage.b1, b2=stage.b2, eps=stage.eps,
                        weight_decay=stage.weight_decay, mask=decay_mask(train))
 
-  transforms = {"train": adamw(1.0)}
-  transforms.update({f"group:{p}": adamw(float(m)) for p, m in groups.items()})
+  # multi_transform wants a transformation for every label in the tree.
+  transforms = {label: adamw(multiplier(label)) for label in sorted(used | {"train"})}
   tx = optax.chain(
       optax.clip_by_global_norm(stage.grad_clip) if stage.grad_clip else optax.identity(),
       optax.multi_transform(transforms, train_labels))

@@ -7,7 +7,8 @@ starts from and which is never rotated away.
 
 Layout of a run directory:
   config.json               the resolved config
-  metrics.jsonl, loss.png   one JSON object per logged step (train and eval rows)
+  metrics.jsonl, loss.png   one JSON object per logged step (train and eval rows; a
+                            head stage's eval labels unseen in training: split "data")
   stages/NAME/checkpoints/  orbax CheckpointManager: state + data position, every N steps
   stages/NAME/final/        the stage's final model (jaxsft.checkpoint format)
   hf/                       Hugging Face export, when config.export.hf
@@ -97,7 +98,8 @@ def stage_loss(cfg: ModelConfig, params, batch, objective: str = "sft", dropout_
   ``loss + router_aux_loss_coef * aux_loss`` in expectation.
   """
   if objective in heads.OBJECTIVES:
-    loss_sum, count, sums, aux = heads.head_loss(cfg, params, batch, objective)
+    loss_sum, count, sums, aux = heads.head_loss(cfg, params, batch, objective,
+                                                 dropout_rng=dropout_rng)
     aux = {**aux, **sums}
   else:
     # A batch without segment ids / positions is one example per row, no padding.
@@ -441,6 +443,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   latest = manager.latest_step()
   # full_then_lora checkpoints up to the switch hold the full phase's state.
   phase = 0 if switch is not None and (latest is None or latest <= switch) else 1
+  if pipe.unseen_labels and latest is None:  # once per stage, not again when resuming
+    # Split "data", not "eval": eval rows carry losses and accuracies.
+    run.writer.write({"stage": name, "step": 0, "split": "data",
+                      "unseen_labels": dict(sorted(pipe.unseen_labels.items()))})
   cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase,
                                      tokenizer=run.tokenizer, where=f"config.stages.{name}")
   ph = _Phase(cfg, params, stage, steps, mesh, config.seed)
@@ -539,7 +545,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     manager.close()
 
   # The final model is in the canonical layout (freeze tuning's split stack joined).
-  final_cfg, final_params = peft_methods.canonical(ph.cfg, state.params)
+  final_cfg, final_params = peft_methods.canonical(ph.cfg, ph.unstore(state.params))
   checkpoint_lib.save_model(stage_dir / "final", final_params, final_cfg,
                             tokenizer_src=run.tokenizer_dir, overwrite=True)
   if (final_cfg.adapters is not None and base_model is not None and incoming_adapters is None
@@ -558,7 +564,7 @@ def _switch_to_lora(ph: "_Phase", state: TrainState, stage, steps: int, mesh, se
   """Full → LoRA on the updated weights: the base weights' Adam moments are
   dropped, the LoRA factors start with fresh ones, and the same schedule (a
   function of the step) continues."""
-  cfg, params = peft_methods.prepare(ph.cfg, state.params, stage, adapter_rng, 1)
+  cfg, params = peft_methods.prepare(ph.cfg, ph.unstore(state.params), stage, adapter_rng, 1)
   step_now, rng_now = state.step, state.rng
   del state
   ph = _Phase(cfg, params, stage, steps, mesh, seed)
@@ -575,9 +581,10 @@ class _Phase:
     self.cfg, self.seed = cfg, seed
     self.tx, self.lr_fn = optim.build(stage, steps, params)
     self.mask = optim.trainable_mask(params, stage)
+    self.frozen_dtype = optim.frozen_dtype(stage, cfg.dtype, cfg.param_dtype)
     param_shardings = sharding_lib.param_shardings(params, mesh)
     self.abstract_state = jax.eval_shape(
-        lambda q: init_state(q, self.tx, seed, self.mask), params)
+        lambda q: init_state(self.store(q), self.tx, seed, self.mask), params)
     self.state_shardings = _state_shardings(self.abstract_state, param_shardings, mesh)
     bsh = batch_sharding(mesh)
     self.step_fn = sharding_lib.with_mesh(mesh, jax.jit(
@@ -587,9 +594,19 @@ class _Phase:
     self.eval_fn = sharding_lib.with_mesh(
         mesh, jax.jit(make_eval_step(cfg, objective), in_shardings=(param_shardings, bsh)))
 
+  def store(self, params):
+    """``params`` as the state holds them: frozen weights in ``frozen_dtype``."""
+    return optim.store_frozen(params, self.mask, self.frozen_dtype)
+
+  def unstore(self, params):
+    """The state's ``params`` back in the model's parameter dtype."""
+    if self.frozen_dtype is None:
+      return params
+    return optim.store_frozen(params, self.mask, jnp.dtype(self.cfg.param_dtype))
+
   def init(self, params) -> TrainState:
     return jax.jit(lambda q: init_state(q, self.tx, self.seed, self.mask),
-                   out_shardings=self.state_shardings, donate_argnums=0)(params)
+                   out_shardings=self.state_shardings, donate_argnums=0)(self.store(params))
 
 
 def _with_head(name: str, objective: str, cfg: ModelConfig, params, pipe, mesh, seed: int):

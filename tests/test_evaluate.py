@@ -357,3 +357,81 @@ def test_generation_eval_inside_a_stage(tmp_path):
   nopath = config_lib.stage(data=dict(datasets=[str(data)]), generate_eval=dict(every=5))
   with pytest.raises(ValueError, match=r"stages.s.generate_eval.path: set the file"):
     config_lib.validate_stage("s", nopath)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_loss_of_a_prompt_tuned_checkpoint_matches_peft(hf_model_factory, tmp_path, capsys,
+                                                        method):
+  # The CLI reads every row after the virtual tokens (prompt tuning) or with
+  # the prefixes (prefix tuning), as PEFT's model computes its loss.
+  import jax
+  import peft
+  from jaxsft import checkpoint, config as config_lib, export
+  from jaxsft.peft import methods
+  d, _ = hf_model_factory("llama")
+  cfg, params = hf.load_params(d)
+  stage = config_lib.stage(method=method, peft=dict(virtual_tokens=4))
+  cfg, params = methods.prepare(cfg, params, stage, jax.random.key(0))
+  top = "prompt" if method == "prompt" else "prefix"
+  rng = np.random.default_rng(2)
+  params[top] = jax.tree_util.tree_map(
+      lambda x: (0.5 * rng.standard_normal(x.shape)).astype(np.float32), params[top])
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save_model(ckpt, params, cfg, tokenizer_src=d)
+  data = _write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS[:3]])
+  assert evaluate.main(["--model", str(ckpt), "--data", str(data), "--batch-size", "2"]) == 0
+  metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+  adapter = export.export(ckpt, tmp_path / "adapter", peft=True, base_model=str(d))
+  model = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(d), adapter).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(d)
+  total, count = 0.0, 0
+  for text in TEXTS[:3]:
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+      loss = model(input_ids=ids, labels=ids).loss.item()
+    # After virtual tokens the first token is predicted too (PEFT's labels).
+    n = ids.shape[1] - (method == "prefix")
+    total, count = total + loss * n, count + n
+  assert metrics["tokens"] == count
+  np.testing.assert_allclose(metrics["loss"], total / count, rtol=1e-5)
+
+
+def test_accuracy_of_a_prompt_tuned_classifier_matches_peft(hf_model_factory, tmp_path):
+  # A prompt-tuned head model scores each text after its virtual tokens, as
+  # PEFT's SEQ_CLS prompt tuning does (one row at a time: no padding).
+  import jax
+  import peft
+  from jaxsft import config as config_lib
+  from jaxsft.models import heads
+  from jaxsft.peft import export as peft_export, methods
+  d, _ = hf_model_factory("llama")
+  cfg, params = hf.load_params(d)
+  head_cfg = heads.head_config(cfg, "cls", ("billing", "orders", "account"))
+  params = heads.attach(cfg, params, head_cfg, jax.random.key(0))
+  params["score"]["kernel_dc"] = jax.random.normal(jax.random.key(1), (64, 3))
+  stage = config_lib.stage(objective="cls", method="prompt", peft=dict(virtual_tokens=4))
+  cfg, params = methods.prepare(head_cfg, params, stage, jax.random.key(2))
+  params["prompt"] = jax.tree_util.tree_map(
+      lambda x: 0.5 * jax.random.normal(jax.random.key(3), x.shape), params["prompt"])
+  tokenizer = transformers.AutoTokenizer.from_pretrained(d)
+  rows = [tokenizer(t)["input_ids"] for t in TEXTS]
+  ours = evaluate.classifier_logits(cfg, params, rows, batch_size=2)
+
+  base_dir = hf.save_params(methods.base_params(params), head_cfg, tmp_path / "base")
+  table = peft_export.prompt_tensors(cfg, params)["prompt_embeddings"]
+  model = peft.get_peft_model(
+      transformers.AutoModelForSequenceClassification.from_pretrained(base_dir),
+      peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+  with torch.no_grad():
+    model.prompt_encoder["default"].embedding.weight.copy_(torch.tensor(table))
+  model.eval()
+  for i, ids in enumerate(rows):
+    with torch.no_grad():
+      theirs = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(ours[i], theirs, atol=1e-4, err_msg=TEXTS[i])
+  # PEFT pools prompt-tuned padded batches at the last column, pad or not: no export.
+  (tmp_path / "x").mkdir()
+  with pytest.raises(ValueError, match="SEQ_CLS export covers LoRA/DoRA"):
+    peft_export.save_adapter(cfg, params, tmp_path / "x", None)

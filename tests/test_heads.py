@@ -8,15 +8,19 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
 
 import hf_builders
+import peft_fixtures
 import train_fixtures
 from jaxsft import checkpoint, config as config_lib, export, hf, trainer
 from jaxsft.data import packing
 from jaxsft.models import heads
+from jaxsft.peft import export as peft_export
+from jaxsft.peft import methods as peft_methods
 
 LABELS = ("billing", "orders", "tech")
 # Rows of different lengths; the longest passes Mistral's sliding window (8).
@@ -115,6 +119,49 @@ def test_reward_model_export(hf_model_factory, tmp_path):
   assert hf.load_params(out)[0] == head_cfg
 
 
+def _seq_cls_peft_model(base_dir, adapter_dir):
+  """transformers + peft's model of a SEQ_CLS adapter directory, its base
+  built from ``base_dir`` with the keyword arguments the export wrote."""
+  kwargs = json.loads((adapter_dir / peft_export.SEQ_CLS_FILE).read_text())
+  base = transformers.AutoModelForSequenceClassification.from_pretrained(
+      base_dir, attn_implementation="eager", **kwargs)
+  return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+@pytest.mark.parametrize("variant,objective", [("llama", "cls"), ("qwen2", "cls"),
+                                               ("llama", "reward")])
+def test_peft_export_of_lora_with_a_head_is_peft_seq_cls(hf_model_factory, tmp_path, variant,
+                                                         objective):
+  d, _ = hf_model_factory(variant)
+  cfg, params = hf.load_params(d)
+  head_cfg, params = _with_random_head(cfg, params, objective, () if objective == "reward"
+                                       else LABELS)
+  stage = config_lib.stage(objective=objective, method="lora",
+                           peft=dict(rank=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"]))
+  head_cfg, params = peft_methods.prepare(head_cfg, params, stage, jax.random.key(2))
+  # Trained-looking factors: B starts at zero, which would hide a wrong layout.
+  rng = np.random.default_rng(4)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32)
+      if "_lora_" in str(p[-1]) else x, params)
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save_model(ckpt, params, head_cfg, tokenizer_src=d)
+  out = tmp_path / "adapter"
+  assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--peft",
+                      "--base-model", str(d)]) == 0
+  config = json.loads((out / "adapter_config.json").read_text())
+  assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+  model = _seq_cls_peft_model(d, out)
+  base_only = heads.sequence_logits(head_cfg.replace(adapters=None),
+                                    peft_methods.base_params(params), *_padded(ROWS, "left"))
+  for side in ("left", "right"):
+    tokens, mask = _padded(ROWS, side)
+    got = np.asarray(heads.sequence_logits(head_cfg, params, tokens, mask))
+    np.testing.assert_allclose(_torch_logits(model, tokens, mask), got, atol=1e-4,
+                               err_msg=side)
+  assert np.abs(got - np.asarray(base_only)).max() > 1e-2  # the adapter matters
+
+
 def _head_batch(rows, labels=None, seq_len=24, slots=8):
   """Packed rows for a head: ``rows`` is a list of rows, each a list of
   examples (token lists, or (chosen, rejected) pairs)."""
@@ -174,6 +221,31 @@ def test_cls_loss_and_accuracy_match_transformers(hf_model_factory, tmp_path, mu
   right = ((logits > 0) == (target.numpy() > 0)).all(-1) if multi else \
       logits.argmax(-1) == target.numpy()
   assert float(sums["correct"]) == right.sum() and float(sums["examples"]) == 4
+
+
+def test_lora_dropout_applies_in_a_head_stage(hf_model_factory):
+  # A head stage's loss under a dropout key is the head loss with dropout: not
+  # the deterministic loss (dropout was silently off in cls/reward stages).
+  d, _ = hf_model_factory("llama")
+  cfg, params = hf.load_params(d)
+  head_cfg, params = _with_random_head(cfg, params)
+  stage = config_lib.stage(objective="cls", method="lora",
+                           peft=dict(rank=4, alpha=8.0, dropout=0.5))
+  head_cfg, params = peft_methods.prepare(head_cfg, params, stage, jax.random.key(2))
+  rng = np.random.default_rng(5)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32)
+      if "_lora_b" in str(p[-1]) else x, params)
+  batch = _head_batch([[ROWS[0], ROWS[1]], [ROWS[2], ROWS[3]]], labels=[[0], [2], [1], [2]])
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k in trainer.batch_keys("cls")}
+  # stage_loss is what the train step differentiates (with the step's key).
+  loss_fn = jax.jit(trainer.stage_loss, static_argnums=(0, 3))
+  key = jax.random.key(7)
+  _, (dropped, count, _) = loss_fn(head_cfg, params, batch, "cls", key)
+  _, (plain, _, _) = loss_fn(head_cfg, params, batch, "cls")
+  ref = _head_loss(head_cfg, params, batch, "cls", key)
+  np.testing.assert_allclose(float(dropped), float(ref[0]), rtol=1e-6)
+  assert abs(float(dropped) - float(plain)) / float(count) > 1e-3
 
 
 def test_unseen_labels_count_as_wrong_and_carry_no_loss(hf_model_factory):
@@ -272,6 +344,9 @@ def test_cls_stage_trains_a_head_and_exports_it(head_runs):
   train = [r for r in rows if r["split"] == "train"]
   evals = [r for r in rows if r["split"] == "eval"]
   assert all(0 <= r["accuracy"] <= 1 for r in train + evals)
+  # The eval-only label is reported once, in its own record.
+  assert [r for r in rows if r["split"] == "data"] == [
+      {"stage": "head", "step": 0, "split": "data", "unseen_labels": {"owl": 1}}]
   assert train[-1]["loss"] < train[0]["loss"]
   cfg, params = checkpoint.load_model(out / "stages" / "head" / "final")
   # The label set is the training data's, sorted; "owl" (eval only) is not in it.
@@ -307,10 +382,44 @@ def test_a_language_model_stage_after_a_head_is_refused(head_runs, tmp_path):
     trainer.train(c)
 
 
-def test_export_peft_of_a_head_is_refused(head_runs, tmp_path, capsys):
-  src = head_runs["cls"] / "stages" / "head" / "final"
-  assert export.main(["--checkpoint", str(src), "--out", str(tmp_path / "x"), "--peft"]) == 2
-  assert "SEQ_CLS" in capsys.readouterr().err
+def test_lora_cls_stage_resumes_exactly_and_exports_peft_seq_cls(tmp_path):
+  # LoRA with dropout on a head stage from a Hugging Face causal LM: killed
+  # after its step-2 checkpoint and resumed, it ends where the uninterrupted
+  # run ends; the adapter's recorded base is that causal LM, which
+  # transformers grows a head on for PEFT's SEQ_CLS.
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
+  c = peft_fixtures.one_stage_config(tmp_path, hf_dir, "lora", 4,
+                                     dict(rank=4, alpha=8.0, dropout=0.1))
+  del c.stages["sft"]
+  c.stages.head = config_lib.stage(
+      objective="cls", method="lora", lr=5e-3, steps=4, batch_size=4, seq_len=64, log_every=1,
+      checkpoint_every=2, keep_checkpoints=5, warmup_ratio=0.0,
+      peft=dict(rank=4, alpha=8.0, dropout=0.1),
+      data=dict(datasets=[_write(tmp_path / "labels.jsonl", _label_rows(24, multi=False))]))
+  out = trainer.train(c)
+  cfg, params = checkpoint.load_model(out / "stages" / "head" / "final")
+  assert cfg.adapters.lora_dropout == 0.1 and cfg.label_names == ("cat", "dog", "fox")
+  final = peft_fixtures.leaves_by_path(params)
+  assert np.abs(final["layers/attn/q_lora_b_rnh"]).max() > 0  # the factors trained
+
+  run = tmp_path / "resumed"
+  peft_fixtures.copy_run_until(out, run, "head", 2)
+  c.output_dir = str(run)
+  trainer.train(c)
+  _, resumed = checkpoint.load_model(run / "stages" / "head" / "final")
+  for path, x in peft_fixtures.leaves_by_path(resumed).items():
+    np.testing.assert_array_equal(x, final[path], err_msg=path)
+
+  adapter = tmp_path / "adapter"
+  assert export.main(["--checkpoint", str(out / "stages" / "head" / "final"), "--out",
+                      str(adapter), "--peft"]) == 0
+  config = json.loads((adapter / "adapter_config.json").read_text())
+  assert config["base_model_name_or_path"] == str(hf_dir.resolve())
+  model = _seq_cls_peft_model(hf_dir, adapter)
+  tokens, mask = _padded(ROWS, "right")
+  np.testing.assert_allclose(_torch_logits(model, tokens, mask),
+                             np.asarray(heads.sequence_logits(cfg, params, tokens, mask)),
+                             atol=1e-4)
 
 
 def test_stage_data_of_the_wrong_kind_is_an_error(tmp_path):

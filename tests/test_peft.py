@@ -178,12 +178,49 @@ def test_full_then_lora_switches_and_resumes_exactly_before_at_and_after_the_swi
       np.testing.assert_array_equal(x, final[path], err_msg=f"resumed at {k}: {path}")
 
 
+def test_frozen_weights_held_in_the_compute_dtype_train_the_same(tmp_path):
+  """frozen_dtype="compute" holds the frozen base in bf16 (it is only ever read
+  in bf16): the factors train exactly as with fp32-held weights, the final
+  checkpoint's base is their bf16 rounding (in fp32), and a resume restores
+  the bf16 state."""
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
+  finals = {}
+  for held in ("compute", "param"):
+    c = _one_stage_config(tmp_path / held, hf_dir, "lora", steps=4, frozen_dtype=held)
+    c.model.dtype = "bfloat16"
+    out = trainer.train(c)
+    _, params = checkpoint_lib.load_model(out / "stages" / "sft" / "final")
+    finals[held] = peft_fixtures.leaves_by_path(params)
+  _, start = hf.load_params(hf_dir)
+  rounded = 0
+  for path, x in peft_fixtures.leaves_by_path(start).items():
+    np.testing.assert_array_equal(finals["param"][path], x, err_msg=path)
+    assert finals["compute"][path].dtype == x.dtype == np.float32
+    np.testing.assert_array_equal(finals["compute"][path],
+                                  np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)))
+    rounded += not np.array_equal(finals["compute"][path], x)
+  assert rounded  # the state really held bf16
+  for path, x in finals["param"].items():
+    if "_lora_" in path:
+      np.testing.assert_allclose(finals["compute"][path], x, atol=1e-6, rtol=0, err_msg=path)
+
+  run = tmp_path / "resumed"
+  peft_fixtures.copy_run_until(tmp_path / "compute" / "run", run, "sft", 2)
+  c = _one_stage_config(tmp_path / "compute", hf_dir, "lora", steps=4, frozen_dtype="compute")
+  c.model.dtype, c.output_dir = "bfloat16", str(run)
+  trainer.train(c)
+  _, resumed = checkpoint_lib.load_model(run / "stages" / "sft" / "final")
+  for path, x in peft_fixtures.leaves_by_path(resumed).items():
+    np.testing.assert_array_equal(x, finals["compute"][path], err_msg=f"resumed: {path}")
+
+
 @pytest.mark.parametrize("peft_kw,method,needle", [
     (dict(targets=["qproj"]), "lora", "q_proj"),
     (dict(targets="attn.*"), "lora", "available"),
     (dict(rank=0), "lora", "rank=0"),
     (dict(switch_at=1.0), "full_then_lora", "switch_at"),
     (dict(switch_at=0.0), "full_then_lora", "switch_at"),
+    (dict(frozen_dtype="fp8"), "lora", "frozen_dtype"),
 ])
 def test_bad_peft_settings_name_the_key(tmp_path, peft_kw, method, needle):
   c = train_fixtures.tiny_config(tmp_path / "d", tmp_path / "o")
@@ -201,3 +238,59 @@ def test_peft_export_of_a_full_checkpoint_is_refused(tmp_path, capsys):
   assert export_lib.main(["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "o"),
                           "--peft"]) == 2
   assert "without --peft" in capsys.readouterr().err
+
+
+def _first_adam_updates(stage, params, steps=10):
+  """One optimizer step of ``optim.build`` on all-ones gradients: every trainable
+  leaf's update (Adam's first step is -lr · g / (|g| + eps) = -lr / (1 + eps))."""
+  tx, lr_fn = optim.build(stage, steps, params)
+  train, _ = optim.partition(params, optim.trainable_mask(params, stage))
+  grads = jax.tree_util.tree_map(jnp.ones_like, train)
+  updates, _ = tx.update(grads, tx.init(train), train)
+  flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+  return {"/".join(sharding_lib.path_names(p)): np.asarray(u) for p, u in flat}, lr_fn
+
+
+@pytest.mark.parametrize("method,peft_kw,expect_a,expect_b", [
+    ("lora", dict(loraplus_lr_ratio=16.0), 1.0, 16.0),           # LoRA+: B at 16x
+    ("full_then_lora", dict(lora_lr_scale=5.0), 5.0, 5.0),       # the LoRA phase at 5x
+    ("full_then_lora", dict(lora_lr_scale=5.0, loraplus_lr_ratio=4.0), 5.0, 20.0),
+])
+def test_lora_learning_rates(method, peft_kw, expect_a, expect_b):
+  cfg = ModelConfig(**train_fixtures.TINY_MODEL)
+  params = llama.init_params(cfg, jax.random.key(0))
+  stage = config_lib.stage(method=method, lr=1e-3, warmup_ratio=0.0, schedule="constant",
+                           weight_decay=0.0, grad_clip=0.0,
+                           peft=dict(dict(rank=4, alpha=8.0), **peft_kw))
+  _, lora_params = methods.prepare(cfg, params, stage, jax.random.key(1), phase=1)
+  updates, lr_fn = _first_adam_updates(stage, lora_params)
+  adam = -1e-3 / (1 + stage.eps)
+  assert updates and all("_lora_" in k for k in updates)
+  for name, u in updates.items():
+    want = expect_b if "_lora_b_" in name else expect_a
+    np.testing.assert_allclose(u, want * adam, rtol=1e-4, err_msg=name)  # fp32 bias correction
+  assert float(lr_fn(3)) == pytest.approx(1e-3 * expect_a)
+  if method == "full_then_lora":  # the full phase keeps the stage's lr
+    full_updates, full_lr = _first_adam_updates(stage, params)
+    assert all(np.allclose(u, adam, rtol=1e-4) for u in full_updates.values())
+    assert float(full_lr(3)) == pytest.approx(1e-3)
+
+
+def test_lora_learning_rate_knobs_are_checked():
+  for kw, key in [(dict(loraplus_lr_ratio=0.0), "loraplus_lr_ratio"),
+                  (dict(lora_lr_scale=-1.0), "lora_lr_scale")]:
+    with pytest.raises(ValueError, match=key):
+      methods.validate("full_then_lora", config_lib.stage(peft=kw).peft, "stage")
+
+
+def test_freeze_train_modules_match_the_checkpoint_paths():
+  """``layers/mlp`` names every layer's MLP in the checkpoint; with freeze tuning
+  the first layers live in the ``layers_frozen`` stack and must match too."""
+  cfg = ModelConfig(**train_fixtures.TINY_MODEL)
+  params = llama.init_params(cfg, jax.random.key(0))
+  stage = config_lib.stage(method="freeze", peft=dict(train_layers=1, train_modules="layers/mlp"))
+  _, split = methods.prepare(cfg, params, stage, jax.random.key(1))
+  labels = optim.labels(split, stage)
+  assert set(jax.tree_util.tree_leaves(labels["layers_frozen"]["mlp"])) == {"train"}
+  assert set(jax.tree_util.tree_leaves(labels["layers_frozen"]["attn"])) == {"frozen"}
+  assert set(jax.tree_util.tree_leaves(labels["layers"])) == {"train"}

@@ -140,10 +140,12 @@ def sequence_logits(cfg: ModelConfig, params, tokens, attention_mask=None) -> ja
   return _score(cfg, params, pooled)
 
 
-def pooled_logits(cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array, Any]:
-  """(scores [B, S, C], valid [B, S], aux) of the sequences of packed rows."""
+def pooled_logits(cfg: ModelConfig, params, batch,
+                  dropout_rng=None) -> tuple[jax.Array, jax.Array, Any]:
+  """(scores [B, S, C], valid [B, S], aux) of the sequences of packed rows;
+  ``dropout_rng`` turns on adapter dropout (``llama.hidden_states``)."""
   hidden, aux = llama.hidden_states(cfg, params, batch["tokens"], batch["positions"],
-                                    batch["segment_ids"])
+                                    batch["segment_ids"], dropout_rng=dropout_rng)
   index = batch["pool_index"]
   pooled = jnp.take_along_axis(hidden, jnp.maximum(index, 0)[..., None], axis=1)
   return _score(cfg, params, pooled), index >= 0, aux
@@ -151,15 +153,16 @@ def pooled_logits(cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array
 
 # ----------------------------------------------------------------------------- losses
 
-def head_loss(cfg: ModelConfig, params, batch, objective: str):
-  """(loss_sum, example_count, sums, aux) of packed rows (module doc).
+def head_loss(cfg: ModelConfig, params, batch, objective: str, dropout_rng=None):
+  """(loss_sum, example_count, sums, aux) of packed rows (module doc);
+  ``dropout_rng`` (training) turns on adapter dropout, as for token losses.
 
   ``sums`` hold the numerators and denominators of ``METRICS[objective]``.
   cls: ``batch["labels"]`` [B, S, K] are label ids, -1 padded; id C marks a
   label the model does not have (evaluation data): such examples count as
   wrong and carry no loss. reward: slots 2j, 2j+1 are a pair.
   """
-  logits, valid, aux = pooled_logits(cfg, params, batch)
+  logits, valid, aux = pooled_logits(cfg, params, batch, dropout_rng)
   if objective == "reward":
     r = logits[..., 0]
     ok = valid[:, 0::2] & valid[:, 1::2]

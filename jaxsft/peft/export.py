@@ -13,6 +13,14 @@ encoder's output, which PEFT uses in inference mode), or for prefix tuning
 the [P, L·2·K·H] key/value prefixes (projection applied; PEFT's
 ``num_attention_heads`` and ``token_dim`` are the kv heads K and K·H, as
 ``get_peft_model`` sets them for a GQA model).
+
+A model with a classification or reward head (a cls/reward stage) is PEFT's
+``SEQ_CLS`` task: the trained ``score`` head is saved beside the LoRA factors
+as ``base_model.model.score.weight`` [C, D] with ``modules_to_save: ["score"]``,
+and ``seq_cls_config.json`` holds the keyword arguments (num_labels,
+id2label, label2id, problem_type, pad_token_id) the base needs:
+``AutoModelForSequenceClassification.from_pretrained(base, **kwargs)`` builds
+a head of the right shape, whose random weights the adapter's then replace.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxsft import hf
 from jaxsft.models import llama
 from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import lora as lora_lib
@@ -32,6 +41,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # In a jaxsft checkpoint: the HF model its frozen base weights are identical to.
 BASE_FILE = "peft_base.json"
+
+# Beside a SEQ_CLS adapter: the base model's from_pretrained keyword arguments.
+SEQ_CLS_FILE = "seq_cls_config.json"
 
 # Our module path (under layers/) -> the HF submodule that holds the projection.
 _HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
@@ -137,10 +149,43 @@ def save_adapter(cfg: ModelConfig, params, out_dir: pathlib.Path, base_model: st
                      "prompt/prefix tuning")
   if not (a.lora_targets or prompt):
     raise ValueError("this checkpoint's adapters have no PEFT export yet")
+  if prompt and cfg.has_head:
+    raise ValueError("PEFT's SEQ_CLS export covers LoRA/DoRA with a head; a prompt/prefix-tuned "
+                     "head model has none yet (PEFT pools such rows differently): export it "
+                     "without --peft")
   if prompt:
     tensors, config = prompt_tensors(cfg, params, dtype), prompt_config(cfg, base_model)
   else:
     tensors, config = lora_tensors(cfg, params, dtype), lora_config(cfg, base_model)
+  if cfg.has_head:
+    tensors.update(head_tensors(cfg, params, dtype))
+    config = seq_cls_config(config)
+    (out_dir / SEQ_CLS_FILE).write_text(
+        json.dumps(seq_cls_kwargs(cfg), indent=2, sort_keys=True) + "\n")
   save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
   (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
   return out_dir
+
+
+# ----------------------------------------------------------------------------- SEQ_CLS (task heads)
+
+def head_tensors(cfg: ModelConfig, params, dtype=np.float32) -> dict[str, np.ndarray]:
+  """The score head as PEFT saves a ``modules_to_save`` module of a
+  *ForSequenceClassification: ``base_model.model.score.weight`` [C, D]."""
+  kernel = _np(params["score"]["kernel_dc"])
+  return {"base_model.model.score.weight": np.ascontiguousarray(kernel.T.astype(dtype))}
+
+
+def seq_cls_config(config: dict[str, Any]) -> dict[str, Any]:
+  """``config`` (a causal-LM adapter config) for PEFT's SEQ_CLS task, whose
+  ``score`` module is saved whole beside the adapter."""
+  return {**config, "task_type": "SEQ_CLS", "modules_to_save": ["score"]}
+
+
+def seq_cls_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+  """What ``AutoModelForSequenceClassification.from_pretrained(base, **kwargs)``
+  needs to build the head of ``cfg`` on a base that may be a causal LM (whose
+  config has no labels and often no pad id, by which transformers pools)."""
+  hf_config = hf.config_to_hf(cfg)  # checks the pad id, names unnamed labels
+  return {k: hf_config[k] for k in ("num_labels", "problem_type", "id2label", "label2id",
+                                    "pad_token_id")}

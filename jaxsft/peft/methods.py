@@ -54,11 +54,12 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # A name list, "all-linear" or a regex: any type, so a list can replace the string.
       targets=ml_collections.FieldReference("all-linear", field_type=object), rank=16, alpha=32.0, rslora=False, dropout=0.0, init="kaiming",
-      switch_at=0.2,
+      switch_at=0.2, lora_lr_scale=1.0, loraplus_lr_ratio=placeholder(float),
       bottleneck_size=64,
       virtual_tokens=20, prompt_init_text=placeholder(str), encoder="mlp",
       encoder_hidden=placeholder(int), prefix_projection_hidden=0,
-      train_layers=placeholder(int), train_modules=placeholder(str)))
+      train_layers=placeholder(int), train_modules=placeholder(str),
+      frozen_dtype="auto"))
 
 
 def lora_targets(spec, where: str = "stage.peft.targets") -> tuple[str, ...]:
@@ -86,6 +87,10 @@ def lora_targets(spec, where: str = "stage.peft.targets") -> tuple[str, ...]:
 
 def validate(method: str, peft, where: str) -> None:
   """Check ``stage.peft`` for ``method``; ValueError naming the key."""
+  if peft.get("frozen_dtype", "auto") not in ("auto", "compute", "param"):
+    raise ValueError(f"{where}.peft.frozen_dtype={peft.frozen_dtype!r} is not 'auto', "
+                     "'compute' (frozen weights held in model.dtype) or 'param' (in "
+                     "model.param_dtype)")
   if method in ("prompt", "p_tuning", "prefix") and peft.virtual_tokens < 1:
     raise ValueError(f"{where}.peft.virtual_tokens={peft.virtual_tokens} must be a positive "
                      "integer (the number of virtual tokens, e.g. 20)")
@@ -114,6 +119,12 @@ def validate(method: str, peft, where: str) -> None:
       raise ValueError(f"{where}.peft.dropout={peft.dropout} must be in [0, 1)")
     if peft.init not in ("kaiming", "gaussian"):
       raise ValueError(f"{where}.peft.init={peft.init!r} is not 'kaiming' or 'gaussian'")
+  if method in LORA_METHODS and peft.loraplus_lr_ratio is not None and peft.loraplus_lr_ratio <= 0:
+    raise ValueError(f"{where}.peft.loraplus_lr_ratio={peft.loraplus_lr_ratio} must be positive "
+                     "(LoRA+: the B factors' lr over the A factors', e.g. 16), or None")
+  if method == "full_then_lora" and not peft.lora_lr_scale > 0:
+    raise ValueError(f"{where}.peft.lora_lr_scale={peft.lora_lr_scale} must be positive (the "
+                     "LoRA phase's lr multiplier, e.g. 5)")
   if method == "full_then_lora" and not 0 < peft.switch_at < 1:
     raise ValueError(f"{where}.peft.switch_at={peft.switch_at} must be a fraction of the "
                      "stage's steps in (0, 1), e.g. 0.2")
@@ -194,7 +205,7 @@ def add_params(cfg: ModelConfig, params, rng: jax.Array):
   def init(params, rng):
     _, variables = llama.Transformer(cfg).apply(
         {"params": params}, tokens, positions, segment_ids,
-        method=llama.Transformer.forward_logits, mutable=["params"], rngs={"params": rng})
+        method=llama.Transformer.init_all, mutable=["params"], rngs={"params": rng})
     return variables["params"]
 
   return jax.jit(init, donate_argnums=0)(params, rng)
@@ -266,9 +277,17 @@ def has_lora(params) -> bool:
              for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
 
 
+def canonical_path(path: tuple[str, ...]) -> str:
+  """``path`` as the checkpoint names it: freeze tuning's ``layers_frozen`` stack
+  is part of ``layers`` there, so path regexes (``train_modules``, ``lr_groups``)
+  written against checkpoint paths match both stacks."""
+  name = "/".join(path)
+  return "layers" + name[len("layers_frozen"):] if path[0] == "layers_frozen" else name
+
+
 def trainable(path: tuple[str, ...], method: str, peft, params_have_lora: bool) -> bool:
   """Whether the parameter at ``path`` trains under ``method``."""
-  name = "/".join(path)
+  name = canonical_path(path)
   if peft is not None and peft.train_modules and re.search(peft.train_modules, name):
     return True
   if path[0] in ("head", "score"):  # task heads always train
@@ -347,7 +366,7 @@ def _init_prompt_from_text(params, text: str, tokenizer, where: str):
 
 
 def _check_train_modules(params, pattern: str, where: str) -> None:
-  names = ["/".join(sharding_lib.path_names(p))
+  names = [canonical_path(sharding_lib.path_names(p))
            for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   if not any(re.search(pattern, n) for n in names):
     modules = sorted({n.rsplit("/", 1)[0] if "/" in n else n for n in names})
