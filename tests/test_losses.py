@@ -88,16 +88,19 @@ def test_never_materializes_more_than_one_chunk_of_logits():
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, w)
 
   def vocab_sized(jaxpr):
-    """Row counts of every [..., V] value, inside scan/remat bodies too."""
+    """Row counts of every [..., V] value, inside scan/remat/cond bodies too."""
     for eqn in jaxpr.eqns:
       for var in eqn.outvars:
         shape = tuple(getattr(var.aval, "shape", ()))
         if shape and shape[-1] == V and shape != (D, V):  # (D, V) is the weight
           yield int(np.prod(shape[:-1]))
       for param in eqn.params.values():
-        inner = getattr(param, "jaxpr", param)  # ClosedJaxpr -> Jaxpr
-        if hasattr(inner, "eqns"):
-          yield from vocab_sized(inner)
+        # cond keeps its branches as a tuple of jaxprs (the CPU path skips
+        # untrained chunks with a cond).
+        for p in param if isinstance(param, (tuple, list)) else (param,):
+          inner = getattr(p, "jaxpr", p)  # ClosedJaxpr -> Jaxpr
+          if hasattr(inner, "eqns"):
+            yield from vocab_sized(inner)
 
   sizes = list(vocab_sized(jaxpr.jaxpr))
   assert sizes, "expected chunk logits in the jaxpr"
