@@ -1,5 +1,6 @@
 """Mixture of experts: both dispatches against transformers and each other,
-expert parallelism on 8 simulated devices, router losses, metrics and options."""
+expert parallelism on 8 simulated devices, router losses, metrics and options,
+LoRA on the experts (both dispatches, PEFT and merged exports, training)."""
 from __future__ import annotations
 
 import json
@@ -11,14 +12,20 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
+import transformers
 
 import hf_builders
+import peft_fixtures
 import train_fixtures
 from jaxsft import config as config_lib
 from jaxsft import hf, optim, trainer
 from jaxsft.models import ModelConfig, llama, mixtral
+from jaxsft.models.model_config import Adapters
+from jaxsft.peft import export as peft_export
+from jaxsft.peft import methods as peft_methods
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DISPATCHES = ["dense", "dropless"]
@@ -67,10 +74,10 @@ _CFG = ModelConfig(family="mixtral", vocab_size=64, hidden_size=32, intermediate
                    num_experts_per_tok=2)
 
 
-def _moe_case(skew: bool):
+def _moe_case(skew: bool, cfg: ModelConfig = _CFG):
   """MoE parameters and inputs; with ``skew``, the router sends nearly every
   token to expert 0 (half of all routing slots) and none to expert 3."""
-  module = mixtral.MoE(_CFG)
+  module = mixtral.MoE(cfg)
   x = jax.random.normal(jax.random.key(1), (3, 40, _CFG.hidden_size))
   valid = jnp.ones((3, 40), bool).at[2, 30:].set(False)
   params = module.init(jax.random.key(0), x, valid)["params"]
@@ -123,6 +130,127 @@ def test_dropless_under_jit_scan_and_remat_matches_dense():
   (l_dense, g_dense), (l_drop, g_drop) = step(params, "dense"), step(params, "dropless")
   np.testing.assert_allclose(l_drop, l_dense, atol=1e-6, rtol=0)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6, rtol=0), g_dense, g_drop)
+
+
+# ----------------------------------------------------------------------------- expert LoRA
+
+EXPERT_LORA = Adapters(lora_targets=("q_proj", "v_proj", "expert_gate_up", "expert_down"),
+                       lora_rank=3, lora_alpha=6.0)
+
+
+def _random_b(params, scale=0.1):
+  """``params`` with every LoRA B (zero at init) replaced by random values."""
+  def fill(path, x):
+    if "_lora_b_" not in path[-1].key:
+      return x
+    rng = jax.random.fold_in(jax.random.key(7), len(jax.tree_util.keystr(path)) * 131 + x.size)
+    return scale * jax.random.normal(rng, x.shape, x.dtype)
+  return jax.tree_util.tree_map_with_path(fill, params)
+
+
+@pytest.mark.parametrize("skew", [False, True], ids=["random", "skewed"])
+def test_expert_lora_dropless_equals_dense_and_zero_b_is_the_base(skew):
+  cfg = _CFG.replace(adapters=EXPERT_LORA)
+  module, params, x, valid = _moe_case(skew, cfg)
+  assert params["gate_up_lora_a_edr"].shape == (4, 32, 3)
+  assert params["down_lora_b_erd"].shape == (4, 3, 32)
+  base = {k: v for k, v in params.items() if "_lora_" not in k}
+
+  def run(dispatch, params, x, cfg=cfg):
+    return module.clone(cfg=cfg.replace(moe_dispatch=dispatch)).apply(
+        {"params": params}, x, valid)[0]
+
+  for dispatch in DISPATCHES:  # fresh adapters (B = 0) compute the base model exactly
+    np.testing.assert_array_equal(run(dispatch, params, x),
+                                  run(dispatch, base, x, _CFG))
+  params = _random_b(params)
+  r = jax.random.normal(jax.random.key(3), x.shape)
+  loss = lambda d: lambda p, x: jnp.sum(run(d, p, x) * r)  # noqa: E731
+  y_dense, y_dropless = run("dense", params, x), run("dropless", params, x)
+  assert np.abs(np.asarray(y_dense - run("dense", base, x, _CFG))).max() > 1e-2
+  np.testing.assert_allclose(y_dropless, y_dense, atol=1e-6, rtol=0)
+  g_dense = jax.grad(loss("dense"), argnums=(0, 1))(params, x)
+  g_dropless = jax.grad(loss("dropless"), argnums=(0, 1))(params, x)
+  for name in [k for k in params if "_lora_" in k]:
+    assert np.abs(np.asarray(g_dense[0][name])).max() > 1e-3, name
+  for a, b in zip(jax.tree.leaves(g_dense), jax.tree.leaves(g_dropless)):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-6)
+
+
+def test_expert_lora_trains_only_its_factors():
+  """The label tree of a LoRA stage on a Mixtral: only the factors (attention's
+  and the experts') train, so expert weights get no gradient and no state."""
+  params = jax.eval_shape(lambda: llama.init_params(_CFG.replace(adapters=EXPERT_LORA),
+                                                    jax.random.key(0)))
+  stage = config_lib.stage(method="lora")
+  mask = optim.trainable_mask(params, stage)
+  trains = {"/".join(k.key for k in path): m
+            for path, m in jax.tree_util.tree_leaves_with_path(mask)}
+  assert {k for k, m in trains.items() if m} == {
+      "layers/attn/q_lora_a_dr", "layers/attn/q_lora_b_rnh", "layers/attn/v_lora_a_dr",
+      "layers/attn/v_lora_b_rkh", "layers/moe/gate_up_lora_a_edr",
+      "layers/moe/gate_lora_b_erf", "layers/moe/up_lora_b_erf",
+      "layers/moe/down_lora_a_efr", "layers/moe/down_lora_b_erd"}
+
+
+def test_expert_lora_exports_to_peft_and_merged(hf_model_factory, tmp_path):
+  """LoRA on attention + experts of a transformers Mixtral: PEFT's
+  ``PeftModel.from_pretrained`` on the exported adapter, and transformers on
+  the merged export, give jaxsft's logits."""
+  path, _ = hf_model_factory("mixtral")
+  cfg, params = hf.load_params(path)
+  cfg = cfg.replace(adapters=EXPERT_LORA)
+  params = _random_b(peft_methods.add_params(cfg, params, jax.random.key(1)))
+  tokens = _tokens(batch=2, seq=20)
+  logits, aux = llama.forward(cfg, params, jnp.asarray(tokens))
+  layers = np.asarray(aux["layer_expert_fractions"])
+  assert ((layers > 0.05).sum(axis=1) >= 3).all(), layers  # varied experts
+  base = transformers.MixtralForCausalLM.from_pretrained(path)
+  base_logits = peft_fixtures.torch_logits(base, tokens)
+  assert np.abs(base_logits - np.asarray(logits)).max() > 0.1  # the adapters matter
+
+  (tmp_path / "peft").mkdir()
+  peft_export.save_adapter(cfg, params, tmp_path / "peft", str(path))
+  config = json.loads((tmp_path / "peft" / peft_export.ADAPTER_CONFIG).read_text())
+  assert config["target_modules"] == ["q_proj", "v_proj"]
+  assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+  model = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
+  np.testing.assert_allclose(peft_fixtures.torch_logits(model, tokens), logits, atol=1e-4,
+                             rtol=0)
+
+  merged_cfg, merged = peft_methods.merge(cfg, params)
+  assert merged_cfg.adapters is None and "gate_up_lora_a_edr" not in merged["layers"]["moe"]
+  hf.save_params(merged, merged_cfg, tmp_path / "merged")
+  model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "merged")
+  np.testing.assert_allclose(peft_fixtures.torch_logits(model, tokens), logits, atol=1e-4,
+                             rtol=0)
+
+
+def test_expert_lora_settings_are_checked():
+  with pytest.raises(ValueError, match=r"supports neither DoRA nor dropout"):
+    Adapters(lora_targets=("expert_down",), lora_rank=2, lora_alpha=2.0, lora_dropout=0.1)
+  where = "config.stages.sft"
+  lora = config_lib.stage(method="lora", peft=dict(targets=["q_proj", "expert_gate_up"],
+                                                   dropout=0.05))
+  with pytest.raises(ValueError, match=r"config.stages.sft.peft.dropout=0.05: LoRA on the "
+                                       r"experts \(\['expert_gate_up'\]\) has no dropout"):
+    peft_methods.validate("lora", lora.peft, where)
+  lora.peft.dropout = 0.0
+  with pytest.raises(ValueError, match=r"config.stages.sft.method='dora': DoRA on the experts"):
+    peft_methods.validate("dora", lora.peft, where)
+  peft_methods.validate("lora", lora.peft, where)
+  moe = llama.abstract_params(_CFG)
+  dense_cfg = _CFG.replace(family="llama", num_experts=0)
+  with pytest.raises(ValueError, match=r"names \['expert_gate_up'\], but this model has no "
+                                       r"experts"):
+    peft_methods.prepare(dense_cfg, llama.abstract_params(dense_cfg), lora, None, where=where)
+  lora.peft.targets = ["q_proj", "up_proj"]
+  with pytest.raises(ValueError, match=r"names \['up_proj'\], but this MoE model's "
+                                       r"feed-forward is its experts"):
+    peft_methods.prepare(_CFG, moe, lora, None, where=where)
+  lora.peft.targets = "all-linear"  # as in PEFT: the attention's linear layers
+  cfg, _ = peft_methods.prepare(_CFG, moe, lora, None, where=where)
+  assert "q_proj" in cfg.adapters.lora_targets
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -180,10 +308,16 @@ def _validation_config():
   return config
 
 
-def _run_config(data: pathlib.Path, out: pathlib.Path, steps=3, **model):
-  """A one-stage tiny-Mixtral CPT run on train_fixtures' data, logging every step."""
-  config = train_fixtures.tiny_config(data, out, cpt_steps=steps, batch_size=8, log_every=1)
-  del config.stages["sft"]
+def _run_config(data: pathlib.Path, out: pathlib.Path, steps=3, lora_steps=0, **model):
+  """A tiny-Mixtral CPT run on train_fixtures' data, logging every step; with
+  ``lora_steps``, then an SFT stage of LoRA on attention and experts."""
+  config = train_fixtures.tiny_config(data, out, cpt_steps=steps, sft_steps=lora_steps,
+                                      batch_size=8, log_every=1)
+  if lora_steps:
+    config.stages.sft.update(method="lora", lr=1e-2, warmup_ratio=0.0)
+    config.stages.sft.peft.update(targets=list(EXPERT_LORA.lora_targets), rank=2, alpha=4.0)
+  else:
+    del config.stages["sft"]
   config.model.init = dict(TINY_MOE)
   config.model.update(model)
   return config
@@ -234,7 +368,7 @@ from jaxsft import trainer
 assert len(jax.devices()) == 8
 for name, (mesh, dispatch) in {meshes!r}.items():
   config = test_moe._run_config(pathlib.Path({data!r}), pathlib.Path({root!r}) / name,
-                                moe_dispatch=dispatch)
+                                lora_steps=2, moe_dispatch=dispatch)
   config.mesh.update({{**dict(data=1, fsdp=1, tensor=1, expert=1), **mesh}})
   trainer.train(config)
 """
@@ -245,10 +379,11 @@ MESHES = {"fsdp2_expert4": (dict(fsdp=2, expert=4), "dropless"),
 
 def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
   """Dropless MoE training with the expert axis 4 (with fsdp 2, or tensor 2)
-  on 8 simulated CPU devices: the losses, router statistics and trained
-  weights of one device."""
+  on 8 simulated CPU devices, full fine-tuning then LoRA on attention and
+  experts: the losses, router statistics and trained weights of one device;
+  and the LoRA stage changes its factors only."""
   data = tmp_path / "data"
-  single = _run_config(data, tmp_path / "single", moe_dispatch="dropless")
+  single = _run_config(data, tmp_path / "single", lora_steps=2, moe_dispatch="dropless")
   trainer.train(single)
   script = _SHARDED_RUN.format(tests=str(REPO / "tests"), data=str(data), root=str(tmp_path),
                                meshes=MESHES)
@@ -257,11 +392,20 @@ def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
   assert result.returncode == 0, result.stderr[-3000:]
   one = [r for r in _rows(tmp_path / "single") if r["split"] == "train"]
-  assert len(one) == 3
+  assert [r["stage"] for r in one] == ["cpt"] * 3 + ["sft"] * 2
   for key in ("expert_fraction_min", "expert_fraction_max", "z_loss", "aux_loss"):
     assert all(np.isfinite(r[key]) for r in one), key
   assert all(r["expert_fraction_min"] <= 0.25 <= r["expert_fraction_max"] for r in one)
-  want = checkpoint_params(tmp_path / "single")
+  want = {stage: checkpoint_params(tmp_path / "single", stage) for stage in ("cpt", "sft")}
+  # LoRA trained every factor (B from 0) and left every base weight bit-identical.
+  full, lora = (peft_fixtures.leaves_by_path(want[s]) for s in ("cpt", "sft"))
+  factors = {k for k in lora if "_lora_" in k}
+  assert {"layers/moe/gate_up_lora_a_edr", "layers/moe/down_lora_b_erd"} <= factors
+  assert set(lora) - factors == set(full)
+  for k in factors:
+    assert "_lora_b_" not in k or np.abs(lora[k]).max() > 1e-3, k
+  for k in full:
+    np.testing.assert_array_equal(lora[k], full[k], err_msg=k)
   for name in MESHES:
     rows = [r for r in _rows(tmp_path / name) if r["split"] == "train"]
     for key in ("loss", "aux_loss", "z_loss", "expert_fraction_min", "expert_fraction_max"):
@@ -270,11 +414,13 @@ def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
     # Weights after 3 AdamW steps at lr 3e-3: Adam's normalized update turns a
     # gradient's last-bit difference (another summation order) into up to
     # ~1e-3 of a weight's value where the gradient is near 0 (1 of 8192 entries).
-    got = checkpoint_params(tmp_path / name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-3), want, got)
+    for stage in ("cpt", "sft"):
+      got = checkpoint_params(tmp_path / name, stage)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-3),
+                   want[stage], got)
 
 
-def checkpoint_params(out: pathlib.Path):
+def checkpoint_params(out: pathlib.Path, stage: str = "cpt"):
   from jaxsft import checkpoint
-  _, params = checkpoint.load_model(out / "stages" / "cpt" / "final")
+  _, params = checkpoint.load_model(out / "stages" / stage / "final")
   return jax.tree.map(np.asarray, params)

@@ -29,6 +29,12 @@ Two dispatches compute the same function (``ModelConfig.moe_dispatch``):
   measured on CPU in docs/BENCHMARKS.md. ``_expert_ffn`` is the one place a
   grouped-GEMM kernel goes when one is available there.
 
+With LoRA on the experts (``expert_gate_up``/``expert_down``, see
+jaxsft/peft/lora.py) both dispatches add the per-expert low-rank path: two
+more einsums (dense) or two more ``ragged_dot``s with A [E,D,r] and B [E,r,F]
+over the same groups (dropless); the factors shard their E axis like the
+weights.
+
 The auxiliary loss is transformers' ``load_balancing_loss_func``: over the
 tokens of all layers together, E · Σ_e (fraction of routing slots sent to e) ·
 (mean router probability of e), counting only non-padding tokens. The z-loss
@@ -43,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsft import sharding as sharding_lib
 from jaxsft.models.model_config import ModelConfig
+from jaxsft.peft import lora as lora_lib
 
 
 def resolve_dispatch(cfg: ModelConfig) -> str:
@@ -67,6 +74,10 @@ class MoE(nn.Module):
     w_gate = self.param("gate_edf", init, (e, d, f), pdt)
     w_up = self.param("up_edf", init, (e, d, f), pdt)
     w_down = self.param("down_efd", init, (e, f, d), pdt)
+    lora = lora_lib.expert_factors(
+        self, cfg.adapters, {"gate_edf": w_gate, "up_edf": w_up, "down_efd": w_down}, pdt)
+    lora = {name: v.astype(dt) for name, v in lora.items()}
+    scale = cfg.adapters.lora_scale if lora else 0.0
 
     xd = x.astype(dt)
     router_logits = jnp.einsum("BTD,DE->BTE", xd, router.astype(dt)).astype(jnp.float32)
@@ -77,9 +88,9 @@ class MoE(nn.Module):
 
     weights = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
     if resolve_dispatch(cfg) == "dense":
-      y = _dense(xd, top_w, chosen, *weights)
+      y = _dense(xd, top_w, chosen, *weights, lora, scale)
     else:
-      y = _dropless(xd, top_i, top_w, *weights)
+      y = _dropless(xd, top_i, top_w, *weights, lora, scale)
 
     valid = token_valid.astype(jnp.float32)
     stats = {
@@ -90,26 +101,50 @@ class MoE(nn.Module):
     return y, stats
 
 
-def _dense(x, top_w, chosen, w_gate, w_up, w_down):
-  """The reference: every expert on every token, combined by a [B,T,E] matrix."""
+def _dense(x, top_w, chosen, w_gate, w_up, w_down, lora=None, scale=0.0):
+  """The reference: every expert on every token, combined by a [B,T,E] matrix;
+  ``lora`` holds expert LoRA factors by name (``lora_lib.EXPERT_FACTORS``)."""
+  lora = lora or {}
   combine = jnp.einsum("BTk,BTkE->BTE", top_w, chosen).astype(x.dtype)
   gate = jnp.einsum("BTD,EDF->BTEF", x, w_gate)
   up = jnp.einsum("BTD,EDF->BTEF", x, w_up)
-  return jnp.einsum("BTEF,EFD,BTE->BTD", jax.nn.silu(gate) * up, w_down, combine)
+  if "gate_up_lora_a_edr" in lora:
+    xa = jnp.einsum("BTD,EDR->BTER", x, lora["gate_up_lora_a_edr"])
+    gate = gate + scale * jnp.einsum("BTER,ERF->BTEF", xa, lora["gate_lora_b_erf"])
+    up = up + scale * jnp.einsum("BTER,ERF->BTEF", xa, lora["up_lora_b_erf"])
+  h = jax.nn.silu(gate) * up
+  y = jnp.einsum("BTEF,EFD,BTE->BTD", h, w_down, combine)
+  if "down_lora_a_efr" in lora:
+    ha = jnp.einsum("BTEF,EFR->BTER", h, lora["down_lora_a_efr"])
+    y = y + scale * jnp.einsum("BTER,ERD,BTE->BTD", ha, lora["down_lora_b_erd"], combine)
+  return y
 
 
-def _expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down):
+def _expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, lora=None, scale=0.0):
   """SwiGLU of rows grouped by expert: rows [Σ_{j<e} g_j, Σ_{j≤e} g_j) of
   ``x_sorted`` [M,D] use expert e's weights ([E,D,F], [E,D,F], [E,F,D]);
-  ``group_sizes`` [E] int32. Rows past Σ g are undefined (callers mask them)."""
-  gate = jax.lax.ragged_dot(x_sorted, w_gate, group_sizes)
-  up = jax.lax.ragged_dot(x_sorted, w_up, group_sizes)
-  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
+  ``group_sizes`` [E] int32. Rows past Σ g are undefined (callers mask them).
+  ``lora``: expert LoRA factors by name, each one more ``ragged_dot`` over the
+  same groups (A [E,in,r], then B [E,r,out])."""
+  lora = lora or {}
+  rd = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)  # noqa: E731
+  gate, up = rd(x_sorted, w_gate), rd(x_sorted, w_up)
+  if "gate_up_lora_a_edr" in lora:
+    xa = rd(x_sorted, lora["gate_up_lora_a_edr"])
+    gate = gate + scale * rd(xa, lora["gate_lora_b_erf"])
+    up = up + scale * rd(xa, lora["up_lora_b_erf"])
+  h = jax.nn.silu(gate) * up
+  y = rd(h, w_down)
+  if "down_lora_a_efr" in lora:
+    y = y + scale * rd(rd(h, lora["down_lora_a_efr"]), lora["down_lora_b_erd"])
+  return y
 
 
-def _dropless_local(x, top_i, top_w, w_gate, w_up, w_down, first_expert=0):
+def _dropless_local(x, top_i, top_w, w_gate, w_up, w_down, lora=None, scale=0.0,
+                    first_expert=0):
   """Sum over a token's slots of weight · expert(token), for the experts held
-  here: ``w_*`` hold experts [first_expert, first_expert + E_local).
+  here: ``w_*`` (and the LoRA factors in ``lora``) hold experts
+  [first_expert, first_expert + E_local).
 
   x [N,D], top_i/top_w [N,k] → [N,D]. Assignments to other experts sort last,
   into rows past the groups, and contribute nothing.
@@ -121,22 +156,22 @@ def _dropless_local(x, top_i, top_w, w_gate, w_up, w_down, first_expert=0):
   key = jnp.where(here, local, e_local)
   order = jnp.argsort(key, stable=True)  # assignment index of each sorted row
   group_sizes = jnp.sum(key[:, None] == jnp.arange(e_local)[None], axis=0, dtype=jnp.int32)
-  y_sorted = _expert_ffn(x[order // k], group_sizes, w_gate, w_up, w_down)
+  y_sorted = _expert_ffn(x[order // k], group_sizes, w_gate, w_up, w_down, lora, scale)
   # Unsort by gathering (deterministic; a scatter-add would not be on GPU).
   unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   y = jnp.where(here[:, None], y_sorted[unsort], 0).reshape(n, k, -1)
   return jnp.einsum("NkD,Nk->ND", y, top_w.astype(y.dtype))
 
 
-def _dropless(x, top_i, top_w, w_gate, w_up, w_down):
+def _dropless(x, top_i, top_w, w_gate, w_up, w_down, lora=None, scale=0.0):
   """Dropless dispatch of x [B,T,D]; under a mesh (``jax.set_mesh``) each
   device sorts its own tokens (``_dropless_sharded``)."""
   b, t, d = x.shape
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.size > 1:
-    return _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down)
+    return _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down, lora or {}, scale)
   y = _dropless_local(x.reshape(b * t, d), top_i.reshape(b * t, -1), top_w.reshape(b * t, -1),
-                      w_gate, w_up, w_down)
+                      w_gate, w_up, w_down, lora, scale)
   return y.reshape(b, t, d)
 
 
@@ -144,7 +179,7 @@ def _axes(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down):
+def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down, lora, scale):
   """Expert-parallel dropless dispatch under ``shard_map``.
 
   Tokens stay sharded by rows over the batch axes (data, fsdp, expert: the
@@ -156,7 +191,10 @@ def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down):
   F-sharded partial products) hands every device the full output of its own
   rows. Communication per layer: an all-gather and a reduce-scatter of the
   group's activations, the same volume as the all-to-all pair of GShard for
-  k = ep, with static shapes and nothing dropped.
+  k = ep, with static shapes and nothing dropped. Expert LoRA factors
+  (``lora``) are sharded and gathered by the same rules as the weights (E over
+  ``expert``; F over ``tensor`` stays sharded: the products it feeds are
+  partial sums, summed over ``tensor`` with the rest).
   """
   b = x.shape[0]
   batch = [a for a in ("data", "fsdp", "expert") if mesh.shape.get(a, 1) > 1]
@@ -165,20 +203,24 @@ def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down):
   row_spec = P(tuple(batch) or None, None, None)
   specs = [sharding_lib.spec_for(("moe", name), w.shape, mesh)
            for name, w in (("gate_edf", w_gate), ("up_edf", w_up), ("down_efd", w_down))]
+  lora_specs = {name: sharding_lib.spec_for(("moe", name), v.shape, mesh)
+                for name, v in lora.items()}
   expert_axes = _axes(specs[0][0])
   ffn_axes = _axes(specs[0][2])
   assert _axes(specs[1][2]) == _axes(specs[2][1]) == ffn_axes, specs
   gather_experts = "expert" in expert_axes and "expert" in batch
   e_local = w_gate.shape[0] // _size(mesh, expert_axes)
 
-  def body(x, top_i, top_w, w_gate, w_up, w_down):
-    gathered = []
-    for w, spec in zip((w_gate, w_up, w_down), specs):
-      for dim, entry in enumerate(spec):
-        axes = _axes(entry)
-        if dim and axes and axes != ffn_axes:  # FSDP: gather the full weight
-          w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
-      gathered.append(w)
+  def gather(w, spec):
+    for dim, entry in enumerate(spec):
+      axes = _axes(entry)
+      if dim and axes and axes != ffn_axes:  # FSDP: gather the full weight
+        w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+    return w
+
+  def body(x, top_i, top_w, w_gate, w_up, w_down, lora):
+    gathered = [gather(w, spec) for w, spec in zip((w_gate, w_up, w_down), specs)]
+    lora = {name: gather(v, lora_specs[name]) for name, v in lora.items()}
     if gather_experts:  # the expert group's tokens, for this device's experts
       x, top_i, top_w = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
                          for a in (x, top_i, top_w))
@@ -187,7 +229,8 @@ def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down):
       first = jax.lax.axis_index(expert_axes) * e_local
     bb, t, d = x.shape
     y = _dropless_local(x.reshape(bb * t, d), top_i.reshape(bb * t, -1),
-                        top_w.reshape(bb * t, -1), *gathered, first_expert=first)
+                        top_w.reshape(bb * t, -1), *gathered, lora, scale,
+                        first_expert=first)
     y = y.reshape(bb, t, d)
     if gather_experts:
       y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
@@ -197,8 +240,8 @@ def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down):
       y = jax.lax.psum(y, ffn_axes)
     return y
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(row_spec,) * 3 + tuple(specs),
-                       out_specs=row_spec)(x, top_i, top_w, w_gate, w_up, w_down)
+  return jax.shard_map(body, mesh=mesh, in_specs=(row_spec,) * 3 + tuple(specs) + (lora_specs,),
+                       out_specs=row_spec)(x, top_i, top_w, w_gate, w_up, w_down, lora)
 
 
 def _size(mesh, axes) -> int:

@@ -21,11 +21,16 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
-# Weights LoRA can target, by the Hugging Face module name users know them by.
+# Weights LoRA can target, by the Hugging Face module name users know them by;
+# on an MoE model the experts' fused weights (transformers' ``experts.gate_up_proj``
+# and ``experts.down_proj``, PEFT's ``target_parameters``) are ``expert_gate_up``
+# and ``expert_down``: per-expert factors (jaxsft/peft/lora.py).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                "lm_head", "embed_tokens")
-# PEFT's "all-linear": every linear layer of the decoder, not the output layer.
+                "lm_head", "embed_tokens", "expert_gate_up", "expert_down")
+# PEFT's "all-linear": every linear layer of the decoder, not the output layer
+# (nor MoE experts, which are not linear modules in transformers: as in PEFT).
 ALL_LINEAR = LORA_TARGETS[:7]
+EXPERT_TARGETS = ("expert_gate_up", "expert_down")
 PROMPT_ENCODERS = ("none", "mlp", "lstm")
 
 
@@ -70,6 +75,11 @@ class Adapters:
                       "embed_tokens; target those with plain LoRA in another stage")
     if not 0 <= self.lora_dropout < 1:
       problems.append(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+    experts = [t for t in self.lora_targets if t in EXPERT_TARGETS]
+    if experts and (self.dora or self.lora_dropout):
+      problems.append(f"LoRA on {experts} supports neither DoRA nor dropout (PEFT's expert LoRA "
+                      "has neither, so they could not be exported); use plain LoRA with "
+                      "dropout 0, or leave the experts out of the targets")
     if self.lora_init not in ("kaiming", "gaussian"):
       problems.append(f"lora_init={self.lora_init!r} is not 'kaiming' or 'gaussian'")
     if self.prompt_encoder not in PROMPT_ENCODERS:

@@ -5,7 +5,9 @@ and ``adapter_model.safetensors`` with PEFT's key names, e.g.
 ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``, plus the
 tokenizer files. LoRA and DoRA factors are written per layer in PEFT's
 layout (``lora_A`` [r, in], ``lora_B`` [out, r], ``lora_magnitude_vector``
-[out]); see ``jaxsft.peft.lora`` for how they map.
+[out]); see ``jaxsft.peft.lora`` for how they map. LoRA on MoE experts is
+written as PEFT's LoRA on transformers' fused expert parameters
+(``target_parameters``; see ``expert_lora_tensors``).
 
 Prompt tuning, P-tuning and prefix tuning write PEFT's single tensor
 ``prompt_embeddings``: the [P, D] virtual embeddings (for P-tuning the
@@ -33,7 +35,7 @@ from safetensors.numpy import save_file
 
 from jaxsft import hf
 from jaxsft.models import llama
-from jaxsft.models.model_config import ModelConfig
+from jaxsft.models.model_config import EXPERT_TARGETS, ModelConfig
 from jaxsft.peft import lora as lora_lib
 from jaxsft.peft import prompts as prompts_lib
 
@@ -84,18 +86,55 @@ def lora_tensors(cfg: ModelConfig, params, dtype=np.float32) -> dict[str, np.nda
   if "embedding_lora_a_vr" in emb:
     out[f"{prefix}.model.embed_tokens.lora_embedding_A"] = _np(emb["embedding_lora_a_vr"]).T
     out[f"{prefix}.model.embed_tokens.lora_embedding_B"] = _np(emb["embedding_lora_b_rd"]).T
+  out.update(expert_lora_tensors(params))
   return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in out.items()}
+
+
+def expert_lora_tensors(params) -> dict[str, np.ndarray]:
+  """PEFT's tensors of the expert LoRA factors in ``params`` (fp32).
+
+  PEFT (``ParamWrapper``) adapts transformers' ``mlp.experts.gate_up_proj``
+  [E, 2F, D] and ``down_proj`` [E, D, F] with ``lora_A.weight`` [E·r, in]
+  (row e·r + j: expert e's j-th rank row) and ``lora_B.weight`` [out, r·E]
+  (column j·E + e), and the delta of expert e is ``B_e·A_e`` in HF's
+  [out, in]. gate_up's out axis is [gate F; up F], so its B is our gate and up
+  B side by side. Two adapted parameters of one module nest: the first
+  declared (gate_up_proj) becomes ``experts.base_layer``, the outer one
+  ``experts``.
+  """
+  out: dict[str, np.ndarray] = {}
+  moe = params.get("layers", {}).get("moe", {})
+  present = [(hf_param, name_a, bs) for hf_param, name_a, bs in
+             lora_lib.EXPERT_FACTORS.values() if name_a in moe]
+  for depth, (_, name_a, bs) in enumerate(present):
+    a = _np(moe[name_a])  # [L, E, in, r]
+    b = np.concatenate([_np(moe[name_b]) for name_b in bs], axis=-1)  # [L, E, r, out]
+    wrapper = "experts" + ".base_layer" * (len(present) - 1 - depth)
+    for i in range(a.shape[0]):
+      module = f"base_model.model.model.layers.{i}.mlp.{wrapper}"
+      e, _, r = a[i].shape
+      out[f"{module}.lora_A.weight"] = a[i].transpose(0, 2, 1).reshape(e * r, -1)
+      out[f"{module}.lora_B.weight"] = b[i].transpose(2, 1, 0).reshape(-1, r * e)
+  return out
 
 
 def lora_config(cfg: ModelConfig, base_model: str | None) -> dict[str, Any]:
   a = cfg.adapters
-  return {
+  modules = [t for t in a.lora_targets if t not in EXPERT_TARGETS]
+  if cfg.is_moe:  # its feed-forward is the experts: "all-linear" meant the attention there
+    modules = [t for t in modules if t not in ("gate_proj", "up_proj", "down_proj")]
+  config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
       "r": a.lora_rank, "lora_alpha": a.lora_alpha, "lora_dropout": a.lora_dropout,
-      "target_modules": sorted(a.lora_targets), "use_rslora": a.rslora, "use_dora": a.dora,
+      "target_modules": sorted(modules) or None, "use_rslora": a.rslora, "use_dora": a.dora,
       "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
       "init_lora_weights": True, "modules_to_save": None,
   }
+  experts = [f"mlp.experts.{lora_lib.EXPERT_FACTORS[t][0]}" for t in EXPERT_TARGETS
+             if t in a.lora_targets]
+  if experts:
+    config["target_parameters"] = experts
+  return config
 
 
 def prompt_config(cfg: ModelConfig, base_model: str | None) -> dict[str, Any]:

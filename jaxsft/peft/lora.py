@@ -19,6 +19,17 @@ matmul. ``merge`` folds the factors into W for export.
 Parameter names follow the weight: ``q_dnh`` → ``q_lora_a_dr``,
 ``q_lora_b_rnh``, ``q_lora_m_nh`` (the axis letters end the name; r is the
 rank axis, never sharded).
+
+MoE experts (targets ``expert_gate_up``, ``expert_down``) get per-expert
+factors with a leading E axis, laid out as PEFT's LoRA on transformers' fused
+expert parameters (``target_parameters``, peft's ``ParamWrapper``). Its
+``gate_up_proj`` [E, 2F, D] has one A per expert for gate and up together, so
+here gate and up share ``gate_up_lora_a_edr`` [E, D, r] and each has its own B
+(``gate_lora_b_erf``, ``up_lora_b_erf``: the two halves of PEFT's B); ``down_efd``
+has ``down_lora_a_efr`` and ``down_lora_b_erd``. For expert e:
+``W_e + s·A_e·B_e``, with the attention's scale s. Both MoE dispatches add the
+low-rank path (models/mixtral.py); PEFT's expert LoRA has no dropout and no
+DoRA, and neither is offered here.
 """
 from __future__ import annotations
 
@@ -61,10 +72,11 @@ def targets(adapters: Adapters | None, weight: str) -> bool:
   return adapters is not None and MODULE_OF.get(weight) in adapters.lora_targets
 
 
-def a_init(adapters: Adapters):
-  """PEFT's init of A: kaiming-uniform (bound 1/√fan_in), or normal(1/r)."""
+def a_init(adapters: Adapters, lead: int = 0):
+  """PEFT's init of A: kaiming-uniform (bound 1/√fan_in), or normal(1/r);
+  ``lead`` leading axes (experts) are a batch of separate factors."""
   def init(rng, shape, dtype):
-    fan_in = int(np.prod(shape[:-1]))
+    fan_in = int(np.prod(shape[lead:-1]))
     if adapters.lora_init == "gaussian":
       return jax.random.normal(rng, shape, dtype) / adapters.lora_rank
     bound = 1.0 / np.sqrt(fan_in)
@@ -135,3 +147,51 @@ def merged_weight(w, a, b, m, adapters: Adapters, n_in: int) -> jax.Array:
     g = g.reshape(g.shape[:lead] + (1,) * n_in + g.shape[lead:])
     full = full * g
   return full.astype(w.dtype)
+
+
+# ----------------------------------------------------------------------------- MoE experts
+
+# Expert target -> (transformers' parameter under ``mlp.experts``, A's name,
+# {B's name: the expert weight it updates}).
+EXPERT_FACTORS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "expert_gate_up": ("gate_up_proj", "gate_up_lora_a_edr",
+                       {"gate_lora_b_erf": "gate_edf", "up_lora_b_erf": "up_edf"}),
+    "expert_down": ("down_proj", "down_lora_a_efr", {"down_lora_b_erd": "down_efd"}),
+}
+
+
+def expert_factors(mdl: nn.Module, adapters: Adapters | None, weights: dict[str, jax.Array],
+                   param_dtype) -> dict[str, jax.Array]:
+  """The expert LoRA factors ``adapters`` ask for, created as parameters of
+  ``mdl`` (the MoE layer) next to ``weights`` (name → [E, in, out]); {} when
+  the experts are not targeted. A is initialized per expert as PEFT does (its
+  fan-in is one expert's input width), B at zero."""
+  out: dict[str, jax.Array] = {}
+  if adapters is None:
+    return out
+  r = adapters.lora_rank
+  for target, (_, name_a, bs) in EXPERT_FACTORS.items():
+    if target not in adapters.lora_targets:
+      continue
+    w = weights[next(iter(bs.values()))]
+    out[name_a] = mdl.param(name_a, a_init(adapters, lead=1), w.shape[:2] + (r,), param_dtype)
+    for name_b, weight in bs.items():
+      e, _, f = weights[weight].shape
+      out[name_b] = mdl.param(name_b, nn.initializers.zeros, (e, r, f), param_dtype)
+  return out
+
+
+def merge_experts(module: dict, adapters: Adapters) -> dict:
+  """``module`` (an MoE layer's parameters, any leading axes) with its expert
+  factors folded into the expert weights: W_e + s·A_e·B_e."""
+  out = dict(module)
+  s = adapters.lora_scale
+  for _, name_a, bs in EXPERT_FACTORS.values():
+    if name_a not in module:
+      continue
+    a = out.pop(name_a).astype(jnp.float32)
+    for name_b, weight in bs.items():
+      w = module[weight]
+      ab = jnp.einsum("...ir,...ro->...io", a, out.pop(name_b).astype(jnp.float32))
+      out[weight] = (w.astype(jnp.float32) + s * ab).astype(w.dtype)
+  return out

@@ -37,7 +37,8 @@ from ml_collections.config_dict import placeholder
 
 from jaxsft import sharding as sharding_lib
 from jaxsft.models import llama
-from jaxsft.models.model_config import ALL_LINEAR, LORA_TARGETS, Adapters, ModelConfig
+from jaxsft.models.model_config import (ALL_LINEAR, EXPERT_TARGETS, LORA_TARGETS, Adapters,
+                                        ModelConfig)
 from jaxsft.peft import lora as lora_lib
 
 METHODS = ("full", "lora", "dora", "full_then_lora", "freeze", "adapter", "prompt", "p_tuning",
@@ -119,6 +120,7 @@ def validate(method: str, peft, where: str) -> None:
       raise ValueError(f"{where}.peft.dropout={peft.dropout} must be in [0, 1)")
     if peft.init not in ("kaiming", "gaussian"):
       raise ValueError(f"{where}.peft.init={peft.init!r} is not 'kaiming' or 'gaussian'")
+    _check_expert_targets(method, peft, where)
   if method in LORA_METHODS and peft.loraplus_lr_ratio is not None and peft.loraplus_lr_ratio <= 0:
     raise ValueError(f"{where}.peft.loraplus_lr_ratio={peft.loraplus_lr_ratio} must be positive "
                      "(LoRA+: the B factors' lr over the A factors', e.g. 16), or None")
@@ -137,6 +139,35 @@ def validate(method: str, peft, where: str) -> None:
     except re.error as e:
       raise ValueError(f"{where}.peft.train_modules={peft.train_modules!r} is not a valid "
                        f"regex ({e})") from None
+
+
+def _check_expert_targets(method: str, peft, where: str) -> None:
+  """Expert LoRA is plain LoRA: PEFT's has no dropout and no DoRA (lora.py)."""
+  experts = [t for t in lora_targets(peft.targets) if t in EXPERT_TARGETS]
+  if experts and peft.dropout:
+    raise ValueError(f"{where}.peft.dropout={peft.dropout}: LoRA on the experts ({experts}) has "
+                     "no dropout (nor has PEFT's, so it could not be exported); set "
+                     f"{where}.peft.dropout=0 or leave the experts out of peft.targets")
+  if experts and method == "dora":
+    raise ValueError(f"{where}.method='dora': DoRA on the experts ({experts}) is not supported "
+                     "(PEFT has no DoRA on expert parameters); use method 'lora', or leave the "
+                     "experts out of peft.targets")
+
+
+def _check_targets_exist(cfg: ModelConfig, targets: tuple[str, ...], spec, where: str) -> None:
+  """Targets the model has no weight for are an error (an MoE model has no
+  dense MLP; a dense model no experts), except the MLP part of "all-linear"
+  on an MoE model, which means the attention there (as PEFT's all-linear)."""
+  if cfg.is_moe and spec != "all-linear":
+    dense = [t for t in targets if t in ("gate_proj", "up_proj", "down_proj")]
+    if dense:
+      raise ValueError(f"{where}.peft.targets names {dense}, but this MoE model's feed-forward "
+                       "is its experts: target 'expert_gate_up' and/or 'expert_down' instead")
+  if not cfg.is_moe:
+    experts = [t for t in targets if t in EXPERT_TARGETS]
+    if experts:
+      raise ValueError(f"{where}.peft.targets names {experts}, but this model has no experts "
+                       "(not an MoE model); target gate_proj/up_proj/down_proj instead")
 
 
 def adapters_for(method: str, peft, phase: int = 1, num_layers: int | None = None,
@@ -247,6 +278,7 @@ def merge(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
           module["embedding_lora_b_rd"].astype(jnp.float32))).astype(emb.dtype)
       out.pop("embedding_lora_a_vr")
       out.pop("embedding_lora_b_rd")
+    out = lora_lib.merge_experts(out, a)
     return {k: fold(v) if isinstance(v, dict) else v for k, v in out.items()}
 
   merged = jax.jit(fold)(_plain(params))
@@ -325,6 +357,8 @@ def prepare(cfg: ModelConfig, params, stage, rng: jax.Array, phase: int = 1, tok
   """
   peft = stage.peft
   want = adapters_for(stage.method, peft, phase, cfg.num_layers, where)
+  if want is not None and want.lora_targets:
+    _check_targets_exist(cfg, want.lora_targets, peft.targets, where)
   abstract = _is_abstract(params)
   if cfg.adapters is not None and cfg.adapters != want:
     if abstract:
