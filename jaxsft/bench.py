@@ -345,6 +345,7 @@ def run_peer(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
            "--warmup", str(args.warmup), "--seed", str(args.seed)]
     if args.remat != "none":
       cmd.append("--remat")
+    cmd += ["--frozen-dtype", args.frozen_dtype]
     if args.peer_compile or args.peer == "hf-compile":
       cmd.append("--compile")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # in case anything imports jax there
@@ -362,7 +363,8 @@ def run_peer(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
 def make_stage(args):
   """The stage a bench step trains: the method, AdamW at lr 1e-5, clipping 1.0."""
   return config_lib.stage(method=args.method, lr=1e-5, batch_size=args.batch,
-                          seq_len=args.seq_len, warmup_steps=0, schedule="constant")
+                          seq_len=args.seq_len, warmup_steps=0, schedule="constant",
+                          peft=dict(frozen_dtype=getattr(args, "frozen_dtype", "auto")))
 
 
 def _prepare_method(cfg: ModelConfig, params, stage, rng):
@@ -616,6 +618,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "per batch with --packed-lengths)")
   p.add_argument("--steps", type=int, default=10, help="timed steps (normal mode)")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+  p.add_argument("--frozen-dtype", default="auto", choices=("auto", "compute", "param"),
+                 help="frozen (LoRA base) weights in the compute dtype or the parameter dtype "
+                      "(stage.peft.frozen_dtype; auto: compute on GPU/TPU); the peer does the same")
   p.add_argument("--remat", default="none", choices=REMAT_POLICIES,
                  help="jaxsft's remat policy; the peer uses gradient checkpointing unless none")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -733,7 +738,8 @@ def main(argv=None) -> dict:
     if peer is not None:
       result.update({f"peer_{k}": peer[k] for k in (
           "tokens_per_s", "nonpad_tokens_per_s", "step_s", "peak_mem_gib", "peak_memory_source",
-          "compile_s", "loss", "device", "torch_version", "transformers_version", "compiled")})
+          "compile_s", "loss", "device", "torch_version", "transformers_version", "compiled",
+          "frozen_dtype")})
       result["ratio"] = result["tokens_per_s"] / peer["tokens_per_s"]
       result["nonpad_ratio"] = result["nonpad_tokens_per_s"] / peer["nonpad_tokens_per_s"]
   _print_table(result)

@@ -13,15 +13,17 @@
 #   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings)
 #   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer
 #   1b_packed    the same on packed SFT lengths vs the padded peer (non-pad tokens/s)
-#   8b_lora      llama3-8b, LoRA r=16, batch 4, remat full, vs PEFT + checkpointing
-#   1b_lora      llama3.2-1b LoRA vs PEFT (skipped if jaxsft.peft is missing)
+#   8b_lora      llama3-8b, LoRA r=16, batch 4, remat full, vs PEFT + checkpointing;
+#                frozen base in bf16 on both sides (--frozen-dtype auto)
+#   1b_lora      llama3.2-1b LoRA vs PEFT
+#   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
 #   1b_flags     1b_full again (no peer) with XLA flags: latency-hiding scheduler on,
 #                Triton GEMMs off (cuBLAS for every matmul)
 # bf16 compute, fp32 master weights, 2 warmup + 6 timed steps.
 #
-# OUT_DIR gets at most 9 files: env.txt (versions, nvidia-smi -L), one .log
+# OUT_DIR gets at most 10 files: env.txt (versions, nvidia-smi -L), one .log
 # per item, and results.jsonl (one JSON line per item: its name, exit code and
 # the bench's JSON line).
 set -u
@@ -115,6 +117,7 @@ run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   run 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
   run 1b_lora 120 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
+  run 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
 else
   echo "== 8b_lora, 1b_lora: SKIPPED (jaxsft.peft not in this checkout)"
   echo '{"item": "8b_lora", "rc": null, "skipped": "jaxsft.peft missing"}' >> "$RESULTS"

@@ -3,7 +3,7 @@ tokens and method trained the way a Hugging Face user would.
 
     python tools/hf_peer.py --hf-config DIR/config.json --data DIR/batches.npz \
         [--method full|lora|dora] [--dtype bfloat16|float32] [--warmup 3] [--remat] \
-        [--compile] [--device cuda|cpu]
+        [--compile] [--device cuda|cpu] [--frozen-dtype auto|compute|param]
 
     python tools/hf_peer.py --paired --shape tiny --seq-len 512 --batch 8 --dtype float32
 
@@ -20,7 +20,10 @@ What a step is (what the issue's reference numbers used):
     the default foreach implementation on CPU), ``zero_grad(set_to_none=True)``;
   * ``--method lora|dora``: ``peft.LoraConfig(r=16, lora_alpha=32,
     target_modules="all-linear", lora_dropout=0.0, use_dora=...)``, the base
-    weights frozen in fp32;
+    weights frozen in fp32, or with ``--frozen-dtype compute`` (``auto`` on
+    CUDA with bf16) cast to bf16 before PEFT wraps them, the adapters kept in
+    fp32 (PEFT's ``autocast_adapter_dtype``): what jaxsft's
+    ``stage.peft.frozen_dtype`` does, and how LLaMA-Factory loads a LoRA base;
   * ``--remat``: ``gradient_checkpointing_enable(use_reentrant=False)``;
   * ``--compile``: ``torch.compile(model)`` (its compile time lands in the
     warmup steps; the first step's time is reported as ``compile_s``).
@@ -60,9 +63,11 @@ import torch
 import transformers
 
 
-def build_model(hf_config: dict, method: str, device: str, remat: bool):
+def build_model(hf_config: dict, method: str, device: str, remat: bool,
+                frozen_bf16: bool = False):
   """A randomly initialized fp32 model on ``device`` (built there: initializing
-  an 8B model on the host would take minutes)."""
+  an 8B model on the host would take minutes); ``frozen_bf16``: a LoRA/DoRA
+  base held in bf16."""
   config = transformers.AutoConfig.for_model(**hf_config)
   config.use_cache = False
   with torch.device(device):
@@ -72,6 +77,8 @@ def build_model(hf_config: dict, method: str, device: str, remat: bool):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
   if method in ("lora", "dora"):
     import peft  # noqa: PLC0415  (only the LoRA rows need it)
+    if frozen_bf16:
+      model = model.to(torch.bfloat16)
     lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
                            use_dora=method == "dora", task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
@@ -117,7 +124,7 @@ class Peer:
   runs one optimizer step on numpy inputs and returns the loss."""
 
   def __init__(self, hf_config: dict, method: str, dtype: str, device: str, remat: bool,
-               compile: bool, lr: float = 1e-5, seed: int = 0):
+               compile: bool, lr: float = 1e-5, seed: int = 0, frozen_dtype: str = "param"):
     torch.manual_seed(seed)
     self.device = device
     self.cuda = cuda = device.startswith("cuda")
@@ -125,7 +132,11 @@ class Peer:
       torch.backends.cuda.matmul.allow_tf32 = True  # what HF's Trainer users set for fp32
       torch.backends.cudnn.allow_tf32 = True
     t0 = time.perf_counter()
-    self.model = build_model(hf_config, method, device, remat)
+    # jaxsft's stage.peft.frozen_dtype rule: "auto" is "compute" on accelerators.
+    self.frozen_bf16 = dtype == "bfloat16" and (
+        frozen_dtype == "compute" or (frozen_dtype == "auto" and cuda))
+    self.model = build_model(hf_config, method, device, remat,
+                             self.frozen_bf16 and method in ("lora", "dora"))
     self.build_s = time.perf_counter() - t0
     self.trainable = [q for q in self.model.parameters() if q.requires_grad]
     self.opt = torch.optim.AdamW(self.trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8,
@@ -159,12 +170,14 @@ def main(argv=None) -> dict:
   p.add_argument("--compile", action="store_true")
   p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--frozen-dtype", default="param", choices=("auto", "compute", "param"),
+                 help="LoRA/DoRA base weights: bf16 (compute; auto = compute on CUDA) or fp32")
   args = p.parse_args(argv)
 
   with open(args.hf_config) as f:
     hf_config = json.load(f)
   peer = Peer(hf_config, args.method, args.dtype, args.device, args.remat, args.compile,
-              args.lr, args.seed)
+              args.lr, args.seed, args.frozen_dtype)
   data = dict(np.load(args.data))
   times, padded, nonpad, first_s, loss = [], 0, 0, None, None
   for i, (tokens, attn, labels, real) in enumerate(batches(data)):
@@ -190,6 +203,8 @@ def main(argv=None) -> dict:
       "transformers_version": transformers.__version__,
       "compiled": args.compile,
       "remat": args.remat,
+      "frozen_dtype": ("bfloat16" if peer.frozen_bf16 and args.method in ("lora", "dora")
+                       else None if args.method == "full" else "float32"),
       "build_s": peer.build_s,
       "compile_s": first_s if args.compile else None,
       "steps": len(times),
@@ -237,7 +252,7 @@ def paired(argv) -> dict:
   cfg = bench.model_config(args)
   rows, _ = bench.make_data(cfg, args)
   peer = Peer(hf.config_to_hf(cfg), args.method, args.dtype, "cpu", args.remat != "none",
-              False, seed=args.seed)
+              False, seed=args.seed, frozen_dtype=args.frozen_dtype)
   runner = bench.StepRunner(cfg, args, rows, None)
   data = {"tokens": rows["tokens"], "loss_mask": rows["loss_mask"]}
   peer_batches = list(batches(data))
