@@ -18,10 +18,14 @@ $(STAMP): pyproject.toml | $(VPY)
 
 setup: $(STAMP)
 
+# Two pytest workers (pytest-xdist), a test file each at a time: most of the
+# suite is single-threaded XLA compilation, so on the 2-core CI machine two
+# workers take ~12.5 min where one took ~16. PYTEST_WORKERS=0 runs in-process.
+PYTEST_WORKERS ?= 2
 # pytest exits 5 when it collects no tests; make would turn that into 2, so it
 # is told apart here (and reported) rather than in .ci/run.
 test: $(STAMP)
-	@$(VPY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # Trains configs/demo.py into runs/demo and, from its CPT model, the
