@@ -496,14 +496,9 @@ def encode(conversation: Conversation, template: Template, tokenizer, *,
     raise ValueError(f"truncation {truncation!r} is not one of {TRUNCATION}")
   source = conversation.source
   if conversation.kind == "text":
-    ids = _text_ids(conversation.text, tokenizer, source)
-    if max_length is not None and len(ids) > max_length:
-      if truncation == "drop":
-        counts.dropped_too_long += 1
-        return None
-      ids = ids[:max_length]
-      counts.truncated += 1
-    return Encoded(ids, [1] * len(ids), source)
+    ids = _cut_text(_text_ids(conversation.text, tokenizer, source), max_length, truncation,
+                    counts)
+    return None if ids is None else Encoded(ids, [1] * len(ids), source)
 
   messages = list(conversation.messages)
   if conversation.kind == "chat":
@@ -565,13 +560,8 @@ def encode_head(conversation: Conversation, head: str, template: Template | None
     if not ids:
       raise ValueError(f"{source}: the text is empty (no tokens), so there is nothing to "
                        "classify; remove the row")
-    if max_length is not None and len(ids) > max_length:
-      if truncation == "drop":
-        counts.dropped_too_long += 1
-        return None
-      ids = ids[:max_length]
-      counts.truncated += 1
-    return Encoded(ids, [0] * (len(ids) - 1) + [1], source)
+    ids = _cut_text(ids, max_length, truncation, counts)
+    return None if ids is None else Encoded(ids, [0] * (len(ids) - 1) + [1], source)
 
   messages = list(conversation.messages)
   variants = [messages + [Message("assistant", conversation.chosen)],
@@ -632,6 +622,19 @@ def _keep_answer(template, variants, tokenizer, max_length, source) -> list[Layo
     k += over
   layouts, over = fit(start, "")
   return layouts if over <= 0 else None
+
+
+def _cut_text(ids: list[int], max_length: int | None, truncation: str,
+              counts: Counts) -> list[int] | None:
+  """A text's token ids within ``max_length``: dropped (None) under
+  ``truncation="drop"``, else its first ``max_length`` tokens; counted."""
+  if max_length is None or len(ids) <= max_length:
+    return ids
+  if truncation == "drop":
+    counts.dropped_too_long += 1
+    return None
+  counts.truncated += 1
+  return ids[:max_length]
 
 
 def _text_ids(text: str, tokenizer, source: str) -> list[int]:
