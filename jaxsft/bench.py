@@ -618,7 +618,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "per batch with --packed-lengths)")
   p.add_argument("--steps", type=int, default=10, help="timed steps (normal mode)")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
-  p.add_argument("--frozen-dtype", default="auto", choices=("auto", "compute", "param"),
+  p.add_argument("--frozen-dtype", default="auto", choices=peft_methods.FROZEN_DTYPES,
                  help="frozen (LoRA base) weights in the compute dtype or the parameter dtype "
                       "(stage.peft.frozen_dtype; auto: compute on GPU/TPU); the peer does the same")
   p.add_argument("--remat", default="none", choices=REMAT_POLICIES,

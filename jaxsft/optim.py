@@ -120,10 +120,7 @@ def frozen_dtype(stage, compute_dtype, param_dtype):
   XLA computes bf16 matmuls in fp32 and would hoist fp32 copies of the stored
   bf16 weights out of the layer loop.
   """
-  peft = stage.get("peft")
-  choice = "auto" if peft is None else peft.get("frozen_dtype", "auto")
-  if choice not in ("auto", "compute", "param"):
-    raise ValueError(f"stage.peft.frozen_dtype={choice!r} is not 'auto', 'compute' or 'param'")
+  choice = peft_methods.frozen_dtype_choice(stage.get("peft"))
   if choice == "param" or (choice == "auto" and jax.default_backend() == "cpu"):
     return None
   dt, pdt = jnp.dtype(compute_dtype), jnp.dtype(param_dtype)

@@ -86,12 +86,21 @@ def lora_targets(spec, where: str = "stage.peft.targets") -> tuple[str, ...]:
   return names
 
 
+FROZEN_DTYPES = ("auto", "compute", "param")
+
+
+def frozen_dtype_choice(peft, where: str = "stage") -> str:
+  """``peft.frozen_dtype`` ("auto" where unset), checked; ValueError naming the key."""
+  choice = "auto" if peft is None else peft.get("frozen_dtype", "auto")
+  if choice not in FROZEN_DTYPES:
+    raise ValueError(f"{where}.peft.frozen_dtype={choice!r} is not 'auto', 'compute' (frozen "
+                     "weights held in model.dtype) or 'param' (in model.param_dtype)")
+  return choice
+
+
 def validate(method: str, peft, where: str) -> None:
   """Check ``stage.peft`` for ``method``; ValueError naming the key."""
-  if peft.get("frozen_dtype", "auto") not in ("auto", "compute", "param"):
-    raise ValueError(f"{where}.peft.frozen_dtype={peft.frozen_dtype!r} is not 'auto', "
-                     "'compute' (frozen weights held in model.dtype) or 'param' (in "
-                     "model.param_dtype)")
+  frozen_dtype_choice(peft, where)
   if method in ("prompt", "p_tuning", "prefix") and peft.virtual_tokens < 1:
     raise ValueError(f"{where}.peft.virtual_tokens={peft.virtual_tokens} must be a positive "
                      "integer (the number of virtual tokens, e.g. 20)")
