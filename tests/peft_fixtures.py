@@ -1,5 +1,6 @@
 """Shared pieces of the PEFT tests: a Hugging Face model on disk, a one-stage
-run from it, run-directory surgery for resume tests, and logits/leaf views."""
+run from it, resumed runs from a cut-down copy of a run directory, and
+logits/leaf views."""
 from __future__ import annotations
 
 import pathlib
@@ -11,8 +12,10 @@ import torch
 
 import hf_builders
 import train_fixtures
+from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import config as config_lib
 from jaxsft import sharding as sharding_lib
+from jaxsft import trainer
 
 
 def hf_dir(root: pathlib.Path, variant: str = "llama") -> pathlib.Path:
@@ -46,6 +49,17 @@ def copy_run_until(src: pathlib.Path, dst: pathlib.Path, stage: str, step: int) 
   ck = dst / "stages" / stage / "checkpoints"
   ck.mkdir(parents=True)
   shutil.copytree(src / "stages" / stage / "checkpoints" / str(step), ck / str(step))
+
+
+def resumed_leaves(config, src: pathlib.Path, dst: pathlib.Path, stage: str,
+                   step: int) -> dict[str, np.ndarray]:
+  """Run ``config`` again in ``dst``, a copy of run ``src`` killed right after
+  its checkpoint of ``step``; the leaves of ``stage``'s final model."""
+  copy_run_until(src, dst, stage, step)
+  config.output_dir = str(dst)
+  trainer.train(config)
+  _, params = checkpoint_lib.load_model(dst / "stages" / stage / "final")
+  return leaves_by_path(params)
 
 
 def leaves_by_path(params) -> dict[str, np.ndarray]:

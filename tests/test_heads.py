@@ -402,12 +402,8 @@ def test_lora_cls_stage_resumes_exactly_and_exports_peft_seq_cls(tmp_path):
   final = peft_fixtures.leaves_by_path(params)
   assert np.abs(final["layers/attn/q_lora_b_rnh"]).max() > 0  # the factors trained
 
-  run = tmp_path / "resumed"
-  peft_fixtures.copy_run_until(out, run, "head", 2)
-  c.output_dir = str(run)
-  trainer.train(c)
-  _, resumed = checkpoint.load_model(run / "stages" / "head" / "final")
-  for path, x in peft_fixtures.leaves_by_path(resumed).items():
+  resumed = peft_fixtures.resumed_leaves(c, out, tmp_path / "resumed", "head", 2)
+  for path, x in resumed.items():
     np.testing.assert_array_equal(x, final[path], err_msg=path)
 
   adapter = tmp_path / "adapter"

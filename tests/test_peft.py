@@ -169,12 +169,8 @@ def test_full_then_lora_switches_and_resumes_exactly_before_at_and_after_the_swi
   assert 3 in [int(p.name) for p in (out / "stages/sft/checkpoints").iterdir() if p.name.isdigit()]
 
   for k in (2, 3, 4):
-    run = tmp_path / f"resumed_{k}"
-    peft_fixtures.copy_run_until(out, run, "sft", k)
-    c.output_dir = str(run)
-    trainer.train(c)
-    _, resumed = checkpoint_lib.load_model(run / "stages" / "sft" / "final")
-    for path, x in peft_fixtures.leaves_by_path(resumed).items():
+    resumed = peft_fixtures.resumed_leaves(c, out, tmp_path / f"resumed_{k}", "sft", k)
+    for path, x in resumed.items():
       np.testing.assert_array_equal(x, final[path], err_msg=f"resumed at {k}: {path}")
 
 
@@ -204,13 +200,11 @@ def test_frozen_weights_held_in_the_compute_dtype_train_the_same(tmp_path):
     if "_lora_" in path:
       np.testing.assert_allclose(finals["compute"][path], x, atol=1e-6, rtol=0, err_msg=path)
 
-  run = tmp_path / "resumed"
-  peft_fixtures.copy_run_until(tmp_path / "compute" / "run", run, "sft", 2)
   c = _one_stage_config(tmp_path / "compute", hf_dir, "lora", steps=4, frozen_dtype="compute")
-  c.model.dtype, c.output_dir = "bfloat16", str(run)
-  trainer.train(c)
-  _, resumed = checkpoint_lib.load_model(run / "stages" / "sft" / "final")
-  for path, x in peft_fixtures.leaves_by_path(resumed).items():
+  c.model.dtype = "bfloat16"
+  resumed = peft_fixtures.resumed_leaves(c, tmp_path / "compute" / "run", tmp_path / "resumed",
+                                         "sft", 2)
+  for path, x in resumed.items():
     np.testing.assert_array_equal(x, finals["compute"][path], err_msg=f"resumed: {path}")
 
 

@@ -259,12 +259,8 @@ def test_freeze_trains_the_last_layers_splits_the_stack_and_resumes(tmp_path):
     else:
       np.testing.assert_array_equal(trained[path], x, err_msg=f"frozen {path} changed")
   # Step checkpoints keep the split layout, and resuming from one continues exactly.
-  run = tmp_path / "resumed"
-  peft_fixtures.copy_run_until(out, run, "sft", 2)
-  c.output_dir = str(run)
-  trainer.train(c)
-  _, resumed = checkpoint_lib.load_model(run / "stages" / "sft" / "final")
-  for path, x in peft_fixtures.leaves_by_path(resumed).items():
+  resumed = peft_fixtures.resumed_leaves(c, out, tmp_path / "resumed", "sft", 2)
+  for path, x in resumed.items():
     np.testing.assert_array_equal(x, trained[path], err_msg=f"resumed: {path}")
 
 
