@@ -76,7 +76,10 @@ Other modes.
     ``--repeats``, the fastest kept; ``cpu_s`` (process CPU time) is reported
     beside wall time because other processes disturb it much less.
   * ``--profile DIR``: after the timed steps, trace ``--profile-steps`` more
-    into DIR with ``jax.profiler`` (TensorBoard / Perfetto / XProf read it).
+    into DIR with ``jax.profiler`` (TensorBoard / Perfetto / XProf read it),
+    write the compiled step's HLO beside it, and print and save
+    (DIR/summary.txt, summary.json) where the time went: by category, by
+    source line, the top ops (``jaxsft.trace_report``).
 """
 from __future__ import annotations
 
@@ -96,7 +99,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft import config as config_lib
-from jaxsft import hf, losses, metrics, optim, trainer
+from jaxsft import hf, losses, metrics, optim, trace_report, trainer
 from jaxsft import sharding as sharding_lib
 from jaxsft.data import packing
 from jaxsft.models import llama, mixtral
@@ -489,6 +492,25 @@ class StepRunner:
                                adapter=self.adapter, lengths=lengths)
 
 
+def profile(runner: StepRunner, args) -> None:
+  """Trace ``--profile-steps`` more steps into ``--profile`` DIR, with the
+  compiled step's HLO beside the trace, and print where the time went
+  (``jaxsft.trace_report``; ``python -m jaxsft.trace_report DIR`` reprints it)."""
+  out = pathlib.Path(args.profile)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / trace_report.HLO_FILE).write_text(runner.compiled.as_text())
+  jax.profiler.start_trace(str(out), create_perfetto_trace=True)
+  for i in range(args.profile_steps):
+    with jax.profiler.StepTraceAnnotation(trace_report.STEP_EVENT, step_num=i):
+      runner(args.warmup + args.steps + i)
+  jax.profiler.stop_trace()
+  summary = trace_report.summarize(out)
+  (out / "summary.json").write_text(json.dumps(summary))
+  report = trace_report.format_report(summary)
+  (out / "summary.txt").write_text(report + "\n")
+  print(report, flush=True)
+
+
 def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
   runner = StepRunner(cfg, args, rows, examples)
   for i in range(args.warmup):
@@ -501,11 +523,7 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
     nonpad.append(runner.nonpad(i))
     flops.append(runner.flops(i))
   if args.profile:
-    jax.profiler.start_trace(args.profile)
-    for i in range(args.profile_steps):
-      with jax.profiler.StepTraceAnnotation("train", step_num=i):
-        runner(args.warmup + args.steps + i)
-    jax.profiler.stop_trace()
+    profile(runner, args)
   step_s = statistics.median(times)
   flops_per_step = statistics.mean(flops)
   peak = args.peak_tflops or metrics.peak_tflops(runner.device, args.dtype)

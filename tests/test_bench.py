@@ -43,6 +43,12 @@ def test_cli_prints_a_table_then_one_json_line(tmp_path):
                  "--steps", "2", "--profile", str(tmp_path / "trace"), "--profile-steps", "1")
   assert out.returncode == 0, out.stderr
   assert list((tmp_path / "trace").rglob("*.xplane.pb")), "--profile wrote no trace"
+  # ... and its report: every listed op is an instruction of the step's HLO.
+  summary = json.loads((tmp_path / "trace" / "summary.json").read_text())
+  hlo = (tmp_path / "trace" / "step.hlo.txt").read_text()
+  assert summary["steps"] == 1 and summary["categories"]["matmul"] > 0
+  assert all(f"%{r['op']} = " in hlo for r in summary["ops"]), "ops not found in the HLO"
+  assert "by category" in out.stdout
   lines = out.stdout.strip().splitlines()
   assert len(lines) > 1  # the table comes first
   result = json.loads(lines[-1])

@@ -12,20 +12,25 @@
 # item is logged and the next one runs:
 #   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings)
 #   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer
-#   1b_packed    the same on packed SFT lengths vs the padded peer (non-pad tokens/s)
+#   1b_full_profile  1b_full traced for 2 steps: where the time goes (jaxsft.trace_report:
+#                by category, by source line, top ops) in its log and NAME.summary.json
 #   8b_lora      llama3-8b, LoRA r=16, batch 4, remat full, vs PEFT + checkpointing;
 #                frozen base in bf16 on both sides (--frozen-dtype auto)
 #   1b_lora      llama3.2-1b LoRA vs PEFT
+#   1b_lora_profile  1b_lora traced, as 1b_full_profile
+#   1b_packed    1b_full on packed SFT lengths vs the padded peer (non-pad tokens/s)
 #   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
-#   1b_flags     1b_full again (no peer) with XLA flags: latency-hiding scheduler on,
-#                Triton GEMMs off (cuBLAS for every matmul)
-# bf16 compute, fp32 master weights, 2 warmup + 6 timed steps.
+# bf16 compute, fp32 master weights, 2 warmup + 6 timed steps. (The XLA-flag
+# row of 2026-11-28, latency-hiding scheduler on / Triton GEMMs off, was slower
+# than the defaults and is no longer run.)
 #
-# OUT_DIR gets at most 10 files: env.txt (versions, nvidia-smi -L), one .log
-# per item, and results.jsonl (one JSON line per item: its name, exit code and
-# the bench's JSON line).
+# OUT_DIR gets env.txt (versions, nvidia-smi -L), one .log per item, the
+# profile items' NAME.summary.json, and results.jsonl (one JSON line per item:
+# its name, exit code and the bench's JSON line): 13 files. Raw traces stay
+# under $PROFILE_DIR (default /tmp/jaxsft_profiles). On a borrowed machine that
+# returns few files, tar OUT_DIR into one.
 set -u
 SMOKE=0
 if [ "${1:-}" = "--cpu-smoke" ]; then SMOKE=1; shift; fi
@@ -111,30 +116,39 @@ else
 fi
 BENCH="$PY -m jaxsft.bench"
 
+PROF=${PROFILE_DIR:-/tmp/jaxsft_profiles}
+# profile NAME TIMEOUT_S ARGS...: trace two steps of a bench row (no peer); the
+# report (by category, by source line, top ops) lands in NAME.log, its JSON in
+# OUT/NAME.summary.json; the raw trace stays under $PROF/NAME.
+profile() {
+  local name=$1 limit=$2; shift 2
+  run "$name" "$limit" $BENCH "$@" --warmup 1 --steps 1 --profile "$PROF/$name" --profile-steps 2
+  [ -f "$PROF/$name/summary.json" ] && cp "$PROF/$name/summary.json" "$OUT/$name.summary.json"
+}
+
 run check 90 "$PY" tools/gpu_check.py $CHECK
 run 1b_full 150 $BENCH $SHAPE $B8 $STEPS --method full --peer hf
-run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --peer hf
+profile 1b_full_profile 90 $SHAPE $B8 --method full
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   run 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
   run 1b_lora 120 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
-  run 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
+  profile 1b_lora_profile 90 $SHAPE $B8 --method lora
 else
   echo "== 8b_lora, 1b_lora: SKIPPED (jaxsft.peft not in this checkout)"
   echo '{"item": "8b_lora", "rc": null, "skipped": "jaxsft.peft missing"}' >> "$RESULTS"
   echo '{"item": "1b_lora", "rc": null, "skipped": "jaxsft.peft missing"}' >> "$RESULTS"
 fi
-run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
-if [ "$SMOKE" = 1 ]; then
-  run 1b_flags 100 $BENCH $SHAPE $B8 $STEPS --method full
-else
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false" \
-    run 1b_flags 100 $BENCH $SHAPE $B8 $STEPS --method full
+run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --peer hf
+if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
+  run 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
 fi
+run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
 
 echo "== total $(( $(date +%s) - START ))s; results in $RESULTS"
 "$PY" - "$RESULTS" <<'EOF'
 import json, sys
 keys = ("tokens_per_s", "nonpad_tokens_per_s", "mfu", "step_s", "compile_s", "peak_mem_gib",
+        "memory_estimate_bytes",
         "peer_tokens_per_s", "peer_nonpad_tokens_per_s", "peer_peak_mem_gib", "ratio",
         "nonpad_ratio")
 for line in open(sys.argv[1]):
