@@ -507,7 +507,8 @@ def _print_table(summary: dict[str, Any]) -> None:
     print(f"{f:<{width}}  {acc:8.1%}")
 
 
-def _write_predictions(path, records) -> None:
+def write_predictions(path, records) -> None:
+  """``records`` as JSON lines at ``path`` (parents created)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("w", encoding="utf-8") as f:
@@ -639,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps({"loss": loss, "tokens": count}))
     return 0
   if args.predictions:
-    _write_predictions(args.predictions, records)
+    write_predictions(args.predictions, records)
   _print_table(summary)
   print(f"{args.data}: {summary['examples']} examples, exact match {summary['exact_match']:.1%}, "
         f"micro-F1 {summary['micro_f1']:.3f}, macro-F1 {summary['macro_f1']:.3f}, "

@@ -49,6 +49,7 @@ from jaxsft.peft import methods as peft_methods
 log = logging.getLogger("jaxsft")
 
 BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
+GENERATIONS_DIR = "generations"  # per stage: generate_eval's answers, one file per evaluation
 # Task heads score whole sequences: no loss mask, the scored tokens instead.
 HEAD_BATCH_KEYS = {"cls": ("tokens", "segment_ids", "positions", "pool_index", "labels"),
                    "reward": ("tokens", "segment_ids", "positions", "pool_index")}
@@ -469,7 +470,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   del params
 
   bsh = batch_sharding(mesh)
-  generation_eval = _generation_eval(run, name, stage, ph.cfg)
+  generation_eval = _generation_eval(run, name, stage, ph.cfg, stage_dir)
   batches = pipe.batches(batch, state=data_state)
   start = int(state.step)
   if phase == 0 and start == switch:  # resumed from the checkpoint taken at the switch
@@ -653,9 +654,13 @@ def _reporting_save_failure(name: str, steps, manager, stage_dir: pathlib.Path):
         "same command to resume from it") from None
 
 
-def _generation_eval(run: Run, name: str, stage, cfg: ModelConfig):
+def _generation_eval(run: Run, name: str, stage, cfg: ModelConfig, stage_dir: pathlib.Path):
   """``f(params, step) -> metrics row`` for ``stage.generate_eval`` (None when
-  off): greedy answers to its rows, scored as ``evaluate --metric json-labels``."""
+  off): greedy answers to its rows, scored as ``evaluate --metric json-labels``.
+  Each example's prompt, generation, prediction and reference go to
+  ``stage_dir/generations/step_N.jsonl`` (as ``evaluate --predictions``), so
+  what the scores count can be read. Every process generates (the weights are
+  sharded over all of them); process 0 writes."""
   g = config_lib.generate_eval(stage)
   if not g.every:
     return None
@@ -668,10 +673,14 @@ def _generation_eval(run: Run, name: str, stage, cfg: ModelConfig):
   template = data_templates.get_template(stage.data.template, run.tokenizer)
 
   def run_eval(params, step: int) -> dict:
-    summary, _ = evaluate_lib.json_label_eval(
+    summary, records = evaluate_lib.json_label_eval(
         cfg, params, run.tokenizer, examples, template=template,
         max_new_tokens=g.max_new_tokens, batch_size=g.batch_size)
-    return {"stage": name, "step": step, "split": "generate", **summary}
+    path = stage_dir / GENERATIONS_DIR / f"step_{step}.jsonl"
+    if jax.process_index() == 0:
+      evaluate_lib.write_predictions(path, records)
+    return {"stage": name, "step": step, "split": "generate", **summary,
+            "predictions": str(path.relative_to(run.out))}
 
   run_eval.every = g.every
   return run_eval

@@ -345,10 +345,15 @@ def test_generation_eval_inside_a_stage(tmp_path):
   cfg, params = checkpoint.load_model(out / "stages" / "sft" / "final")
   tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "data" / "tokenizer")
   examples = evaluate.json_examples(evaluate.read_examples(data, system="Label."))[:4]
-  summary, _ = evaluate.json_label_eval(cfg, params, tokenizer, examples,
-                                        template=templates.get_template("chatml", tokenizer),
-                                        max_new_tokens=8, batch_size=2)
+  summary, records = evaluate.json_label_eval(cfg, params, tokenizer, examples,
+                                              template=templates.get_template("chatml", tokenizer),
+                                              max_new_tokens=8, batch_size=2)
   assert {k: generated[-1][k] for k in summary} == summary
+  # ... and each evaluation's answers are kept beside the stage, one file per step.
+  assert generated[-1]["predictions"] == "stages/sft/generations/step_4.jsonl"
+  written = [json.loads(l) for l in (out / generated[-1]["predictions"]).read_text().splitlines()]
+  assert written == json.loads(json.dumps(records))
+  assert (out / "stages" / "sft" / "generations" / "step_2.jsonl").is_file()
 
   bad = config_lib.stage(objective="cls", data=dict(datasets=[str(data)]),
                          generate_eval=dict(every=5, path=str(data)))

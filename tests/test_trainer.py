@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import transformers
 
 import train_fixtures
-from jaxsft import checkpoint, config as config_lib, optim, trainer
+from jaxsft import checkpoint, config as config_lib, evaluate, optim, trainer
+from jaxsft.data import templates
 from jaxsft.models import ModelConfig, llama
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -150,7 +152,12 @@ def _train_cli(config_path, out, extra=(), **popen):
                           stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def _config_file(tmp_path, cpt_steps, sft_steps):
+def _config_file(tmp_path, cpt_steps, sft_steps, generate_rows=None):
+  """A config file for the train CLI; ``generate_rows`` (a JSONL of chats)
+  turns on the SFT stage's generate_eval at its end."""
+  generate = "" if generate_rows is None else f"""
+  c.stages.sft.generate_eval = dict(every={sft_steps}, path={str(generate_rows)!r},
+                                    examples=4, max_new_tokens=6, batch_size=2)"""
   path = tmp_path / "run_config.py"
   path.write_text(f"""
 import pathlib, sys
@@ -158,9 +165,10 @@ sys.path.insert(0, {str(REPO / 'tests')!r})
 import train_fixtures
 
 def get_config():
-  return train_fixtures.tiny_config(pathlib.Path({str(tmp_path / 'data')!r}),
-                                    pathlib.Path('unused'), cpt_steps={cpt_steps},
-                                    sft_steps={sft_steps})
+  c = train_fixtures.tiny_config(pathlib.Path({str(tmp_path / 'data')!r}),
+                                 pathlib.Path('unused'), cpt_steps={cpt_steps},
+                                 sft_steps={sft_steps}){generate}
+  return c
 """)
   return path
 
@@ -321,9 +329,17 @@ def _free_port() -> int:
 
 def test_two_process_run_matches_one_process(tmp_path):
   """Two CPU processes joined by jax.distributed (one device each, fsdp=2)
-  train, checkpoint and export like one process: the same losses."""
+  train, checkpoint, generate (generate_eval) and export like one process:
+  the same losses, and the greedy answers of the sharded final model equal
+  those of the same weights on one device."""
   train_fixtures.write_data(tmp_path / "data")
-  config = _config_file(tmp_path, cpt_steps=6, sft_steps=4)
+  chats = tmp_path / "intent.jsonl"
+  chats.write_text("".join(json.dumps({"messages": [
+      {"role": "user", "content": text},
+      {"role": "assistant", "content": json.dumps({"intent": label})}]}) + "\n"
+      for text, label in [("my card was stolen", "card_lost"), ("where is my parcel", "delivery"),
+                          ("refund please", "refund"), ("reset my password", "account")]))
+  config = _config_file(tmp_path, cpt_steps=6, sft_steps=4, generate_rows=chats)
   single = _train_cli(config, tmp_path / "single", ["--config.stages.cpt.log_every=1"])
   assert single.wait() == 0, single.stdout.read()
   port = _free_port()
@@ -347,6 +363,19 @@ def test_two_process_run_matches_one_process(tmp_path):
   _assert_trees_equal(_final_params(tmp_path / "single"), _final_params(tmp_path / "two"),
                       atol=1e-5)
   assert (tmp_path / "two" / "hf" / "model.safetensors").is_file()
+  generated = [r for r in _rows(tmp_path / "two") if r["split"] == "generate"]
+  assert [r["step"] for r in generated] == [4]
+  answers = [json.loads(line) for line in
+             (tmp_path / "two" / generated[0]["predictions"]).read_text().splitlines()]
+  cfg, params = checkpoint.load_model(tmp_path / "two" / "stages" / "sft" / "final")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "data" / "tokenizer")
+  examples = evaluate.json_examples(evaluate.read_examples(chats))
+  summary, records = evaluate.json_label_eval(
+      cfg, params, tokenizer, examples, max_new_tokens=6, batch_size=2,
+      template=templates.get_template("chatml", tokenizer))  # train_fixtures' SFT template
+  assert any(a["generation"] for a in answers)  # something was generated
+  assert [a["generation"] for a in answers] == [r["generation"] for r in records]
+  assert {k: generated[0][k] for k in summary} == summary
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
