@@ -22,6 +22,9 @@
 #   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
+#   moe_lora     Mixtral-8x7B's shape cut to 4 layers, LoRA, batch 4, vs PEFT on
+#                transformers' Mixtral (jaxsft's GPU MoE dispatch is dense: all 8
+#                experts computed, 4x the routed FLOPs)
 # bf16 compute, fp32 master weights, 2 warmup + 6 timed steps. (The XLA-flag
 # row of 2026-11-28, latency-hiding scheduler on / Triton GEMMs off, was slower
 # than the defaults and is no longer run.)
@@ -106,12 +109,14 @@ if [ "$SMOKE" = 1 ]; then
   BIG="--shape tiny --layers 1 --seq-len 64 --dtype float32"
   STEPS="--warmup 1 --steps 1"
   B8="--batch 2"; B4="--batch 2"
+  MOE="--shape tiny-moe --layers 1 --seq-len 64 --dtype float32"
   CHECK="--cpu-smoke"
 else
   SHAPE="--shape llama3.2-1b --seq-len 2048"
   BIG="--shape llama3-8b --seq-len 2048 --remat full"
   STEPS="--warmup 2 --steps 6"
   B8="--batch 8"; B4="--batch 4"
+  MOE="--shape mixtral-8x7b --layers 4 --seq-len 2048"
   CHECK=""
 fi
 BENCH="$PY -m jaxsft.bench"
@@ -143,6 +148,9 @@ if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   run 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
 fi
 run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
+if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
+  run moe_lora 150 $BENCH $MOE $B4 $STEPS --method lora --peer hf
+fi
 
 echo "== total $(( $(date +%s) - START ))s; results in $RESULTS"
 "$PY" - "$RESULTS" <<'EOF'
