@@ -5,8 +5,11 @@
 
 Replace the data path with your own chat data (alpaca, sharegpt or messages
 rows; ``jaxsft.data.pipeline`` documents the spec). For a 72B model the usual
-choice is LoRA (method "lora", ~8 GPUs instead of ~32); it comes with the PEFT
-issue, and until then this recipe fine-tunes every weight.
+choice is LoRA (~4 x 80 GB GPUs instead of ~32: the frozen base in bf16 is
+145 GB); this recipe fine-tunes every weight. For LoRA:
+
+    ... --config.stages.sft.method=lora --config.stages.sft.lr=1e-4 \
+        --config.stages.sft.peft.rank=16
 """
 from __future__ import annotations
 

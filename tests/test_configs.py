@@ -38,6 +38,13 @@ def dataset_paths(config) -> list[str]:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_loads_and_validates(path, tmp_path, monkeypatch):
   config = load(path).get_config()
+  _stand_in_data(config, tmp_path, monkeypatch)
+  config_lib.validate(config)
+  assert config.stages, path
+  json.loads(config.to_json())  # the resolved config is written to the run dir as JSON
+
+
+def _stand_in_data(config, tmp_path, monkeypatch) -> None:
   # Recipes name placeholder data (data/your_domain_sft.jsonl, relative to the
   # working directory) that the user replaces; validation checks files exist,
   # so stand-ins are made in a scratch working directory.
@@ -46,9 +53,38 @@ def test_config_loads_and_validates(path, tmp_path, monkeypatch):
     if not pathlib.Path(data).is_absolute():
       (tmp_path / data).parent.mkdir(parents=True, exist_ok=True)
       (tmp_path / data).touch()
+
+
+def _documented_variants(path: pathlib.Path) -> list[str]:
+  """The overrides a recipe's docstring offers as a variant: the ``--config.``
+  arguments of its ``... --config.x=y`` continuation lines."""
+  tokens, inside = [], False
+  for line in (load(path).__doc__ or "").splitlines():
+    line = line.strip()
+    inside = line.startswith("...") or (inside and bool(line))
+    if inside:
+      tokens += [t for t in line.split() if t.startswith("--config.")]
+  return tokens
+
+
+VARIANT_CONFIGS = [p for p in CONFIGS if _documented_variants(p)]
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+@pytest.mark.parametrize("path", VARIANT_CONFIGS, ids=lambda p: p.stem)
+def test_variants_in_recipe_docstrings_validate(path, tmp_path, monkeypatch):
+  """A variant a recipe documents (e.g. its LoRA overrides) parses and validates."""
+  overrides = _documented_variants(path)
+  config = parse_cli(["train", "--config", str(path), *overrides])
+  _stand_in_data(config, tmp_path, monkeypatch)
   config_lib.validate(config)
-  assert config.stages, path
-  json.loads(config.to_json())  # the resolved config is written to the run dir as JSON
+  assert any("method=lora" in o for o in overrides)
+  assert all(s.method == "lora" for s in config.stages.values())
+
+
+def test_large_recipes_document_a_lora_variant():
+  assert {p.stem for p in VARIANT_CONFIGS} >= {"yi-34b-chat_domain_sft",
+                                               "qwen1.5-72b-chat_domain_sft"}
 
 
 def parse_cli(argv: list[str]):
