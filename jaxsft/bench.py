@@ -186,7 +186,7 @@ def memory_estimate(cfg: ModelConfig, batch: int, seq_len: int, method: str = "f
     activations = cfg.num_layers * layer
   else:
     activations = cfg.num_layers * tokens * cfg.hidden_size * c_bytes + layer
-  logits = 3 * batch * min(seq_len, losses.DEFAULT_CHUNK_SIZE) * cfg.vocab_size * 4
+  logits = 3 * batch * min(seq_len, cfg.loss_chunk or losses.DEFAULT_CHUNK_SIZE) * cfg.vocab_size * 4
   weights = param_count(llama.abstract_params(cfg))
   per_weight = p_bytes + (2 * 4 + 2 * p_bytes if method == "full" else 0)
   return weights * per_weight + activations + logits
@@ -648,6 +648,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--scan-unroll", type=int, default=1,
                  help="model.scan_unroll: layers per iteration of the layer scan (default 1; "
                  "the layer count unrolls it fully, compile time then grows with depth)")
+  p.add_argument("--loss-chunk", type=int, default=0,
+                 help="model.loss_chunk: time steps per vocab chunk of the loss "
+                 "(default 0 = losses.DEFAULT_CHUNK_SIZE)")
   p.add_argument("--packed-lengths", type=_lengths_arg, metavar="DIST",
                  help="pack examples of lengths drawn from DIST: sft or fixed:N (module doc)")
   p.add_argument("--peer", choices=PEERS, help="also run the PyTorch peer (tools/hf_peer.py)")
@@ -677,6 +680,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f"--{name.replace('_', '-')} must be positive")
   if args.warmup < 0:
     p.error("--warmup must be 0 or more")
+  if args.loss_chunk < 0:
+    p.error("--loss-chunk must be 0 (the default) or more")
   if args.layers is not None and args.layers <= 0:
     p.error("--layers must be positive")
   context = SHAPES[args.shape].max_position_embeddings
@@ -710,7 +715,7 @@ def _print_table(result: dict) -> None:
 def model_config(args) -> ModelConfig:
   cfg = SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.param_dtype,
                                    remat=args.remat, attention=args.attention,
-                                   scan_unroll=args.scan_unroll)
+                                   scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
   if cfg.is_moe:
     cfg = cfg.replace(moe_dispatch=args.moe_dispatch)
   return cfg.replace(num_layers=args.layers) if args.layers else cfg
@@ -739,6 +744,7 @@ def main(argv=None) -> dict:
       "param_dtype": args.param_dtype,
       "remat": args.remat,
       "scan_unroll": args.scan_unroll,
+      "loss_chunk": args.loss_chunk or losses.DEFAULT_CHUNK_SIZE,
       "moe_dispatch": mixtral.resolve_dispatch(cfg) if cfg.is_moe else None,
   }
   if args.compile_scaling:

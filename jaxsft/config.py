@@ -14,6 +14,8 @@ A config file defines ``get_config()`` returning a ConfigDict built from
   model.attention   auto | xla | cudnn
   model.trust_remote_code   never true unless you trust the model's own code
   model.moe_dispatch        MoE models: auto | dense | dropless (models/mixtral.py)
+  model.loss_chunk  time steps per vocab chunk of the loss (0: 128); the logits of
+              batch x loss_chunk positions are held at once, in fp32
   model.router_aux_loss_coef   MoE load-balancing loss weight; default: the model's
               config.json (Mixtral-8x7B: 0.02). Always added in training, unlike
               transformers' output_router_logits=False default; 0 turns it off
@@ -106,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       source=placeholder(str), init=placeholder(dict), dtype="bfloat16",
       param_dtype="float32", remat="none", attention="auto", trust_remote_code=False,
-      moe_dispatch="auto", router_aux_loss_coef=placeholder(float),
+      moe_dispatch="auto", loss_chunk=0, router_aux_loss_coef=placeholder(float),
       router_z_loss_coef=placeholder(float)))
   c.tokenizer = placeholder(str)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
@@ -183,6 +185,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(m.remat, REMAT_POLICIES, "config.model.remat")
   _one_of(m.attention, ATTENTION_IMPLS, "config.model.attention")
   _one_of(m.moe_dispatch, MOE_DISPATCHES, "config.model.moe_dispatch")
+  if not isinstance(m.loss_chunk, int) or m.loss_chunk < 0:
+    raise ValueError(f"config.model.loss_chunk={m.loss_chunk!r} must be an integer >= 0 "
+                     "(time steps per vocab chunk of the loss; 0: the default, 128)")
   for key in ("router_aux_loss_coef", "router_z_loss_coef"):
     if m[key] is not None and not m[key] >= 0:
       raise ValueError(f"config.model.{key}={m[key]} must be >= 0")

@@ -109,8 +109,9 @@ def stage_loss(cfg: ModelConfig, params, batch, objective: str = "sft", dropout_
                                       segment_ids, dropout_rng=dropout_rng)
     targets, weights = losses.next_token_targets(batch["tokens"], segment_ids,
                                                  batch["loss_mask"])
-    loss_sum, count = losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params),
-                                                  targets, weights)
+    loss_sum, count = losses.masked_cross_entropy(
+        hidden, llama.unembedding(cfg, params), targets, weights,
+        chunk_size=cfg.loss_chunk or losses.DEFAULT_CHUNK_SIZE)
   total = loss_sum
   if cfg.is_moe:
     total = total + cfg.router_aux_loss_coef * aux["aux_loss"] * count
@@ -266,7 +267,7 @@ class Run:
 def _policy(config) -> dict:
   m = config.model
   policy = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
-                moe_dispatch=m.moe_dispatch)
+                moe_dispatch=m.moe_dispatch, loss_chunk=int(m.loss_chunk))
   # Router loss coefficients: the model's own (config.json) unless the run sets them.
   policy.update({k: float(m[k]) for k in ("router_aux_loss_coef", "router_z_loss_coef")
                  if m[k] is not None})

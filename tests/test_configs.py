@@ -148,3 +148,10 @@ def test_demo_matches_its_data_and_tokenizer():
   # The tokenizer was trained on the system prompts the demo uses.
   script = load(ROOT / "tools" / "make_demo_data.py")
   assert {demo.SUPPORT, demo.INTENT, demo.GENERAL} == set(script.SYSTEM_PROMPTS.values())
+
+
+def test_a_negative_loss_chunk_is_refused_with_its_key():
+  config = load(ROOT / "configs" / "demo.py").get_config()
+  config.model.loss_chunk = -4
+  with pytest.raises(ValueError, match=r"config\.model\.loss_chunk=-4 must be an integer >= 0"):
+    config_lib.validate(config)

@@ -82,29 +82,50 @@ def test_chunks_without_trained_positions_are_skipped_and_change_nothing():
   assert ("cond" in jaxpr) == (jax.default_backend() == "cpu")
 
 
+def _vocab_sized(jaxpr, v=V, d=D):
+  """Row counts of every [..., V] value, inside scan/remat/cond bodies too."""
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      shape = tuple(getattr(var.aval, "shape", ()))
+      if shape and shape[-1] == v and shape != (d, v):  # (D, V) is the weight
+        yield int(np.prod(shape[:-1]))
+    for param in eqn.params.values():
+      # cond keeps its branches as a tuple of jaxprs (the CPU path skips
+      # untrained chunks with a cond).
+      for p in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(p, "jaxpr", p)  # ClosedJaxpr -> Jaxpr
+        if hasattr(inner, "eqns"):
+          yield from _vocab_sized(inner, v, d)
+
+
 def test_never_materializes_more_than_one_chunk_of_logits():
   hidden, w, targets, weights = _inputs(4)
   loss = lambda h, w: losses.masked_cross_entropy(h, w, targets, weights, chunk_size=4)[0]
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, w)
-
-  def vocab_sized(jaxpr):
-    """Row counts of every [..., V] value, inside scan/remat/cond bodies too."""
-    for eqn in jaxpr.eqns:
-      for var in eqn.outvars:
-        shape = tuple(getattr(var.aval, "shape", ()))
-        if shape and shape[-1] == V and shape != (D, V):  # (D, V) is the weight
-          yield int(np.prod(shape[:-1]))
-      for param in eqn.params.values():
-        # cond keeps its branches as a tuple of jaxprs (the CPU path skips
-        # untrained chunks with a cond).
-        for p in param if isinstance(param, (tuple, list)) else (param,):
-          inner = getattr(p, "jaxpr", p)  # ClosedJaxpr -> Jaxpr
-          if hasattr(inner, "eqns"):
-            yield from vocab_sized(inner)
-
-  sizes = list(vocab_sized(jaxpr.jaxpr))
+  sizes = list(_vocab_sized(jaxpr.jaxpr))
   assert sizes, "expected chunk logits in the jaxpr"
   assert max(sizes) <= B * 4, sizes  # one chunk's rows, never B·T
+
+
+def test_model_loss_chunk_sets_the_training_loss_chunks():
+  """``model.loss_chunk`` reaches the trainer's loss: the largest logits block
+  is batch × loss_chunk rows (0: DEFAULT_CHUNK_SIZE), the loss the same."""
+  from jaxsft import trainer
+  from jaxsft.models import ModelConfig, llama
+  cfg = ModelConfig(family="llama", vocab_size=96, hidden_size=16, intermediate_size=32,
+                    num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)
+  params = llama.init_params(cfg, jax.random.key(0))
+  t = 2 * losses.DEFAULT_CHUNK_SIZE
+  tokens = jax.random.randint(jax.random.key(1), (2, t), 0, cfg.vocab_size)
+  batch = {"tokens": tokens, "loss_mask": jnp.ones_like(tokens)}
+  chunked = cfg.replace(loss_chunk=8)
+  for c, rows in ((cfg, 2 * losses.DEFAULT_CHUNK_SIZE), (chunked, 2 * 8)):
+    grad = jax.grad(lambda p: trainer.stage_loss(c, p, batch)[0])
+    sizes = list(_vocab_sized(jax.make_jaxpr(grad)(params).jaxpr, cfg.vocab_size,
+                              cfg.hidden_size))
+    assert max(sizes) == rows, (c.loss_chunk, sizes)
+  loss = jax.jit(lambda c, p: trainer.stage_loss(c, p, batch)[1][0], static_argnums=0)
+  np.testing.assert_allclose(loss(chunked, params), loss(cfg, params), rtol=1e-6)
 
 
 def test_ignored_positions_may_hold_any_label():

@@ -19,6 +19,9 @@
 #   1b_lora      llama3.2-1b LoRA vs PEFT
 #   1b_lora_profile  1b_lora traced, as 1b_full_profile
 #   1b_packed    1b_full on packed SFT lengths vs the padded peer (non-pad tokens/s)
+#   1b_full_chunk512  1b_full without peer, loss chunks of 512 time steps instead of
+#                128 (4 x fewer accumulations of the 128k x 2048 fp32 output-layer
+#                gradient, 4 x bigger logits blocks): compare its tokens/s with 1b_full's
 #   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
@@ -144,6 +147,7 @@ else
   echo '{"item": "1b_lora", "rc": null, "skipped": "jaxsft.peft missing"}' >> "$RESULTS"
 fi
 run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --peer hf
+run 1b_full_chunk512 90 $BENCH $SHAPE $B8 $STEPS --method full --loss-chunk 512
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   run 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
 fi

@@ -167,6 +167,10 @@ class ModelConfig:
   # Layers per iteration of the layer scan (1: a loop over layers; num_layers:
   # fully unrolled, as XLA's cost analysis needs to count every layer).
   scan_unroll: int = 1
+  # Time steps per vocab chunk of the training loss (losses.masked_cross_entropy;
+  # 0: losses.DEFAULT_CHUNK_SIZE). Bigger chunks hold more logits at once and
+  # accumulate the output layer's gradient fewer times.
+  loss_chunk: int = 0
   attention: str = "auto"  # "auto": cuDNN fused attention on GPU, XLA elsewhere
   # Parameter-efficient additions (LoRA, DoRA, adapters, prompts); None: none.
   adapters: Adapters | None = None
@@ -185,6 +189,8 @@ class ModelConfig:
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.scan_unroll < 1:
       problems.append(f"scan_unroll={self.scan_unroll} must be at least 1")
+    if self.loss_chunk < 0:
+      problems.append(f"loss_chunk={self.loss_chunk} must be >= 0 (0: the default)")
     if self.remat not in REMAT_POLICIES:
       problems.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:
