@@ -154,16 +154,19 @@ def test_the_step_compiles_once_per_stage(tmp_path):
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     counts = []
-    for steps in (2, 6):
+    # The first run also compiles one-off programs that later runs find in
+    # JAX's caches (unless a test before this one warmed them), so it only
+    # warms up; the next two differ in their step count alone.
+    for i, steps in enumerate((2, 2, 6)):
       compiles.clear()
-      config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / f"out{steps}",
+      config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / f"out{i}",
                                           cpt_steps=steps)
       del config.stages["sft"]
       trainer.train(config)
       counts.append(len(compiles))
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  assert counts[0] == counts[1], f"more steps compiled more programs: {counts}"
+  assert counts[1] == counts[2], f"more steps compiled more programs: {counts}"
 
 
 # ----------------------------------------------------------------------------- resume
