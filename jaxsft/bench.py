@@ -57,6 +57,19 @@ uses the dense dispatch.
 Peak memory: ``device.memory_stats()["peak_bytes_in_use"]`` (GPU, TPU); on CPU
 the host process's max RSS (Python, compiler and initialization included).
 
+Several devices (``--mesh fsdp=8``, ``data=2,fsdp=4``, ...: the trainer's
+``config.mesh`` axes over every device). The step is sharded exactly as the
+trainer shards a stage: parameters by their axis letters
+(``sharding.param_shardings``), optimizer moments as their parameter, the
+rows of the batch over data × fsdp × expert; ``--batch`` is the global batch.
+tokens/s is global (``tokens_per_s_per_device`` beside it), MFU is over
+n_devices × the peak, peak memory is the busiest device's, and the memory
+check compares the compiled step's per-device figure (XLA's analysis of the
+partitioned program) with one device's memory. On a CPU,
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` simulates 8 devices,
+enough to read what a sharded step needs per device. The peer is
+single-device, so ``--peer`` takes no ``--mesh``.
+
 The peer (``--peer hf``): ``tools/hf_peer.py`` (Transformers + PyTorch, bf16
 autocast, fp32 master weights, SDPA, fused AdamW; PEFT LoRA r=16 α=32 on all
 linear layers for lora/dora; its docstring has the details) on the same model
@@ -379,11 +392,11 @@ def _prepare_method(cfg: ModelConfig, params, stage, rng):
 
 
 def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
-  """(jitted train step with the state donated, ``store(params)``,
-  ``init(stored params) -> state``, trainable mask or None). ``params`` may be
-  abstract (only shapes are read); ``store`` casts frozen weights as the
-  trainer holds them (``stage.peft.frozen_dtype``; leaf by leaf, outside the
-  init program, so the peak stays one leaf above the tree)."""
+  """(train step, ``store(params)``, ``init(stored params) -> state``,
+  trainable mask or None), unjitted. ``params`` may be abstract (only shapes
+  are read); ``store`` casts frozen weights as the trainer holds them
+  (``stage.peft.frozen_dtype``; leaf by leaf, outside the init program, so the
+  peak stays one leaf above the tree)."""
   tx, lr_fn = optim.build(stage, total_steps, params)
   if stage.method == "full":
     trainable = None
@@ -396,7 +409,44 @@ def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
     frozen_dtype = optim.frozen_dtype(stage, cfg.dtype, cfg.param_dtype)
     store = lambda p: optim.store_frozen(p, trainable, frozen_dtype)  # noqa: E731
     init = lambda p: trainer.init_state(p, tx, seed, trainable)  # noqa: E731
-  return jax.jit(step, donate_argnums=0), store, init, trainable
+  return step, store, init, trainable
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """``fsdp=4,tensor=2`` → {"fsdp": 4, "tensor": 2} (the trainer's ``config.mesh``
+  axes; -1 takes the remaining devices)."""
+  shape = {}
+  for part in spec.split(","):
+    axis, eq, size = part.strip().partition("=")
+    try:
+      n = int(size)
+    except ValueError:
+      n = 0
+    if not eq or axis not in sharding_lib.MESH_AXES or not (n > 0 or n == -1) or axis in shape:
+      raise argparse.ArgumentTypeError(
+          f"--mesh wants axis=size pairs over {', '.join(sharding_lib.MESH_AXES)} "
+          f"(size a positive count or -1, each axis once), e.g. fsdp=8 or data=2,fsdp=4; "
+          f"got {spec!r}")
+    shape[axis] = n
+  return shape
+
+
+def bench_mesh(args) -> jax.sharding.Mesh:
+  """The mesh the step runs on: ``--mesh`` over every device, else the first
+  device alone. Clear errors for a mesh the devices or the batch cannot fill."""
+  if not getattr(args, "mesh", None):
+    return sharding_lib.make_mesh({"fsdp": 1}, jax.devices()[:1])
+  try:
+    mesh = sharding_lib.make_mesh(args.mesh)
+  except ValueError as e:
+    raise SystemExit(f"error: --mesh: {e} (XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                     "simulates N devices on a CPU)") from None
+  rows = sharding_lib.data_parallel_size(mesh)
+  if args.batch % rows:
+    raise SystemExit(f"error: --batch {args.batch} (the global batch) does not split over the "
+                     f"mesh's {rows} data-parallel devices (data x fsdp x expert of "
+                     f"{dict(mesh.shape)}); use a multiple of {rows}")
+  return mesh
 
 
 def compiled_memory(compiled) -> int | None:
@@ -426,7 +476,9 @@ class StepRunner:
   reports none. The same executable then runs on the real state."""
 
   def __init__(self, cfg: ModelConfig, args, rows: dict, examples: dict | None):
-    self.device = device = jax.devices()[0]
+    self.mesh = mesh = bench_mesh(args)
+    self.devices = list(mesh.devices.flat)
+    self.device = device = self.devices[0]
     self.args, self.rows, self.examples = args, rows, examples
     base_cfg = cfg
     stage = make_stage(args)
@@ -436,24 +488,36 @@ class StepRunner:
     self.params = param_count(abstract)
     total_steps = args.warmup + args.steps + args.profile_steps
     step, store, init, trainable = build_step(cfg, abstract, stage, total_steps, args.seed)
+    # Sharded as the trainer shards a stage (trainer._Phase): parameters by
+    # their axis letters, optimizer moments as their parameter, rows of the
+    # batch over the data-parallel axes. One device: all trivial.
+    param_shardings = sharding_lib.param_shardings(abstract, mesh)
     abstract_state = jax.eval_shape(init, store(abstract))
+    state_shardings = trainer._state_shardings(abstract_state, param_shardings, mesh)
+    self.batch_sharding = bsh = trainer.batch_sharding(mesh)
+    step = jax.jit(step, in_shardings=(state_shardings, bsh),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
     batch0 = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in rows.items()}
     t0 = time.perf_counter()
-    self.compiled = step.lower(abstract_state, batch0).compile()
+    with jax.set_mesh(mesh):  # traced under the mesh, as sharding.with_mesh does
+      self.compiled = step.lower(abstract_state, batch0).compile()
     self.compile_s = time.perf_counter() - t0
     self._check_memory(base_cfg, args, device)
     # Random weights, initialized under jit so the whole tree is built in one
-    # program (eager init would hold every intermediate op's buffers).
-    params = jax.jit(llama.init_params, static_argnums=0)(base_cfg, rng)
+    # program (eager init would hold every intermediate op's buffers), placed
+    # shard by shard.
+    base_shardings = sharding_lib.param_shardings(llama.abstract_params(base_cfg), mesh)
+    params = jax.jit(llama.init_params, static_argnums=0,
+                     out_shardings=base_shardings)(base_cfg, rng)
     cfg_real, params = _prepare_method(base_cfg, params, stage, jax.random.fold_in(rng, 1))
     assert cfg_real == cfg, (cfg_real, cfg)
-    self.state = jax.jit(init, donate_argnums=0)(store(params))
+    self.state = jax.jit(init, out_shardings=state_shardings, donate_argnums=0)(store(params))
     del params
     self.frozen, self.adapter = method_weights(base_cfg, cfg, self.state.params, trainable)
     self.trainable_params = self.params if trainable is None else int(sum(
         np.prod(x.shape) for x, t in zip(jax.tree_util.tree_leaves(self.state.params),
                                          jax.tree_util.tree_leaves(trainable)) if t))
-    self.batches = [{k: jnp.asarray(v[i]) for k, v in rows.items()}
+    self.batches = [{k: jax.device_put(v[i], bsh) for k, v in rows.items()}
                     for i in range(len(rows["tokens"]))]
     jax.block_until_ready((self.state, self.batches))
 
@@ -465,10 +529,17 @@ class StepRunner:
       self.memory_estimate_source = "analytic memory_estimate"
     self.memory_estimate = need
     have, have_source = available_memory(device)
+    where = "per device"
+    if have_source == "host MemAvailable" and len(self.devices) > 1:
+      # Simulated CPU devices all live in the host's memory.
+      where = (f"per device, {need * len(self.devices) / 2**30:.1f} GiB for all "
+               f"{len(self.devices)} devices of one host")
+      need = need * len(self.devices)
     if have is not None and need > have and not args.skip_memory_check:
       raise SystemExit(
           f"error: shape {args.shape!r} with {base_cfg.num_layers} layers, batch {args.batch}, "
-          f"seq_len {args.seq_len}, method {args.method} needs {need / 2**30:.1f} GiB "
+          f"seq_len {args.seq_len}, method {args.method} needs "
+          f"{self.memory_estimate / 2**30:.1f} GiB {where} "
           f"(weights, gradients, optimizer state, activations; {self.memory_estimate_source}) "
           f"but {have / 2**30:.1f} GiB is available ({have_source} on {device.platform}). "
           f"Shrink it with --layers N, a smaller --batch/--seq-len, --param-dtype bfloat16, "
@@ -527,8 +598,12 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
   step_s = statistics.median(times)
   flops_per_step = statistics.mean(flops)
   peak = args.peak_tflops or metrics.peak_tflops(runner.device, args.dtype)
-  mem, mem_source = peak_memory(runner.device)
+  n = len(runner.devices)
+  # The busiest device's peak (one figure per device; on CPU the process RSS).
+  mem, mem_source = max(peak_memory(d) for d in runner.devices)
   return {
+      "mesh": {k: int(v) for k, v in runner.mesh.shape.items() if v > 1} or None,
+      "n_devices": n,
       "step": f"train step ({args.method}, AdamW, grad clip)",
       "params": runner.params,
       "trainable_params": runner.trainable_params,
@@ -537,12 +612,13 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
       "step_s_min": min(times),
       "step_s_max": max(times),
       "tokens_per_s": args.batch * args.seq_len / step_s,
+      "tokens_per_s_per_device": args.batch * args.seq_len / step_s / n,
       "nonpad_tokens_per_s": statistics.mean(nonpad) / step_s,
       "nonpad_fraction": statistics.mean(nonpad) / (args.batch * args.seq_len),
       "flops_per_step": flops_per_step,
       "tflops_per_s": flops_per_step / step_s / 1e12,
       "peak_tflops": peak,
-      "mfu": None if peak is None else flops_per_step / step_s / (peak * 1e12),
+      "mfu": None if peak is None else flops_per_step / step_s / (peak * 1e12 * n),
       "peak_mem_gib": mem / 2**30,
       "peak_memory_bytes": mem,
       "peak_memory_source": mem_source,
@@ -626,6 +702,10 @@ def _lengths_arg(text: str) -> str:
   return text
 
 
+def _mesh_arg(text: str) -> dict[str, int]:
+  return parse_mesh(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m jaxsft.bench", description=__doc__.split("\n")[0])
   p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
@@ -653,6 +733,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "(default 0 = losses.DEFAULT_CHUNK_SIZE)")
   p.add_argument("--packed-lengths", type=_lengths_arg, metavar="DIST",
                  help="pack examples of lengths drawn from DIST: sft or fixed:N (module doc)")
+  p.add_argument("--mesh", type=_mesh_arg, metavar="AXIS=N,...",
+                 help="shard the step over every device as the trainer's config.mesh does, "
+                 "e.g. fsdp=8 or data=2,fsdp=4 (default: one device); --batch is global")
   p.add_argument("--peer", choices=PEERS, help="also run the PyTorch peer (tools/hf_peer.py)")
   p.add_argument("--peer-compile", action="store_true",
                  help="the peer uses torch.compile (the same as --peer hf-compile)")
@@ -680,6 +763,10 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f"--{name.replace('_', '-')} must be positive")
   if args.warmup < 0:
     p.error("--warmup must be 0 or more")
+  if args.mesh and args.peer:
+    p.error("--peer runs on one device; compare against it without --mesh")
+  if args.mesh and args.compile_scaling:
+    p.error("--compile-scaling compiles for one device; drop --mesh")
   if args.loss_chunk < 0:
     p.error("--loss-chunk must be 0 (the default) or more")
   if args.layers is not None and args.layers <= 0:

@@ -299,3 +299,29 @@ def test_train_flops_match_xla_cost_of_the_backward(frozen):
   nh = cfg.num_heads * cfg.head_dim
   expected += 12 * batch * (seq_len**2 - metrics.attended_pairs(cfg, seq_len)) * nh
   assert xla_flops == pytest.approx(expected, rel=0.03)
+
+
+def test_mesh_shards_the_step_as_the_trainer_does():
+  """--mesh over 4 simulated devices (fsdp=2 × tensor=2): the same losses as
+  one device, throughput per device, and a smaller per-device memory figure;
+  bad meshes are refused with the reason."""
+  common = ("--shape", "tiny", "--layers", "2", "--seq-len", "64", "--batch", "4",
+            "--steps", "2", "--warmup", "1", "--dtype", "float32")
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  run = lambda *a: subprocess.run([sys.executable, "-m", "jaxsft.bench", *common, *a],  # noqa: E731
+                                  capture_output=True, text=True, env=env, timeout=900)
+  one, four = run(), run("--mesh", "fsdp=2,tensor=2")
+  assert one.returncode == 0 and four.returncode == 0, one.stderr[-2000:] + four.stderr[-2000:]
+  one, four = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, four))
+  assert one["n_devices"] == 1 and one["mesh"] is None
+  assert four["n_devices"] == 4 and four["mesh"] == {"fsdp": 2, "tensor": 2}
+  assert four["loss"] == pytest.approx(one["loss"], abs=1e-4)
+  assert four["tokens_per_s_per_device"] == pytest.approx(four["tokens_per_s"] / 4)
+  # The compiled figure is per device: weights, moments and activations split.
+  assert four["memory_estimate_bytes"] < one["memory_estimate_bytes"] / 2
+  bad = run("--mesh", "fsdp=4", "--batch", "6")
+  assert bad.returncode != 0 and "does not split over the mesh's 4" in bad.stderr
+  bad = run("--mesh", "fsdp=3")
+  assert bad.returncode != 0 and "needs 3 devices, but 4 are available" in bad.stderr
+  bad = run("--mesh", "pipe=2")
+  assert bad.returncode == 2 and "axis=size pairs over data, fsdp, tensor, expert" in bad.stderr
