@@ -71,8 +71,9 @@ enough to read what a sharded step needs per device. The peer is
 single-device, so ``--peer`` takes no ``--mesh``.
 
 The peer (``--peer hf``): ``tools/hf_peer.py`` (Transformers + PyTorch, bf16
-autocast, fp32 master weights, SDPA, fused AdamW; PEFT LoRA r=16 α=32 on all
-linear layers for lora/dora; its docstring has the details) on the same model
+autocast, fp32 master weights, SDPA, fused AdamW; PEFT LoRA for lora/dora, by
+default r=16 α=32 on all linear layers, else ``--lora-rank`` (α twice it) and
+``--lora-targets`` on both sides; its docstring has the details) on the same model
 (``hf.config_to_hf``), tokens, masks and method, run as a subprocess BEFORE
 this process initializes JAX's backend, so the two never hold device memory at
 once. ``--peer hf-compile`` (or ``--peer-compile``) runs the same peer under
@@ -361,7 +362,9 @@ def run_peer(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
            "--warmup", str(args.warmup), "--seed", str(args.seed)]
     if args.remat != "none":
       cmd.append("--remat")
-    cmd += ["--frozen-dtype", args.frozen_dtype]
+    cmd += ["--frozen-dtype", args.frozen_dtype, "--lora-rank", str(args.lora_rank)]
+    if args.lora_targets:
+      cmd += ["--lora-targets", ",".join(args.lora_targets)]
     if args.peer_compile or args.peer == "hf-compile":
       cmd.append("--compile")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # in case anything imports jax there
@@ -378,9 +381,12 @@ def run_peer(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
 
 def make_stage(args):
   """The stage a bench step trains: the method, AdamW at lr 1e-5, clipping 1.0."""
+  rank = getattr(args, "lora_rank", 16)
+  targets = getattr(args, "lora_targets", None) or "all-linear"
   return config_lib.stage(method=args.method, lr=1e-5, batch_size=args.batch,
                           seq_len=args.seq_len, warmup_steps=0, schedule="constant",
-                          peft=dict(frozen_dtype=getattr(args, "frozen_dtype", "auto")))
+                          peft=dict(frozen_dtype=getattr(args, "frozen_dtype", "auto"),
+                                    rank=rank, alpha=2.0 * rank, targets=targets))
 
 
 def _prepare_method(cfg: ModelConfig, params, stage, rng):
@@ -733,6 +739,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "(default 0 = losses.DEFAULT_CHUNK_SIZE)")
   p.add_argument("--packed-lengths", type=_lengths_arg, metavar="DIST",
                  help="pack examples of lengths drawn from DIST: sft or fixed:N (module doc)")
+  p.add_argument("--lora-rank", type=int, default=16,
+                 help="LoRA/DoRA rank (alpha = 2 x rank, as r=16/alpha=32), both sides")
+  p.add_argument("--lora-targets", type=lambda s: [t.strip() for t in s.split(",")],
+                 metavar="NAME,...", help="LoRA/DoRA targets, both sides (default all-linear; "
+                 "names as stage.peft.targets, e.g. q_proj,v_proj or expert_gate_up,expert_down)")
   p.add_argument("--mesh", type=_mesh_arg, metavar="AXIS=N,...",
                  help="shard the step over every device as the trainer's config.mesh does, "
                  "e.g. fsdp=8 or data=2,fsdp=4 (default: one device); --batch is global")
@@ -767,6 +778,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("--peer runs on one device; compare against it without --mesh")
   if args.mesh and args.compile_scaling:
     p.error("--compile-scaling compiles for one device; drop --mesh")
+  if args.lora_rank <= 0:
+    p.error("--lora-rank must be positive")
+  if args.lora_targets:
+    try:
+      peft_methods.lora_targets(args.lora_targets, "--lora-targets")
+    except ValueError as e:
+      p.error(str(e))
   if args.loss_chunk < 0:
     p.error("--loss-chunk must be 0 (the default) or more")
   if args.layers is not None and args.layers <= 0:
@@ -850,7 +868,7 @@ def main(argv=None) -> dict:
       result.update({f"peer_{k}": peer[k] for k in (
           "tokens_per_s", "nonpad_tokens_per_s", "step_s", "peak_mem_gib", "peak_memory_source",
           "compile_s", "loss", "device", "torch_version", "transformers_version", "compiled",
-          "frozen_dtype")})
+          "frozen_dtype", "trainable_params")})
       result["ratio"] = result["tokens_per_s"] / peer["tokens_per_s"]
       result["nonpad_ratio"] = result["nonpad_tokens_per_s"] / peer["nonpad_tokens_per_s"]
   _print_table(result)

@@ -325,3 +325,19 @@ def test_mesh_shards_the_step_as_the_trainer_does():
   assert bad.returncode != 0 and "needs 3 devices, but 4 are available" in bad.stderr
   bad = run("--mesh", "pipe=2")
   assert bad.returncode == 2 and "axis=size pairs over data, fsdp, tensor, expert" in bad.stderr
+
+
+def test_lora_rank_and_targets_reach_both_sides():
+  """--lora-rank/--lora-targets, expert targets included, give jaxsft and the
+  PEFT peer the same adapters: the same trainable parameter count (PEFT's own
+  count is the reference); unknown targets are refused with the valid names."""
+  out = _run_cli("--shape", "tiny-moe", "--layers", "1", "--seq-len", "32", "--batch", "2",
+                 "--steps", "1", "--warmup", "0", "--dtype", "float32", "--method", "lora",
+                 "--lora-rank", "4", "--lora-targets", "q_proj,v_proj,expert_gate_up,expert_down",
+                 "--peer", "hf")
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["trainable_params"] == result["peer_trainable_params"]
+  bad = _run_cli("--shape", "tiny-moe", "--layers", "1", "--method", "lora",
+                 "--lora-targets", "q_proj,nope")
+  assert bad.returncode == 2 and "expert_gate_up" in bad.stderr

@@ -25,8 +25,8 @@
 #   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
-#   moe_lora     Mixtral-8x7B's shape cut to 4 layers, LoRA, batch 4, vs PEFT on
-#                transformers' Mixtral (jaxsft's GPU MoE dispatch is dense: all 8
+#   moe_lora     Mixtral-8x7B's shape cut to 4 layers, LoRA on attention and experts
+#                (the Mixtral recipe's targets), batch 4, vs PEFT on transformers' Mixtral (jaxsft's GPU MoE dispatch is dense: all 8
 #                experts computed, 4x the routed FLOPs)
 # bf16 compute, fp32 master weights, 2 warmup + 6 timed steps. (The XLA-flag
 # row of 2026-11-28, latency-hiding scheduler on / Triton GEMMs off, was slower
@@ -153,7 +153,8 @@ if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
 fi
 run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
-  run moe_lora 150 $BENCH $MOE $B4 $STEPS --method lora --peer hf
+  run moe_lora 150 $BENCH $MOE $B4 $STEPS --method lora --peer hf \
+    --lora-targets q_proj,k_proj,v_proj,o_proj,expert_gate_up,expert_down
 fi
 
 echo "== total $(( $(date +%s) - START ))s; results in $RESULTS"

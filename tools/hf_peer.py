@@ -19,7 +19,9 @@ What a step is (what the issue's reference numbers used):
     default, and jaxsft's ``grad_clip``), AdamW (``fused=True`` on CUDA,
     the default foreach implementation on CPU), ``zero_grad(set_to_none=True)``;
   * ``--method lora|dora``: ``peft.LoraConfig(r=16, lora_alpha=32,
-    target_modules="all-linear", lora_dropout=0.0, use_dora=...)``, the base
+    target_modules="all-linear", lora_dropout=0.0, use_dora=...)`` (or
+    ``--lora-rank R`` with alpha 2R, ``--lora-targets`` in jaxsft's names:
+    module names, and expert targets as ``target_parameters``), the base
     weights frozen in fp32, or with ``--frozen-dtype compute`` (``auto`` on
     CUDA with bf16) cast to bf16 before PEFT wraps them, the adapters kept in
     fp32 (PEFT's ``autocast_adapter_dtype``): what jaxsft's
@@ -63,11 +65,18 @@ import torch
 import transformers
 
 
+# jaxsft's expert LoRA targets → the fused expert weights PEFT adapts
+# (``target_parameters``, as jaxsft.peft.export writes them).
+EXPERT_PARAMETERS = {"expert_gate_up": "mlp.experts.gate_up_proj",
+                     "expert_down": "mlp.experts.down_proj"}
+
+
 def build_model(hf_config: dict, method: str, device: str, remat: bool,
-                frozen_bf16: bool = False):
+                frozen_bf16: bool = False, lora_rank: int = 16, lora_targets=None):
   """A randomly initialized fp32 model on ``device`` (built there: initializing
   an 8B model on the host would take minutes); ``frozen_bf16``: a LoRA/DoRA
-  base held in bf16."""
+  base held in bf16; LoRA of ``lora_rank`` (alpha twice that) on
+  ``lora_targets`` (jaxsft's names; None: all-linear)."""
   config = transformers.AutoConfig.for_model(**hf_config)
   config.use_cache = False
   with torch.device(device):
@@ -79,7 +88,13 @@ def build_model(hf_config: dict, method: str, device: str, remat: bool,
     import peft  # noqa: PLC0415  (only the LoRA rows need it)
     if frozen_bf16:
       model = model.to(torch.bfloat16)
-    lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
+    modules = "all-linear"
+    experts = None
+    if lora_targets:  # jaxsft's names: HF module names, plus the fused expert weights
+      modules = [t for t in lora_targets if t not in EXPERT_PARAMETERS] or None
+      experts = [EXPERT_PARAMETERS[t] for t in lora_targets if t in EXPERT_PARAMETERS] or None
+    lora = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=modules,
+                           target_parameters=experts, lora_dropout=0.0,
                            use_dora=method == "dora", task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
   elif method != "full":
@@ -124,7 +139,8 @@ class Peer:
   runs one optimizer step on numpy inputs and returns the loss."""
 
   def __init__(self, hf_config: dict, method: str, dtype: str, device: str, remat: bool,
-               compile: bool, lr: float = 1e-5, seed: int = 0, frozen_dtype: str = "param"):
+               compile: bool, lr: float = 1e-5, seed: int = 0, frozen_dtype: str = "param",
+               lora_rank: int = 16, lora_targets=None):
     torch.manual_seed(seed)
     self.device = device
     self.cuda = cuda = device.startswith("cuda")
@@ -136,7 +152,8 @@ class Peer:
     self.frozen_bf16 = dtype == "bfloat16" and (
         frozen_dtype == "compute" or (frozen_dtype == "auto" and cuda))
     self.model = build_model(hf_config, method, device, remat,
-                             self.frozen_bf16 and method in ("lora", "dora"))
+                             self.frozen_bf16 and method in ("lora", "dora"), lora_rank,
+                             lora_targets)
     self.build_s = time.perf_counter() - t0
     self.trainable = [q for q in self.model.parameters() if q.requires_grad]
     self.opt = torch.optim.AdamW(self.trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8,
@@ -170,6 +187,9 @@ def main(argv=None) -> dict:
   p.add_argument("--compile", action="store_true")
   p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
+  p.add_argument("--lora-targets", type=lambda s: s.split(","),
+                 help="jaxsft target names, comma separated (default all-linear)")
   p.add_argument("--frozen-dtype", default="param", choices=("auto", "compute", "param"),
                  help="LoRA/DoRA base weights: bf16 (compute; auto = compute on CUDA) or fp32")
   args = p.parse_args(argv)
@@ -177,7 +197,7 @@ def main(argv=None) -> dict:
   with open(args.hf_config) as f:
     hf_config = json.load(f)
   peer = Peer(hf_config, args.method, args.dtype, args.device, args.remat, args.compile,
-              args.lr, args.seed, args.frozen_dtype)
+              args.lr, args.seed, args.frozen_dtype, args.lora_rank, args.lora_targets)
   data = dict(np.load(args.data))
   times, padded, nonpad, first_s, loss = [], 0, 0, None, None
   for i, (tokens, attn, labels, real) in enumerate(batches(data)):
@@ -252,7 +272,8 @@ def paired(argv) -> dict:
   cfg = bench.model_config(args)
   rows, _ = bench.make_data(cfg, args)
   peer = Peer(hf.config_to_hf(cfg), args.method, args.dtype, "cpu", args.remat != "none",
-              False, seed=args.seed, frozen_dtype=args.frozen_dtype)
+              False, seed=args.seed, frozen_dtype=args.frozen_dtype, lora_rank=args.lora_rank,
+              lora_targets=args.lora_targets)
   runner = bench.StepRunner(cfg, args, rows, None)
   data = {"tokens": rows["tokens"], "loss_mask": rows["loss_mask"]}
   peer_batches = list(batches(data))
