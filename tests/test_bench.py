@@ -3,14 +3,13 @@ reports (jaxsft.metrics) agrees with XLA's own count. Speed is measured by
 benchmarks, never asserted here."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
-
-import argparse
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -321,10 +320,8 @@ def test_mesh_shards_the_step_as_the_trainer_does():
   assert four["memory_estimate_bytes"] < one["memory_estimate_bytes"] / 2
   bad = run("--mesh", "fsdp=4", "--batch", "6")
   assert bad.returncode != 0 and "does not split over the mesh's 4" in bad.stderr
-  bad = run("--mesh", "fsdp=3")
-  assert bad.returncode != 0 and "needs 3 devices, but 4 are available" in bad.stderr
-  bad = run("--mesh", "pipe=2")
-  assert bad.returncode == 2 and "axis=size pairs over data, fsdp, tensor, expert" in bad.stderr
+  assert "axis=size pairs over data, fsdp, tensor, expert" in str(
+      pytest.raises(argparse.ArgumentTypeError, bench.parse_mesh, "pipe=2").value)
 
 
 def test_lora_rank_and_targets_reach_both_sides():
