@@ -538,9 +538,8 @@ class StepRunner:
     where = "per device"
     if have_source == "host MemAvailable" and len(self.devices) > 1:
       # Simulated CPU devices all live in the host's memory.
-      where = (f"per device, {need * len(self.devices) / 2**30:.1f} GiB for all "
-               f"{len(self.devices)} devices of one host")
-      need = need * len(self.devices)
+      need *= len(self.devices)
+      where += f", {need / 2**30:.1f} GiB for all {len(self.devices)} devices of one host"
     if have is not None and need > have and not args.skip_memory_check:
       raise SystemExit(
           f"error: shape {args.shape!r} with {base_cfg.num_layers} layers, batch {args.batch}, "
@@ -708,10 +707,6 @@ def _lengths_arg(text: str) -> str:
   return text
 
 
-def _mesh_arg(text: str) -> dict[str, int]:
-  return parse_mesh(text)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m jaxsft.bench", description=__doc__.split("\n")[0])
   p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
@@ -744,7 +739,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lora-targets", type=lambda s: [t.strip() for t in s.split(",")],
                  metavar="NAME,...", help="LoRA/DoRA targets, both sides (default all-linear; "
                  "names as stage.peft.targets, e.g. q_proj,v_proj or expert_gate_up,expert_down)")
-  p.add_argument("--mesh", type=_mesh_arg, metavar="AXIS=N,...",
+  p.add_argument("--mesh", type=parse_mesh, metavar="AXIS=N,...",
                  help="shard the step over every device as the trainer's config.mesh does, "
                  "e.g. fsdp=8 or data=2,fsdp=4 (default: one device); --batch is global")
   p.add_argument("--peer", choices=PEERS, help="also run the PyTorch peer (tools/hf_peer.py)")

@@ -48,6 +48,7 @@ CATEGORIES = ("matmul", "attention", "collective", "copy/transpose", "elementwis
               "loop control", "other")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                 "send", "recv")
+_MATMUL_OPCODES = ("dot", "convolution", "ragged-dot")
 _MATMUL_KERNELS = ("gemm", "nvjet", "cublas", "cutlass", "matmul", "xmma")
 _ATTENTION_KERNELS = ("fmha", "flash", "sdpa", "attention", "cudnn")
 
@@ -149,7 +150,7 @@ def parse_hlo(text: str) -> dict[str, Op]:
     name, rest = m.groups()
     shape, rest = _split_type(rest)
     opcode = re.match(r"[\w\-]*", rest).group(0)
-    if opcode in ("dot", "convolution", "ragged-dot"):
+    if opcode in _MATMUL_OPCODES:
       computation_dots[current] = True
     meta = re.search(r'metadata=\{([^}]*)\}', rest)
     meta = meta.group(1) if meta else ""
@@ -192,7 +193,7 @@ def category(name: str, op: Op | None) -> str:
   target = op.target.lower()
   if op.opcode == "custom-call" and any(k in target for k in _ATTENTION_KERNELS):
     return "attention"
-  if (op.opcode in ("dot", "convolution", "ragged-dot") or op.has_dot
+  if (op.opcode in _MATMUL_OPCODES or op.has_dot
       or any(k in target for k in _MATMUL_KERNELS) or "gemm" in op.backend_kind):
     return "matmul"
   if any(op.opcode.startswith(c) for c in _COLLECTIVES):
