@@ -159,7 +159,8 @@ def test_refuses_shapes_that_do_not_fit_and_says_how_to_shrink(monkeypatch):
 def test_cli_rejects_bad_input_with_a_clear_error(capsys):
   for argv, message in [
       (["--layers", "2", "--compile-scaling", "2,32"], "--layers and --compile-scaling"),
-      (["--compile-scaling", "32"], "at least two"),
+      (["--compile-scaling", "0,32"], "positive layer counts"),
+      (["--compile-scaling", "2,32", "--peer", "hf"], "drop --peer"),
       (["--shape", "gpt5"], "invalid choice: 'gpt5'"),
       (["--method", "qlora"], "invalid choice: 'qlora'"),
       (["--shape", "tiny", "--seq-len", "8192"], "exceeds the context of shape 'tiny' (4096"),
@@ -305,12 +306,12 @@ def test_mesh_shards_the_step_as_the_trainer_does():
   """--mesh over 4 simulated devices (fsdp=2 × tensor=2): the same losses as
   one device, throughput per device, and a smaller per-device memory figure;
   bad meshes are refused with the reason."""
-  common = ("--shape", "tiny", "--layers", "2", "--seq-len", "64", "--batch", "4",
-            "--steps", "2", "--warmup", "1", "--dtype", "float32")
+  common = ("--shape", "tiny", "--seq-len", "64", "--batch", "4", "--steps", "2",
+            "--warmup", "1", "--dtype", "float32")
   env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   run = lambda *a: subprocess.run([sys.executable, "-m", "jaxsft.bench", *common, *a],  # noqa: E731
                                   capture_output=True, text=True, env=env, timeout=900)
-  one, four = run(), run("--mesh", "fsdp=2,tensor=2")
+  one, four = run("--layers", "2"), run("--layers", "2", "--mesh", "fsdp=2,tensor=2")
   assert one.returncode == 0 and four.returncode == 0, one.stderr[-2000:] + four.stderr[-2000:]
   one, four = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, four))
   assert one["n_devices"] == 1 and one["mesh"] is None
@@ -319,10 +320,26 @@ def test_mesh_shards_the_step_as_the_trainer_does():
   assert four["tokens_per_s_per_device"] == pytest.approx(four["tokens_per_s"] / 4)
   # The compiled figure is per device: weights, moments and activations split.
   assert four["memory_estimate_bytes"] < one["memory_estimate_bytes"] / 2
+  # One device holds the whole state: fp32 weights and AdamW's two moments.
+  assert one["state_bytes_per_device"] == pytest.approx(12 * one["params"], rel=1e-3)
+  assert four["state_bytes_per_device"] < one["state_bytes_per_device"] / 3
+  # --compile-scaling compiles the same sharded step without allocating: XLA's
+  # memory analysis of it is one device's (its arguments are, to the byte,
+  # the state's shards the run above placed on a device plus that device's
+  # rows: batch 4 over fsdp=2 is 2 rows of tokens and loss mask), and it is
+  # the very figure the run's memory check read.
+  scaling = run("--compile-scaling", "2", "--mesh", "fsdp=2,tensor=2")
+  assert scaling.returncode == 0, scaling.stderr[-2000:]
+  scaling = json.loads(scaling.stdout.strip().splitlines()[-1])
+  assert scaling["n_devices"] == 4 and scaling["mesh"] == {"fsdp": 2, "tensor": 2}
+  (row,) = scaling["compile_scaling"]
+  assert row["argument_bytes"] == four["state_bytes_per_device"] + 2 * (2 * 64 * 4)
+  assert row["state_bytes_per_device"] == four["state_bytes_per_device"]
+  assert row["memory_bytes_per_device"] == four["memory_estimate_bytes"]
   bad = run("--mesh", "fsdp=4", "--batch", "6")
-  assert bad.returncode != 0 and "does not split over the mesh's 4" in bad.stderr
+  assert bad.returncode == 2 and "does not split over the mesh's 4" in bad.stderr
   bad = run("--mesh", "fsdp=3")
-  assert bad.returncode != 0 and "needs 3 devices, but 4 are available" in bad.stderr
+  assert bad.returncode == 2 and "needs 3 devices, but 4 are available" in bad.stderr
   bad = run("--mesh", "pipe=2")
   assert bad.returncode == 2 and "axis=size pairs over data, fsdp, tensor, expert" in bad.stderr
 
