@@ -869,6 +869,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       peft_methods.lora_targets(args.lora_targets, "--lora-targets")
     except ValueError as e:
       p.error(str(e))
+  if (args.lora_targets or args.lora_rank != 16) and args.method in ("full", "freeze"):
+    p.error(f"--lora-rank/--lora-targets set adapters; method {args.method} trains none "
+            f"(use lora, dora or full_then_lora)")
   if args.loss_chunk < 0:
     p.error("--loss-chunk must be 0 (the default) or more")
   if args.layers is not None and args.layers <= 0:

@@ -161,6 +161,7 @@ def test_cli_rejects_bad_input_with_a_clear_error(capsys):
       (["--layers", "2", "--compile-scaling", "2,32"], "--layers and --compile-scaling"),
       (["--compile-scaling", "0,32"], "positive layer counts"),
       (["--compile-scaling", "2,32", "--peer", "hf"], "drop --peer"),
+      (["--lora-rank", "8"], "method full trains none"),
       (["--shape", "gpt5"], "invalid choice: 'gpt5'"),
       (["--method", "qlora"], "invalid choice: 'qlora'"),
       (["--shape", "tiny", "--seq-len", "8192"], "exceeds the context of shape 'tiny' (4096"),
@@ -358,3 +359,4 @@ def test_lora_rank_and_targets_reach_both_sides():
   bad = _run_cli("--shape", "tiny-moe", "--layers", "1", "--method", "lora",
                  "--lora-targets", "q_proj,nope")
   assert bad.returncode == 2 and "expert_gate_up" in bad.stderr
+
