@@ -1,0 +1,43 @@
+"""The backend-specific branches of the training step agree: traced as for a
+GPU on this CPU, the step computes what the CPU branches compute."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import train_fixtures
+from jaxsft import trainer
+from jaxsft.models import ModelConfig, llama
+
+
+def test_the_gpu_code_paths_compute_the_cpu_step(monkeypatch):
+  """Some pieces of the step branch on the backend (jaxsft.models.dense's
+  hand-written backward, the loss's skipped chunks, CPU-tuned attention):
+  traced as for a GPU (``jax.default_backend`` patched; fp32, so attention
+  stays on XLA), the step gives what the CPU branches give. A GPU-only break
+  then shows here, not first on a borrowed GPU."""
+  cfg = ModelConfig(**{**train_fixtures.TINY_MODEL, "vocab_size": 64})
+  params = llama.init_params(cfg, jax.random.key(0))
+  tx, lr = optax.adamw(1e-2), optax.constant_schedule(1e-2)
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(3, cfg.vocab_size, (2, 256)).astype(np.int32)  # > 128: several loss chunks
+  segments = np.ones_like(tokens)
+  segments[1, 200:] = 0  # some padding
+  batch = {"tokens": tokens, "loss_mask": (rng.rand(2, 256) > 0.3).astype(np.int32),
+           "segment_ids": segments,
+           "positions": np.broadcast_to(np.arange(256, dtype=np.int32), tokens.shape).copy()}
+  results = {}
+  for backend in ("cpu", "gpu"):
+    jax.clear_caches()  # the branches are taken at trace time
+    with monkeypatch.context() as m:
+      m.setattr(jax, "default_backend", lambda b=backend: b)
+      step = jax.jit(trainer.make_train_step(cfg, tx, lr, 1))
+      state, metrics = step(trainer.init_state(params, tx, seed=0), batch)
+      state, metrics = step(state, batch)
+      results[backend] = (jax.device_get(state.params), float(metrics["loss"]))
+  jax.clear_caches()
+  assert results["gpu"][1] == pytest.approx(results["cpu"][1], abs=1e-5)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=0),
+                         results["cpu"][0], results["gpu"][0])
