@@ -4,6 +4,8 @@
     python -m jaxsft.bench --shape llama3.2-1b --seq-len 2048 --batch 8 --packed-lengths sft --peer hf
     python -m jaxsft.bench --shape llama3-8b --method lora --remat full --batch 4 --peer hf
     python -m jaxsft.bench --shape llama3-8b --compile-scaling 2,32 --seq-len 128 --batch 1
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python -m jaxsft.bench --shape qwen1.5-72b --method lora --compile-scaling 80 --mesh fsdp=8
 
 Models come from ``SHAPES`` (published architectures, random weights, nothing
 downloaded). Prints a table and, last, one JSON line.
@@ -64,11 +66,19 @@ trainer shards a stage: parameters by their axis letters
 rows of the batch over data × fsdp × expert; ``--batch`` is the global batch.
 tokens/s is global (``tokens_per_s_per_device`` beside it), MFU is over
 n_devices × the peak, peak memory is the busiest device's, and the memory
-check compares the compiled step's per-device figure (XLA's analysis of the
-partitioned program) with one device's memory. On a CPU,
+check compares the compiled step's per-device figure with one device's
+memory. That figure is per device: ``memory_analysis()`` of a sharded
+executable describes the partitioned (SPMD) program one device runs; its
+argument bytes equal, to the byte, the state's shards on one device
+(``state_bytes_per_device``, from the shardings' shard shapes) plus one
+device's rows of the batch (tests/test_bench.py checks it). On a CPU,
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` simulates 8 devices,
-enough to read what a sharded step needs per device. The peer is
-single-device, so ``--peer`` takes no ``--mesh``.
+enough to read what a sharded step needs per device (``--compile-scaling``
+with ``--mesh`` compiles without allocating anything); the simulated devices
+share the host's memory, so there the check compares the sum over devices
+with it. The peer is single-device and a per-device ratio against it would
+compare different programs (collectives, a global batch), so ``--peer``
+(and ``tools/hf_peer.py --paired``) take no ``--mesh``.
 
 The peer (``--peer hf``): ``tools/hf_peer.py`` (Transformers + PyTorch, bf16
 autocast, fp32 master weights, SDPA, fused AdamW; PEFT LoRA for lora/dora, by
@@ -83,12 +93,16 @@ its compile time landing in the warmup steps. On CPU, compare in
 AVX512-BF16/AMX (PyTorch's bf16 autocast ran 35x slower there).
 
 Other modes.
-  * ``--compile-scaling 2,32``: lower and compile the step from
-    ``jax.ShapeDtypeStruct`` inputs at each layer count (no weight allocated,
-    so full-size shapes compile on a laptop); with layers under ``nn.scan``
-    compile time should barely grow with depth. Depths are interleaved over
-    ``--repeats``, the fastest kept; ``cpu_s`` (process CPU time) is reported
-    beside wall time because other processes disturb it much less.
+  * ``--compile-scaling 2,32``: lower and compile the step (``--method``,
+    sharded by ``--mesh``) from ``jax.ShapeDtypeStruct`` inputs at each layer
+    count (no weight allocated, so full-size shapes compile on a laptop);
+    with layers under ``nn.scan`` compile time should barely grow with depth.
+    Depths are interleaved over ``--repeats``, the fastest kept; ``cpu_s``
+    (process CPU time) is reported beside wall time because other processes
+    disturb it much less. Each row also gives the compiled step's memory per
+    device (``memory_bytes_per_device``, as the memory check reads it). One
+    count (``--compile-scaling 80 --mesh fsdp=8``) just answers what that
+    depth needs per device.
   * ``--profile DIR``: after the timed steps, trace ``--profile-steps`` more
     into DIR with ``jax.profiler`` (TensorBoard / Perfetto / XProf read it),
     write the compiled step's HLO beside it, and print and save
@@ -98,6 +112,7 @@ Other modes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -107,6 +122,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -445,14 +461,67 @@ def bench_mesh(args) -> jax.sharding.Mesh:
   try:
     mesh = sharding_lib.make_mesh(args.mesh)
   except ValueError as e:
-    raise SystemExit(f"error: --mesh: {e} (XLA_FLAGS=--xla_force_host_platform_device_count=N "
-                     "simulates N devices on a CPU)") from None
+    _usage_error(f"--mesh: {e} (XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                 "simulates N devices on a CPU)")
   rows = sharding_lib.data_parallel_size(mesh)
   if args.batch % rows:
-    raise SystemExit(f"error: --batch {args.batch} (the global batch) does not split over the "
-                     f"mesh's {rows} data-parallel devices (data x fsdp x expert of "
-                     f"{dict(mesh.shape)}); use a multiple of {rows}")
+    _usage_error(f"--batch {args.batch} (the global batch) does not split over the mesh's "
+                 f"{rows} data-parallel devices (data x fsdp x expert of {dict(mesh.shape)}); "
+                 f"use a multiple of {rows}")
   return mesh
+
+
+def _usage_error(message: str):
+  """Bad command-line input found after parsing (it needs the devices): say so
+  and exit 2, as argparse does for what it can check itself."""
+  print(f"error: {message}", file=sys.stderr)
+  raise SystemExit(2)
+
+
+@dataclasses.dataclass
+class ShardedStep:
+  """A stage's train step jitted with the trainer's shardings (``sharded_step``)."""
+  step: Any  # jax.jit(train step), state donated
+  mesh: jax.sharding.Mesh
+  abstract_state: Any
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  store: Callable  # params -> params as the state holds them (frozen dtype)
+  init: Callable  # stored params -> TrainState
+  trainable: Any  # mask, or None for full
+
+  def compile(self, batch):
+    """Lower (under the mesh, as ``sharding.with_mesh`` calls the trainer's
+    step: the MoE dispatch reads it while tracing) and compile for ``batch``
+    (ShapeDtypeStructs of one global batch)."""
+    with jax.set_mesh(self.mesh):
+      return self.step.lower(self.abstract_state, batch).compile()
+
+
+def sharded_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int,
+                 mesh) -> ShardedStep:
+  """The step sharded exactly as the trainer shards a stage (``trainer._Phase``):
+  parameters by their axis letters (``sharding.param_shardings``), optimizer
+  moments as their parameter (``trainer._state_shardings``), the batch's rows
+  over the data-parallel axes (``trainer.batch_sharding``). ``params`` may be
+  abstract. On a one-device mesh every sharding is trivial."""
+  step, store, init, trainable = build_step(cfg, params, stage, total_steps, seed)
+  abstract_state = jax.eval_shape(init, store(params))
+  state_shardings = trainer._state_shardings(
+      abstract_state, sharding_lib.param_shardings(params, mesh), mesh)
+  bsh = trainer.batch_sharding(mesh)
+  jitted = jax.jit(step, in_shardings=(state_shardings, bsh),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+  return ShardedStep(jitted, mesh, abstract_state, state_shardings, bsh, store, init, trainable)
+
+
+def bytes_per_device(tree, shardings) -> int:
+  """Bytes one device holds of ``tree`` (arrays or ShapeDtypeStructs) laid out
+  by ``shardings``: each leaf's shard shape (``spec_for`` shards only
+  dimensions the mesh axes divide, so every shard of a leaf is that size)."""
+  return int(sum(np.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+                 for x, s in zip(jax.tree_util.tree_leaves(tree),
+                                 jax.tree_util.tree_leaves(shardings))))
 
 
 def compiled_memory(compiled) -> int | None:
@@ -493,20 +562,11 @@ class StepRunner:
     self.cfg = cfg
     self.params = param_count(abstract)
     total_steps = args.warmup + args.steps + args.profile_steps
-    step, store, init, trainable = build_step(cfg, abstract, stage, total_steps, args.seed)
-    # Sharded as the trainer shards a stage (trainer._Phase): parameters by
-    # their axis letters, optimizer moments as their parameter, rows of the
-    # batch over the data-parallel axes. One device: all trivial.
-    param_shardings = sharding_lib.param_shardings(abstract, mesh)
-    abstract_state = jax.eval_shape(init, store(abstract))
-    state_shardings = trainer._state_shardings(abstract_state, param_shardings, mesh)
-    self.batch_sharding = bsh = trainer.batch_sharding(mesh)
-    step = jax.jit(step, in_shardings=(state_shardings, bsh),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+    sh = sharded_step(cfg, abstract, stage, total_steps, args.seed, mesh)
+    self.batch_sharding = bsh = sh.batch_sharding
     batch0 = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in rows.items()}
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):  # traced under the mesh, as sharding.with_mesh does
-      self.compiled = step.lower(abstract_state, batch0).compile()
+    self.compiled = sh.compile(batch0)
     self.compile_s = time.perf_counter() - t0
     self._check_memory(base_cfg, args, device)
     # Random weights, initialized under jit so the whole tree is built in one
@@ -517,8 +577,14 @@ class StepRunner:
                      out_shardings=base_shardings)(base_cfg, rng)
     cfg_real, params = _prepare_method(base_cfg, params, stage, jax.random.fold_in(rng, 1))
     assert cfg_real == cfg, (cfg_real, cfg)
-    self.state = jax.jit(init, out_shardings=state_shardings, donate_argnums=0)(store(params))
+    self.state = jax.jit(sh.init, out_shardings=sh.state_shardings,
+                         donate_argnums=0)(sh.store(params))
     del params
+    # What the busiest device really holds of the state (its placed shards).
+    self.state_bytes_per_device = max(
+        sum(s.data.nbytes for x in jax.tree_util.tree_leaves(self.state)
+            for s in x.addressable_shards if s.device == d) for d in self.devices)
+    trainable = sh.trainable
     self.frozen, self.adapter = method_weights(base_cfg, cfg, self.state.params, trainable)
     self.trainable_params = self.params if trainable is None else int(sum(
         np.prod(x.shape) for x, t in zip(jax.tree_util.tree_leaves(self.state.params),
@@ -607,7 +673,7 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
   # The busiest device's peak (one figure per device; on CPU the process RSS).
   mem, mem_source = max(peak_memory(d) for d in runner.devices)
   return {
-      "mesh": {k: int(v) for k, v in runner.mesh.shape.items() if v > 1} or None,
+      "mesh": mesh_fields(runner.mesh)[0],
       "n_devices": n,
       "step": f"train step ({args.method}, AdamW, grad clip)",
       "params": runner.params,
@@ -629,64 +695,82 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
       "peak_memory_source": mem_source,
       "memory_estimate_bytes": runner.memory_estimate,
       "memory_estimate_source": runner.memory_estimate_source,
+      "state_bytes_per_device": runner.state_bytes_per_device,
       "loss": float(out["loss"]),
   }
 
 
-def compile_step(cfg: ModelConfig, batch: int, seq_len: int, stage):
-  """Lower and compile the full-method train step from abstract inputs.
+def compile_step(cfg: ModelConfig, batch: int, seq_len: int, stage, mesh, seed: int = 0):
+  """Lower and compile the stage's train step from abstract inputs, sharded
+  over ``mesh`` as the trainer shards it (``sharded_step``); nothing allocated.
 
-  Returns (compiled, times) with wall-clock ``lower_s``, ``compile_s`` and
-  ``cpu_s``, the process CPU time of both (all threads): on a shared machine
-  other processes stretch the wall time, much less the CPU time.
+  Returns (compiled, times, state_bytes_per_device) with wall-clock
+  ``lower_s``, ``compile_s`` and ``cpu_s``, the process CPU time of both (all
+  threads): on a shared machine other processes stretch the wall time, much
+  less the CPU time.
   """
-  params = llama.abstract_params(cfg)
-  tx, lr_fn = optim.build(stage, 10, params)
-  state = jax.eval_shape(lambda p: trainer.init_state(p, tx, 0), params)
+  cfg, params = _prepare_method(cfg, llama.abstract_params(cfg), stage, jax.random.key(seed))
   row = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   batch_struct = {"tokens": row, "loss_mask": row}
+  sh = sharded_step(cfg, params, stage, 10, seed, mesh)
   c0, t0 = time.process_time(), time.perf_counter()
-  lowered = jax.jit(trainer.make_train_step(cfg, tx, lr_fn, 1), donate_argnums=0).lower(
-      state, batch_struct)
+  with jax.set_mesh(mesh):
+    lowered = sh.step.lower(sh.abstract_state, batch_struct)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2, c2 = time.perf_counter(), time.process_time()
-  return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "cpu_s": c2 - c0}
+  state_bytes = bytes_per_device(sh.abstract_state, sh.state_shardings)
+  return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "cpu_s": c2 - c0}, state_bytes
 
 
 def run_compile_scaling(cfg: ModelConfig, args) -> dict:
   depths = args.compile_scaling
   stage = make_stage(args)
+  mesh = bench_mesh(args)
+  compile_at = lambda layers: compile_step(  # noqa: E731
+      cfg.replace(num_layers=layers), args.batch, args.seq_len, stage, mesh, args.seed)
   # One throwaway compile first, so one-time costs (backend start-up, lowering
   # rule registration) do not land on the first measured depth.
-  compile_step(cfg.replace(num_layers=depths[0]), args.batch, args.seq_len, stage)
+  compile_at(depths[0])
   # Depths are interleaved across repeats so that a burst of load from other
   # processes hits all of them alike; the fastest repeat of each is reported,
   # since interference only ever adds time.
   runs: dict[int, list] = {layers: [] for layers in depths}
   for _ in range(args.repeats):
     for layers in depths:
-      runs[layers].append(
-          compile_step(cfg.replace(num_layers=layers), args.batch, args.seq_len, stage))
+      runs[layers].append(compile_at(layers))
   rows = []
   for layers in depths:
-    compiled, best = min(runs[layers], key=lambda r: r[1]["lower_s"] + r[1]["compile_s"])
+    compiled, best, state_bytes = min(
+        runs[layers], key=lambda r: r[1]["lower_s"] + r[1]["compile_s"])
     mem = compiled.memory_analysis()
     rows.append({
         "layers": layers,
         "params": param_count(llama.abstract_params(cfg.replace(num_layers=layers))),
         **best,
         "total_s": best["lower_s"] + best["compile_s"],
-        "cpu_s": min(t["cpu_s"] for _, t in runs[layers]),
+        "cpu_s": min(t["cpu_s"] for _, t, _ in runs[layers]),
+        # XLA's analysis of the partitioned program: one device's buffers.
+        "memory_bytes_per_device": compiled_memory(compiled),
+        "argument_bytes": None if mem is None else int(mem.argument_size_in_bytes),
         "temp_bytes": None if mem is None else int(mem.temp_size_in_bytes),
+        # What the shardings put on one device: weights, optimizer state, step.
+        "state_bytes_per_device": state_bytes,
     })
   return {
-      "step": "train step (full, AdamW), compiled from abstract inputs",
+      "mesh": mesh_fields(mesh)[0],
+      "n_devices": mesh_fields(mesh)[1],
+      "step": f"train step ({args.method}, AdamW), compiled from abstract inputs",
       "compile_scaling": rows,
       "repeats": args.repeats,
       "compile_ratio": rows[-1]["total_s"] / rows[0]["total_s"],
       "compile_cpu_ratio": rows[-1]["cpu_s"] / rows[0]["cpu_s"],
   }
+
+
+def mesh_fields(mesh) -> tuple[dict | None, int]:
+  """The JSON line's ``mesh`` (axes of size > 1, None for one device) and ``n_devices``."""
+  return {k: int(v) for k, v in mesh.shape.items() if v > 1} or None, int(mesh.size)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -696,9 +780,10 @@ def _layer_list(text: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip()]
   except ValueError:
     values = []
-  if len(values) < 2 or min(values) <= 0:
+  if not values or min(values) <= 0:
     raise argparse.ArgumentTypeError(
-        f"--compile-scaling wants at least two positive layer counts like 2,32; got {text!r}")
+        f"--compile-scaling wants positive layer counts like 2,32 (or one, e.g. 80, to read "
+        f"what that depth needs); got {text!r}")
   return values
 
 
@@ -748,7 +833,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of a few steps")
   p.add_argument("--profile-steps", type=int, default=3)
   p.add_argument("--compile-scaling", type=_layer_list, metavar="L1,L2,...",
-                 help="only compile (from abstract shapes) at each layer count; print last/first")
+                 help="only compile (from abstract shapes, nothing allocated; with --mesh, "
+                 "sharded) at each layer count: compile time (last/first) and memory per device")
   p.add_argument("--repeats", type=int, default=1,
                  help="compiles per layer count in --compile-scaling; the fastest is reported")
   p.add_argument("--peak-tflops", type=float,
@@ -761,9 +847,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.compile_scaling and args.layers:
     p.error("--layers and --compile-scaling both set the layer count; give one")
-  if args.compile_scaling and (args.peer or args.packed_lengths or args.method != "full"):
-    p.error("--compile-scaling measures compile time of the full method only; drop --peer, "
-            "--packed-lengths and --method")
+  if args.compile_scaling and (args.peer or args.packed_lengths):
+    p.error("--compile-scaling only compiles jaxsft's step on unpacked rows; drop --peer and "
+            "--packed-lengths")
   for name in ("seq_len", "batch", "steps", "repeats", "profile_steps", "scan_unroll"):
     if getattr(args, name) <= 0:
       p.error(f"--{name.replace('_', '-')} must be positive")
@@ -771,8 +857,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("--warmup must be 0 or more")
   if args.mesh and args.peer:
     p.error("--peer runs on one device; compare against it without --mesh")
-  if args.mesh and args.compile_scaling:
-    p.error("--compile-scaling compiles for one device; drop --mesh")
   if args.lora_rank <= 0:
     p.error("--lora-rank must be positive")
   if args.lora_targets:
@@ -780,6 +864,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       peft_methods.lora_targets(args.lora_targets, "--lora-targets")
     except ValueError as e:
       p.error(str(e))
+  if (args.lora_targets or args.lora_rank != 16) and args.method in ("full", "freeze"):
+    p.error(f"--lora-rank/--lora-targets set adapters; method {args.method} trains none "
+            f"(use lora, dora or full_then_lora)")
   if args.loss_chunk < 0:
     p.error("--loss-chunk must be 0 (the default) or more")
   if args.layers is not None and args.layers <= 0:
@@ -805,11 +892,13 @@ def _print_table(result: dict) -> None:
   if rows:
     result["compile_scaling"] = rows
     print(f"\n{'layers':>6}  {'lower_s':>8}  {'compile_s':>9}  {'total_s':>8}  {'vs first':>8}"
-          f"  {'cpu_s':>7}  {'vs first':>8}")
+          f"  {'cpu_s':>7}  {'vs first':>8}  {'GiB/device':>10}")
     for r in rows:
+      mem = r["memory_bytes_per_device"]
       print(f"{r['layers']:>6}  {r['lower_s']:>8.2f}  {r['compile_s']:>9.2f}  "
             f"{r['total_s']:>8.2f}  {r['total_s'] / rows[0]['total_s']:>7.2f}x"
-            f"  {r['cpu_s']:>7.2f}  {r['cpu_s'] / rows[0]['cpu_s']:>7.2f}x")
+            f"  {r['cpu_s']:>7.2f}  {r['cpu_s'] / rows[0]['cpu_s']:>7.2f}x"
+            f"  {'?' if mem is None else f'{mem / 2**30:.2f}':>10}")
 
 
 def model_config(args) -> ModelConfig:

@@ -118,3 +118,20 @@ def param_shardings(params, mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RU
   return jax.tree_util.tree_map_with_path(
       lambda path, x: NamedSharding(mesh, spec_for(path_names(path), x.shape, mesh, rules)),
       params)
+
+
+def constrain_rows(x):
+  """``x`` (activations, rows first) pinned to the batch's row sharding under
+  the mesh set by ``jax.set_mesh`` (the trainer's steps run under one,
+  ``with_mesh``): rows over BATCH_AXES, the rest replicated. Without it XLA's
+  sharding propagation may follow the weights instead (D over ``fsdp``) and
+  compute every layer on the global batch, all-reducing activations, rather
+  than gathering each layer's weights as FSDP does. No mesh, one device, or
+  rows the axes do not divide (e.g. decoding one prompt): ``x`` unchanged."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+  if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *(None,) * (x.ndim - 1)))

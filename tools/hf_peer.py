@@ -266,9 +266,9 @@ def paired(argv) -> dict:
   from jaxsft import bench, hf  # noqa: PLC0415  (this mode only)
 
   args = bench.parse_args(argv)
-  if args.packed_lengths or args.peer or args.compile_scaling:
-    raise SystemExit("error: --paired compares one row shape: drop --packed-lengths, --peer "
-                     "and --compile-scaling")
+  if args.packed_lengths or args.peer or args.compile_scaling or args.mesh:
+    raise SystemExit("error: --paired compares one row shape on one device: drop "
+                     "--packed-lengths, --peer, --compile-scaling and --mesh")
   cfg = bench.model_config(args)
   rows, _ = bench.make_data(cfg, args)
   peer = Peer(hf.config_to_hf(cfg), args.method, args.dtype, "cpu", args.remat != "none",

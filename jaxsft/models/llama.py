@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxsft import sharding as sharding_lib
 from jaxsft.models import attention as attn_lib
 from jaxsft.models import mixtral
 from jaxsft.models.model_config import ModelConfig
@@ -135,6 +136,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, cos, sin, segment_ids, positions, decode, layer_cache, prefix):
     cfg = self.cfg
     bottleneck = cfg.adapters is not None and cfg.adapters.bottleneck_size > 0
+    x = sharding_lib.constrain_rows(x)  # FSDP: gather weights, keep rows split
     h, new_cache = Attention(cfg, name="attn")(
         RMSNorm(cfg, name="attn_norm")(x), cos, sin, segment_ids, positions, layer_cache, decode,
         prefix)
@@ -257,7 +259,8 @@ class Transformer(nn.Module):
     ``positions`` are the model's own (offset past prefix-tuning slots, see
     ``model_positions``)."""
     cfg = self.cfg
-    x = self.embed(tokens, self.prompt() if hasattr(self, "prompt") else None)
+    x = sharding_lib.constrain_rows(
+        self.embed(tokens, self.prompt() if hasattr(self, "prompt") else None))
     cos, sin = attn_lib.rope_tables(cfg, positions)
     # Prefixes enter the training forward; decoding finds them in the cache.
     prefix = self.prefix() if hasattr(self, "prefix") and decode is None else None
