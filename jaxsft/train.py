@@ -50,8 +50,9 @@ def main(argv) -> None:
   if config is None:
     print("error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
     sys.exit(2)
-  from jaxsft import trainer  # noqa: PLC0415  (after flags: a typo fails fast)
+  from jaxsft import host_memory, trainer  # noqa: PLC0415  (after flags: a typo fails fast)
   _maybe_initialize_distributed()
+  host_memory.reuse_freed_memory()  # CPU-only hosts: no page faults per step
   try:
     out = trainer.train(config)
   except ValueError as e:

@@ -196,3 +196,45 @@ def test_dense_projection_matches_einsum_and_its_autodiff(n_in, shapes):
   both = jax.make_jaxpr(jax.grad(loss(dense.project), argnums=(0, 1)))(x, w)
   frozen = jax.make_jaxpr(jax.grad(lambda x: loss(dense.project)(x, w)))(x)
   assert (str(both).count("dot_general"), str(frozen).count("dot_general")) == (3, 2)
+
+
+@pytest.mark.parametrize("mask", ["causal", "packed", "window"])
+def test_blocked_attention_matches_one_masked_softmax(mask):
+  """The XLA path's causal query blocks (on CPU in the heads-first layout,
+  models/attention.py) give the values and q/k/v gradients of one masked
+  softmax over the whole row, differentiated by autodiff: causal only
+  (``segment_ids`` None), packed segments with padding, and a sliding window
+  that drops whole key blocks; GQA (4 query heads on 2 kv heads)."""
+  from jaxsft.models import attention  # noqa: PLC0415
+  b, t, n, k, h = 2, 512, 4, 2, 8  # 4 query blocks of 128
+  kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(kq, (b, t, n, h))
+  key, val = jax.random.normal(kk, (b, t, k, h)), jax.random.normal(kv, (b, t, k, h))
+  ct = jax.random.normal(kg, (b, t, n, h))
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+  segments, window = None, None
+  if mask == "packed":  # row 0: examples of 300 and 150 tokens, then 62 of padding
+    segments = np.ones((b, t), np.int32)
+    segments[0, 300:450], segments[0, 450:] = 2, 0
+    positions[0, 300:450] = np.arange(150)
+  if mask == "window":
+    window = 200  # the last block's queries see none of the first 128 keys
+  assert attention._causal_blocks(t) == 4
+
+  def blocked(q, key, val):
+    return attention.dot_product_attention(q, key, val, segment_ids=segments, positions=positions,
+                                           sliding_window=window, impl="xla")
+
+  def reference(q, key, val):
+    slots = np.broadcast_to(np.arange(t), (b, t))
+    segs = np.ones((b, t), np.int32) if segments is None else segments
+    full = attention.attention_mask(slots, slots, segs, segs, positions, positions, window)
+    return attention._xla_attention(q, key, val, full, 1.0 / np.sqrt(h))
+
+  got, got_vjp = jax.vjp(blocked, q, key, val)
+  want, want_vjp = jax.vjp(reference, q, key, val)
+  live = np.ones((b, t), bool) if segments is None else segments != 0  # padding rows: unused
+  np.testing.assert_allclose(np.asarray(got)[live], np.asarray(want)[live], rtol=1e-5, atol=1e-5)
+  ct = ct * live[:, :, None, None]
+  for g, r in zip(got_vjp(ct), want_vjp(ct)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)

@@ -43,7 +43,8 @@ The first ``--warmup`` steps are not timed. Prints, last, one JSON line:
 Rates over rows use the median step time; over padded batches (whose shapes
 differ) all timed tokens over all timed time.
 
-``--paired`` takes ``python -m jaxsft.bench`` arguments instead and runs
+``--paired`` takes ``python -m jaxsft.bench`` arguments (and ``--no-reuse-memory``:
+leave glibc and async dispatch as they are, see ``jaxsft.host_memory``) instead and runs
 jaxsft's step and the peer's alternately in one process (``paired``): the
 fair comparison on a CPU shared with other work.
 
@@ -263,7 +264,13 @@ def paired(argv) -> dict:
             f"intra_op_parallelism_threads={threads}"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from jaxsft import bench, hf  # noqa: PLC0415  (this mode only)
+  from jaxsft import bench, hf, host_memory  # noqa: PLC0415  (this mode only)
+  # As python -m jaxsft.bench does; in this one process it serves the peer's
+  # allocations too (torch allocates on the same main thread).
+  if "--no-reuse-memory" in argv:
+    argv = [a for a in argv if a != "--no-reuse-memory"]
+  else:
+    host_memory.reuse_freed_memory()
 
   args = bench.parse_args(argv)
   if args.packed_lengths or args.peer or args.compile_scaling or args.mesh:

@@ -145,6 +145,40 @@ def _xla_attention(q, k, v, mask, scale):
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
+def _xla_blocks_kv_major(q, k, v, masks, bounds, scale):
+  """``_xla_attention`` over the query blocks ``bounds`` (q0, q1, k0), heads first (CPU).
+
+  q [B,T,N,H] is laid out once as [B,K,T,G,H] and k/v once as [B,K,S,H]:
+  a block of queries is then a contiguous slice whose [T_block·G, H] rows
+  multiply [S, H] keys as a plain batched matmul over (B, K), and the
+  probabilities [T_block·G, S] multiply [S, H] values the same way, forward
+  and backward. Block by block in the [B,T,K,G,H] layout, XLA:CPU instead
+  transposed q, k, v, the probabilities and their cotangents around every
+  einsum: per step of the tiny benchmark 5% less CPU time this way (and 30%
+  less compile time), same values up to summation order (the same products
+  and softmax, in the same dtypes). GPU/TPU keep ``_xla_attention`` per block, as measured there.
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  g = n // kv
+  qt = q.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  outs = []
+  for (q0, q1, k0), mask in zip(bounds, masks):
+    m = q1 - q0
+    qb = qt[:, :, q0:q1].reshape(b, kv, m * g, h)
+    logits = jnp.einsum("BKMH,BKSH->BKMS", qb, kt[:, :, k0:q1],
+                        preferred_element_type=jnp.float32) * scale
+    logits = logits.reshape(b, kv, m, g, q1 - k0)
+    logits = jnp.where(mask[:, None, :, None, :], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, m * g, q1 - k0)
+    out = jnp.einsum("BKMS,BKSH->BKMH", probs, vt[:, :, k0:q1],
+                     preferred_element_type=jnp.float32)
+    outs.append(out.reshape(b, kv, m, g, h))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
 def resolve_impl(requested: str, dtype=None) -> str:
   """"auto" → cuDNN fused attention on GPU for 16-bit inputs, XLA elsewhere
   (cuDNN's kernel takes bf16/fp16 only, so fp32 compute stays on XLA)."""
@@ -202,7 +236,8 @@ def dot_product_attention(q, k, v, *, segment_ids, positions, sliding_window, im
   segments = ones if segment_ids is None else segment_ids
   n = _causal_blocks(t)
   size = t // n
-  outs = []
+  kv_major = jax.default_backend() == "cpu"  # _xla_blocks_kv_major's doc
+  outs, masks, bounds = [], [], []
   for i in range(n):
     q0, q1 = i * size, (i + 1) * size
     # Keys before the block's first query minus the window are hidden from
@@ -212,7 +247,12 @@ def dot_product_attention(q, k, v, *, segment_ids, positions, sliding_window, im
     mask = attention_mask(slots[:, q0:q1], slots[:, k0:q1], segments[:, q0:q1],
                           segments[:, k0:q1], positions[:, q0:q1], positions[:, k0:q1],
                           sliding_window)
-    outs.append(_xla_attention(q[:, q0:q1], k[:, k0:q1], v[:, k0:q1], mask, scale))
+    masks.append(mask)
+    bounds.append((q0, q1, k0))
+    if not kv_major:
+      outs.append(_xla_attention(q[:, q0:q1], k[:, k0:q1], v[:, k0:q1], mask, scale))
+  if kv_major:
+    return _xla_blocks_kv_major(q, k, v, masks, bounds, scale)
   return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
 
 
