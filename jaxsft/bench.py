@@ -968,5 +968,13 @@ def _platform() -> dict:
           "jax_version": jax.__version__}
 
 
+def measure_real_compiles() -> None:
+  """Turn JAX's persistent compilation cache off for this process (the CLIs
+  call it first): with ``JAX_COMPILATION_CACHE_DIR`` set, ``compile_s`` would
+  otherwise time loading an earlier run's executable, not compiling."""
+  jax.config.update("jax_enable_compilation_cache", False)
+
+
 if __name__ == "__main__":
+  measure_real_compiles()
   main()

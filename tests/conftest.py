@@ -8,6 +8,11 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tokenized-data caches of test runs stay out of the user's ~/.cache.
 os.environ.setdefault("JAXSFT_CACHE_DIR", tempfile.mkdtemp(prefix="jaxsft-test-cache-"))
+# XLA programs compiled in one test (or one of its subprocesses: a resumed
+# run compiles what the killed one did) are loaded by the next from JAX's
+# persistent compilation cache: ~20% less CPU time for the training tests.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxsft-test-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

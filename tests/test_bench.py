@@ -32,15 +32,21 @@ PEER_KEYS = {"peer_tokens_per_s", "peer_nonpad_tokens_per_s", "peer_peak_mem_gib
 ENV = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
 
 
-def _run_cli(*args):
+def _run_cli(*args, **env):
   cmd = [sys.executable, "-m", "jaxsft.bench", *args]
-  return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+  return subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **env}, timeout=900)
 
 
 def test_cli_prints_a_table_then_one_json_line(tmp_path):
+  # compile_s times a compile even where JAX's persistent cache is on: the
+  # bench turns it off, so nothing is written to (or read from) it.
+  xla_cache = tmp_path / "xla_cache"
   out = _run_cli("--shape", "tiny", "--layers", "2", "--seq-len", "64", "--batch", "2",
-                 "--steps", "2", "--profile", str(tmp_path / "trace"), "--profile-steps", "1")
+                 "--steps", "2", "--profile", str(tmp_path / "trace"), "--profile-steps", "1",
+                 JAX_COMPILATION_CACHE_DIR=str(xla_cache),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   assert out.returncode == 0, out.stderr
+  assert not list(xla_cache.glob("*")), "the bench used the persistent compilation cache"
   assert list((tmp_path / "trace").rglob("*.xplane.pb")), "--profile wrote no trace"
   # ... and its report: every listed op is an instruction of the step's HLO.
   summary = json.loads((tmp_path / "trace" / "summary.json").read_text())

@@ -123,11 +123,18 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_the_step_compiles_once_per_stage(tmp_path):
   compiles = []
 
+  # A program is compiled, or loaded from the persistent compilation cache
+  # (tests/conftest.py turns it on): both count.
   def listener(event, duration, **kw):
     if event == "/jax/core/compile/backend_compile_duration":
       compiles.append(event)
 
+  def hit_listener(event, **kw):
+    if event == "/jax/compilation_cache/cache_hits":
+      compiles.append(event)
+
   jax.monitoring.register_event_duration_secs_listener(listener)
+  jax.monitoring.register_event_listener(hit_listener)
   try:
     counts = []
     # The first run also compiles one-off programs that later runs find in
@@ -142,6 +149,7 @@ def test_the_step_compiles_once_per_stage(tmp_path):
       counts.append(len(compiles))
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+    jax.monitoring.unregister_event_listener(hit_listener)
   assert counts[1] == counts[2], f"more steps compiled more programs: {counts}"
 
 

@@ -265,6 +265,7 @@ def paired(argv) -> dict:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from jaxsft import bench, hf, host_memory  # noqa: PLC0415  (this mode only)
+  bench.measure_real_compiles()
   # As python -m jaxsft.bench does; in this one process it serves the peer's
   # allocations too (torch allocates on the same main thread).
   if "--no-reuse-memory" in argv:
