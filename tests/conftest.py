@@ -2,16 +2,23 @@
 on the fly with transformers (no network, nothing downloaded)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Tokenized-data caches of test runs stay out of the user's ~/.cache.
-os.environ.setdefault("JAXSFT_CACHE_DIR", tempfile.mkdtemp(prefix="jaxsft-test-cache-"))
-# XLA programs compiled in one test (or one of its subprocesses: a resumed
-# run compiles what the killed one did) are loaded by the next from JAX's
+# Tokenized-data caches of test runs stay out of the user's ~/.cache. XLA
+# programs compiled in one test (or one of its subprocesses: a resumed run
+# compiles what the killed one did) are loaded by the next from JAX's
 # persistent compilation cache: ~20% less CPU time for the training tests.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxsft-test-xla-"))
+# The process that makes a directory (pytest-xdist's controller; its workers
+# and the tests' subprocesses inherit the variable) removes it at exit.
+for _var, _prefix in (("JAXSFT_CACHE_DIR", "jaxsft-test-cache-"),
+                      ("JAX_COMPILATION_CACHE_DIR", "jaxsft-test-xla-")):
+  if _var not in os.environ:
+    os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
+    atexit.register(shutil.rmtree, os.environ[_var], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
