@@ -490,12 +490,16 @@ class ShardedStep:
   init: Callable  # stored params -> TrainState
   trainable: Any  # mask, or None for full
 
-  def compile(self, batch):
-    """Lower (under the mesh, as ``sharding.with_mesh`` calls the trainer's
-    step: the MoE dispatch reads it while tracing) and compile for ``batch``
-    (ShapeDtypeStructs of one global batch)."""
+  def lower(self, batch):
+    """Lower for ``batch`` (ShapeDtypeStructs of one global batch) under the
+    mesh, as ``sharding.with_mesh`` calls the trainer's step: the MoE dispatch
+    reads it while tracing."""
     with jax.set_mesh(self.mesh):
-      return self.step.lower(self.abstract_state, batch).compile()
+      return self.step.lower(self.abstract_state, batch)
+
+  def compile(self, batch):
+    """``lower`` and compile."""
+    return self.lower(batch).compile()
 
 
 def sharded_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int,
@@ -673,8 +677,7 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
   # The busiest device's peak (one figure per device; on CPU the process RSS).
   mem, mem_source = max(peak_memory(d) for d in runner.devices)
   return {
-      "mesh": mesh_fields(runner.mesh)[0],
-      "n_devices": n,
+      **mesh_fields(runner.mesh),
       "step": f"train step ({args.method}, AdamW, grad clip)",
       "params": runner.params,
       "trainable_params": runner.trainable_params,
@@ -714,8 +717,7 @@ def compile_step(cfg: ModelConfig, batch: int, seq_len: int, stage, mesh, seed: 
   batch_struct = {"tokens": row, "loss_mask": row}
   sh = sharded_step(cfg, params, stage, 10, seed, mesh)
   c0, t0 = time.process_time(), time.perf_counter()
-  with jax.set_mesh(mesh):
-    lowered = sh.step.lower(sh.abstract_state, batch_struct)
+  lowered = sh.lower(batch_struct)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2, c2 = time.perf_counter(), time.process_time()
@@ -758,8 +760,7 @@ def run_compile_scaling(cfg: ModelConfig, args) -> dict:
         "state_bytes_per_device": state_bytes,
     })
   return {
-      "mesh": mesh_fields(mesh)[0],
-      "n_devices": mesh_fields(mesh)[1],
+      **mesh_fields(mesh),
       "step": f"train step ({args.method}, AdamW), compiled from abstract inputs",
       "compile_scaling": rows,
       "repeats": args.repeats,
@@ -768,9 +769,10 @@ def run_compile_scaling(cfg: ModelConfig, args) -> dict:
   }
 
 
-def mesh_fields(mesh) -> tuple[dict | None, int]:
+def mesh_fields(mesh) -> dict:
   """The JSON line's ``mesh`` (axes of size > 1, None for one device) and ``n_devices``."""
-  return {k: int(v) for k, v in mesh.shape.items() if v > 1} or None, int(mesh.size)
+  return {"mesh": {k: int(v) for k, v in mesh.shape.items() if v > 1} or None,
+          "n_devices": int(mesh.size)}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -864,7 +866,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       peft_methods.lora_targets(args.lora_targets, "--lora-targets")
     except ValueError as e:
       p.error(str(e))
-  if (args.lora_targets or args.lora_rank != 16) and args.method in ("full", "freeze"):
+  if (args.lora_targets or args.lora_rank != p.get_default("lora_rank")) and args.method in ("full", "freeze"):
     p.error(f"--lora-rank/--lora-targets set adapters; method {args.method} trains none "
             f"(use lora, dora or full_then_lora)")
   if args.loss_chunk < 0:

@@ -236,8 +236,7 @@ def dot_product_attention(q, k, v, *, segment_ids, positions, sliding_window, im
   segments = ones if segment_ids is None else segment_ids
   n = _causal_blocks(t)
   size = t // n
-  kv_major = jax.default_backend() == "cpu"  # _xla_blocks_kv_major's doc
-  outs, masks, bounds = [], [], []
+  masks, bounds = [], []
   for i in range(n):
     q0, q1 = i * size, (i + 1) * size
     # Keys before the block's first query minus the window are hidden from
@@ -249,10 +248,10 @@ def dot_product_attention(q, k, v, *, segment_ids, positions, sliding_window, im
                           sliding_window)
     masks.append(mask)
     bounds.append((q0, q1, k0))
-    if not kv_major:
-      outs.append(_xla_attention(q[:, q0:q1], k[:, k0:q1], v[:, k0:q1], mask, scale))
-  if kv_major:
+  if jax.default_backend() == "cpu":  # _xla_blocks_kv_major's doc
     return _xla_blocks_kv_major(q, k, v, masks, bounds, scale)
+  outs = [_xla_attention(q[:, q0:q1], k[:, k0:q1], v[:, k0:q1], mask, scale)
+          for (q0, q1, k0), mask in zip(bounds, masks)]
   return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
 
 
