@@ -28,9 +28,12 @@ def get_config():
   # ~750 GB, so 16 x 80 GB (2 nodes) at least; bf16 compute, full remat.
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
-  # "auto": dropless (sorted tokens, grouped matmuls) on TPU; the dense
-  # dispatch on GPU until XLA has a grouped-GEMM ragged_dot there (docs/MOE.md).
+  # "auto": dropless (sorted tokens, grouped matmuls) on TPU; bucketed on GPU
+  # (per-expert buckets of 2x an even share, bigger ones for a layer that
+  # overflows: watch moe_bucket_overflow in metrics.jsonl) until XLA has a
+  # grouped-GEMM ragged_dot there (docs/MOE.md).
   c.model.moe_dispatch = "auto"
+  c.model.moe_capacity_factor = 2.0
   # The ST-MoE z-loss keeps router logits small in long bf16 runs; off by
   # default as in Mixtral's own training recipe. 1e-3 is the paper's value.
   c.model.router_z_loss_coef = 0.0

@@ -201,7 +201,8 @@ def memory_estimate(cfg: ModelConfig, batch: int, seq_len: int, method: str = "f
   accumulator and the step's own) and AdamW's two moments, while LoRA-style
   methods train a negligible number of weights. Plus activations kept for the
   backward pass: per layer and token about 10·D + 4·F' values in the compute
-  dtype (F' = E·F with the dense MoE dispatch) and the fp32 attention scores
+  dtype (F' = E·F, the dense MoE dispatch's: an upper bound for the bucketed
+  and dropless ones) and the fp32 attention scores
   and probabilities (2·N·T per token); with remat only each layer's input is
   kept, plus one layer's worth being recomputed. Plus one loss chunk's logits.
   It decides whether to refuse a shape, not how big a batch fits.
@@ -661,13 +662,15 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
   runner = StepRunner(cfg, args, rows, examples)
   for i in range(args.warmup):
     runner(i)
-  times, nonpad, flops, out = [], [], [], None
+  times, nonpad, flops, overflow, out = [], [], [], [], None
   for i in range(args.warmup, args.warmup + args.steps):
     t = time.perf_counter()
     out = runner(i)
     times.append(time.perf_counter() - t)
     nonpad.append(runner.nonpad(i))
     flops.append(runner.flops(i))
+    if "moe_bucket_overflow" in out:
+      overflow.append(float(out["moe_bucket_overflow"]))
   if args.profile:
     profile(runner, args)
   step_s = statistics.median(times)
@@ -700,6 +703,9 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
       "memory_estimate_source": runner.memory_estimate_source,
       "state_bytes_per_device": runner.state_bytes_per_device,
       "loss": float(out["loss"]),
+      # MoE: share of the timed steps' layer calls that overflowed the bucketed
+      # dispatch's first buckets (and ran bigger ones).
+      "moe_bucket_overflow": statistics.mean(overflow) if overflow else None,
   }
 
 
@@ -846,6 +852,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--moe-dispatch", default="auto", choices=MOE_DISPATCHES,
                  help="MoE shapes: how tokens reach experts (models/mixtral.py)")
+  p.add_argument("--moe-capacity-factor", type=float, default=2.0,
+                 help="MoE shapes, bucketed dispatch: bucket rows per expert as a multiple "
+                      "of an even share of the routed tokens")
   args = p.parse_args(argv)
   if args.compile_scaling and args.layers:
     p.error("--layers and --compile-scaling both set the layer count; give one")
@@ -908,7 +917,8 @@ def model_config(args) -> ModelConfig:
                                    remat=args.remat, attention=args.attention,
                                    scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
   if cfg.is_moe:
-    cfg = cfg.replace(moe_dispatch=args.moe_dispatch)
+    cfg = cfg.replace(moe_dispatch=args.moe_dispatch,
+                      moe_capacity_factor=args.moe_capacity_factor)
   return cfg.replace(num_layers=args.layers) if args.layers else cfg
 
 

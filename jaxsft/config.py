@@ -13,7 +13,11 @@ A config file defines ``get_config()`` returning a ConfigDict built from
   model.remat       rematerialization policy of each layer (models/model_config.py)
   model.attention   auto | xla | cudnn
   model.trust_remote_code   never true unless you trust the model's own code
-  model.moe_dispatch        MoE models: auto | dense | dropless (models/mixtral.py)
+  model.moe_dispatch        MoE models: auto | dense | bucketed | dropless (models/mixtral.py)
+  model.moe_capacity_factor bucketed dispatch: rows per expert bucket as a multiple of
+              an even share of the routed tokens (default 2.0; a layer whose
+              busiest expert overflows runs bigger buckets, nothing is dropped:
+              metric moe_bucket_overflow)
   model.loss_chunk  time steps per vocab chunk of the loss (0: 128); the logits of
               batch x loss_chunk positions are held at once, in fp32
   model.router_aux_loss_coef   MoE load-balancing loss weight; default: the model's
@@ -108,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       source=placeholder(str), init=placeholder(dict), dtype="bfloat16",
       param_dtype="float32", remat="none", attention="auto", trust_remote_code=False,
-      moe_dispatch="auto", loss_chunk=0, router_aux_loss_coef=placeholder(float),
+      moe_dispatch="auto", moe_capacity_factor=2.0, loss_chunk=0, router_aux_loss_coef=placeholder(float),
       router_z_loss_coef=placeholder(float)))
   c.tokenizer = placeholder(str)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
@@ -185,6 +189,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(m.remat, REMAT_POLICIES, "config.model.remat")
   _one_of(m.attention, ATTENTION_IMPLS, "config.model.attention")
   _one_of(m.moe_dispatch, MOE_DISPATCHES, "config.model.moe_dispatch")
+  if not isinstance(m.moe_capacity_factor, (int, float)) or not m.moe_capacity_factor > 0:
+    raise ValueError(f"config.model.moe_capacity_factor={m.moe_capacity_factor!r} must be a "
+                     "number > 0 (2.0: each expert's bucket holds twice an even share)")
   if not isinstance(m.loss_chunk, int) or m.loss_chunk < 0:
     raise ValueError(f"config.model.loss_chunk={m.loss_chunk!r} must be an integer >= 0 "
                      "(time steps per vocab chunk of the loss; 0: the default, 128)")

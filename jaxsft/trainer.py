@@ -202,6 +202,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
       out["z_loss"] = jnp.mean(auxes["z_loss"])
       per_layer = jnp.mean(auxes["layer_expert_fractions"], axis=0)  # [L, E]
       out["expert_fraction_min"], out["expert_fraction_max"] = per_layer.min(), per_layer.max()
+      out["moe_bucket_overflow"] = jnp.mean(auxes["moe_bucket_overflow"])
     out.update(_head_metrics(objective, auxes))
     return TrainState(state.step + 1, params, opt_state, rng), out
 
@@ -267,7 +268,8 @@ class Run:
 def _policy(config) -> dict:
   m = config.model
   policy = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
-                moe_dispatch=m.moe_dispatch, loss_chunk=int(m.loss_chunk))
+                moe_dispatch=m.moe_dispatch, moe_capacity_factor=float(m.moe_capacity_factor),
+                loss_chunk=int(m.loss_chunk))
   # Router loss coefficients: the model's own (config.json) unless the run sets them.
   policy.update({k: float(m[k]) for k in ("router_aux_loss_coef", "router_z_loss_coef")
                  if m[k] is not None})
@@ -512,7 +514,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
           row["aux_loss"] = float(m["aux_loss"])
           row["expert_fractions"] = [round(float(f), 4) for f in m["expert_fractions"]]
           row.update({k: float(m[k]) for k in ("z_loss", "expert_fraction_min",
-                                               "expert_fraction_max")})
+                                               "expert_fraction_max", "moe_bucket_overflow")})
         run.writer.write(row)
         progress.update(done, row)
         timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0

@@ -1,8 +1,9 @@
-"""Mixture of experts: both dispatches against transformers and each other,
+"""Mixture of experts: the dispatches against transformers and each other,
 expert parallelism on 8 simulated devices, router losses, metrics and options,
 LoRA on the experts (both dispatches, PEFT and merged exports, training)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -28,7 +29,11 @@ from jaxsft.peft import export as peft_export
 from jaxsft.peft import methods as peft_methods
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DISPATCHES = ["dense", "dropless"]
+DISPATCHES = ["dense", "bucketed", "dropless"]
+# Dispatches that route tokens (vs dense), with a capacity factor: "bucketed"
+# at 0.5 overflows its first buckets and runs the bigger ones.
+ROUTED = [("bucketed", 2.0), ("bucketed", 1.5), ("bucketed", 0.5), ("dropless", 2.0)]
+ROUTED_IDS = ["bucketed", "bucketed1.5", "bucketed-tight", "dropless"]
 
 
 def _tokens(batch=3, seq=24, seed=0):
@@ -37,11 +42,12 @@ def _tokens(batch=3, seq=24, seed=0):
 
 # ----------------------------------------------------------------------------- transformers
 
-@pytest.mark.parametrize("dispatch", DISPATCHES)
-def test_logits_and_aux_loss_match_transformers(hf_model_factory, dispatch):
+@pytest.mark.parametrize("dispatch,factor", [("dense", 2.0)] + ROUTED,
+                         ids=["dense"] + ROUTED_IDS)
+def test_logits_and_aux_loss_match_transformers(hf_model_factory, dispatch, factor):
   path, model = hf_model_factory("mixtral")
   cfg, params = hf.load_params(path)
-  cfg = cfg.replace(moe_dispatch=dispatch)
+  cfg = cfg.replace(moe_dispatch=dispatch, moe_capacity_factor=factor)
   assert mixtral.resolve_dispatch(cfg) == dispatch
   tokens = _tokens()
   mask = np.ones_like(tokens)
@@ -65,6 +71,16 @@ def test_logits_and_aux_loss_match_transformers(hf_model_factory, dispatch):
   z = np.concatenate([torch.logsumexp(r, -1).numpy().reshape(mask.shape)[real] ** 2
                       for r in ref.router_logits])
   np.testing.assert_allclose(float(aux["z_loss"]), z.mean(), rtol=1e-5)
+  # Bucket overflow, from transformers' own routing: the layers whose busiest
+  # expert got more real tokens than the first bucket holds.
+  cap = mixtral.bucket_capacity(tokens.size, cfg.num_experts_per_tok, cfg.num_experts, factor)
+  busiest = [np.bincount(torch.topk(r, cfg.num_experts_per_tok, -1).indices.numpy()
+                         [real.reshape(-1)].reshape(-1), minlength=cfg.num_experts).max()
+             for r in ref.router_logits]
+  overflow = np.mean([b > cap for b in busiest]) if dispatch == "bucketed" else 0.0
+  assert float(aux["moe_bucket_overflow"]) == overflow, (busiest, cap)
+  if factor == 0.5:  # the case under test really happened
+    assert overflow > 0
 
 
 # ----------------------------------------------------------------------------- dropless = dense
@@ -74,12 +90,12 @@ _CFG = ModelConfig(family="mixtral", vocab_size=64, hidden_size=32, intermediate
                    num_experts_per_tok=2)
 
 
-def _moe_case(skew: bool, cfg: ModelConfig = _CFG):
+def _moe_case(skew: bool, cfg: ModelConfig = _CFG, batch: int = 3):
   """MoE parameters and inputs; with ``skew``, the router sends nearly every
   token to expert 0 (half of all routing slots) and none to expert 3."""
   module = mixtral.MoE(cfg)
-  x = jax.random.normal(jax.random.key(1), (3, 40, _CFG.hidden_size))
-  valid = jnp.ones((3, 40), bool).at[2, 30:].set(False)
+  x = jax.random.normal(jax.random.key(1), (batch, 40, _CFG.hidden_size))
+  valid = jnp.ones((batch, 40), bool).at[2, 30:].set(False)
   params = module.init(jax.random.key(0), x, valid)["params"]
   if skew:
     common = jax.random.normal(jax.random.key(2), (_CFG.hidden_size,))
@@ -89,47 +105,120 @@ def _moe_case(skew: bool, cfg: ModelConfig = _CFG):
   return module, params, x, valid
 
 
-@pytest.mark.parametrize("skew", [False, True], ids=["random", "skewed"])
-def test_dropless_equals_dense_forward_and_gradients(skew):
-  module, params, x, valid = _moe_case(skew)
-  counts = {}
+def _check_routed(run, params, x, valid, dispatch, atol=1e-6, mesh=None):
+  """``run(dispatch, params, x)`` of a routed dispatch against dense: the same
+  outputs and gradients on real tokens (bucketed gives padding exactly 0:
+  it skips the experts), under a random cotangent on the real tokens. With
+  ``mesh``, the routed dispatch runs jitted under it, dense on one device."""
+  def routed(fn, *args):
+    if mesh is None:
+      return fn(*args)
+    with jax.set_mesh(mesh):
+      return jax.jit(fn)(*args)
 
-  def run(dispatch, params, x):
-    y, stats = module.clone(cfg=_CFG.replace(moe_dispatch=dispatch)).apply(
-        {"params": params}, x, valid)
-    counts[dispatch] = stats["slot_counts"].sum(0)
-    return y
-
-  r = jax.random.normal(jax.random.key(3), x.shape)  # a random cotangent
-  loss = lambda d: lambda p, x: jnp.sum(run(d, p, x) * r)
-  y_dense, y_dropless = run("dense", params, x), run("dropless", params, x)
-  np.testing.assert_allclose(y_dropless, y_dense, atol=1e-6, rtol=0)
+  real = np.asarray(valid)
+  y_dense, y = run("dense", params, x), routed(functools.partial(run, dispatch), params, x)
+  np.testing.assert_allclose(np.asarray(y)[real], np.asarray(y_dense)[real], atol=atol, rtol=0)
+  pad = np.asarray(y)[~real]
+  if dispatch == "bucketed":
+    np.testing.assert_array_equal(pad, 0)
+  else:
+    np.testing.assert_allclose(pad, np.asarray(y_dense)[~real], atol=atol, rtol=0)
+  r = jax.random.normal(jax.random.key(3), x.shape) * valid[..., None]
+  loss = lambda d: lambda p, x: jnp.sum(run(d, p, x) * r)  # noqa: E731
   g_dense = jax.grad(loss("dense"), argnums=(0, 1))(params, x)
-  g_dropless = jax.grad(loss("dropless"), argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree.leaves(g_dense), jax.tree.leaves(g_dropless)):
-    assert np.abs(np.asarray(a)).max() > 1e-3  # a gradient really flows
+  g = routed(jax.grad(loss(dispatch), argnums=(0, 1)), params, x)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_dense), jax.tree.leaves(g)):
+    assert np.abs(np.asarray(a)).max() > 1e-3, path  # a gradient really flows
     # 1e-6 absolute, or relative for entries above 1 (fp32 rounding of sums
     # in another order: the skewed case has input gradients near 10).
-    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(b, a, atol=atol, rtol=1e-6, err_msg=str(path))
+  return g_dense
+
+
+@pytest.mark.parametrize("skew", [False, True], ids=["random", "skewed"])
+@pytest.mark.parametrize("dispatch,factor", ROUTED, ids=ROUTED_IDS)
+def test_routed_dispatch_equals_dense_forward_and_gradients(skew, dispatch, factor):
+  cfg = _CFG.replace(moe_capacity_factor=factor)
+  module, params, x, valid = _moe_case(skew, cfg)
+  stats = {}
+
+  def run(dispatch, params, x):
+    y, stats[dispatch] = module.clone(cfg=cfg.replace(moe_dispatch=dispatch)).apply(
+        {"params": params}, x, valid)
+    return y
+
+  _check_routed(run, params, x, valid, dispatch)
+  routed = np.asarray(stats["dense"]["slot_counts"]).sum(0)  # real tokens per expert
   if skew:  # the case under test really happened
-    routed = np.asarray(counts["dense"])
     assert routed[0] > 0.9 * routed.sum() / 2 and routed[3] == 0, routed
+  if dispatch == "bucketed":  # overflow: busiest expert vs the first bucket
+    cap = mixtral.bucket_capacity(x.shape[0] * x.shape[1], 2, cfg.num_experts, factor)
+    assert float(stats["bucketed"]["bucket_overflow"]) == float(routed.max() > cap)
+    # 120 tokens: factor 2 buckets hold all, 1.5 overflows only when skewed.
+    assert routed.max() > cap if factor == 0.5 or (factor == 1.5 and skew) else cap >= routed.max()
 
 
-def test_dropless_under_jit_scan_and_remat_matches_dense():
+@pytest.mark.parametrize("dispatch,factor", ROUTED[2:], ids=ROUTED_IDS[2:])
+def test_routed_dispatch_under_jit_scan_and_remat_matches_dense(dispatch, factor):
   """The whole model (layers under scan, remat), jitted: same loss and gradients."""
-  cfg = _CFG.replace(num_layers=2, remat="full")
+  cfg = _CFG.replace(num_layers=2, remat="full", moe_capacity_factor=factor)
   params = llama.init_params(cfg, jax.random.key(0))
   tokens = jnp.asarray(_tokens(batch=2, seq=16) % cfg.vocab_size)
 
   def loss(params, dispatch):
     logits, aux = llama.forward(cfg.replace(moe_dispatch=dispatch), params, tokens)
-    return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux["aux_loss"] + aux["z_loss"]
+    loss = jnp.mean(jax.nn.logsumexp(logits, -1)) + aux["aux_loss"] + aux["z_loss"]
+    return loss, aux["moe_bucket_overflow"]
 
-  step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-  (l_dense, g_dense), (l_drop, g_drop) = step(params, "dense"), step(params, "dropless")
-  np.testing.assert_allclose(l_drop, l_dense, atol=1e-6, rtol=0)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6, rtol=0), g_dense, g_drop)
+  step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  ((l_dense, _), g_dense), ((l_routed, overflow), g_routed) = (
+      step(params, "dense"), step(params, dispatch))
+  np.testing.assert_allclose(l_routed, l_dense, atol=1e-6, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6, rtol=0),
+               g_dense, g_routed)
+  assert float(overflow) == (1.0 if dispatch == "bucketed" else 0.0)  # 32 tokens, 8-row buckets
+
+
+_SHARDED_MODULE = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, {tests!r})
+import jax
+import test_moe
+from jaxsft import sharding
+mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2, expert=2))
+for dispatch, factor in {cases!r}:
+  cfg = test_moe._CFG.replace(adapters=test_moe.EXPERT_LORA, moe_capacity_factor=factor)
+  module, params, x, valid = test_moe._moe_case(False, cfg, batch=4)
+  params = test_moe._random_b(params)
+
+  def apply(d, params, x):
+    return module.clone(cfg=cfg.replace(moe_dispatch=d)).apply({{"params": params}}, x, valid)
+
+  test_moe._check_routed(lambda *a: apply(*a)[0], params, x, valid, dispatch, atol=2e-6,
+                         mesh=mesh)
+  if dispatch == "bucketed":
+    with jax.set_mesh(mesh):
+      stats = jax.jit(lambda p, x: apply(dispatch, p, x)[1])(params, x)
+    # 0.5: the 4 experts' buckets hold a quarter of the 2 x 150 assignments of
+    # the real tokens, so some device's experts overflow; 2.0 holds them all.
+    assert float(stats["bucket_overflow"]) == float(factor == 0.5), (factor, stats)
+  print("ok", dispatch, factor)
+"""
+
+
+def test_routed_dispatch_on_8_devices_matches_dense_on_one():
+  """Bucketed (both bucket sizes) and dropless under shard_map with the
+  fsdp, tensor and expert axes 2 each, with expert LoRA: outputs and every
+  gradient of single-device dense."""
+  cases = [("bucketed", 2.0), ("bucketed", 0.5), ("dropless", 2.0)]
+  script = _SHARDED_MODULE.format(tests=str(REPO / "tests"), cases=cases)
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("ok ") == len(cases), result.stdout
 
 
 # ----------------------------------------------------------------------------- expert LoRA
@@ -149,8 +238,9 @@ def _random_b(params, scale=0.1):
 
 
 @pytest.mark.parametrize("skew", [False, True], ids=["random", "skewed"])
-def test_expert_lora_dropless_equals_dense_and_zero_b_is_the_base(skew):
-  cfg = _CFG.replace(adapters=EXPERT_LORA)
+@pytest.mark.parametrize("dispatch,factor", ROUTED[2:], ids=ROUTED_IDS[2:])
+def test_expert_lora_routed_equals_dense_and_zero_b_is_the_base(skew, dispatch, factor):
+  cfg = _CFG.replace(adapters=EXPERT_LORA, moe_capacity_factor=factor)
   module, params, x, valid = _moe_case(skew, cfg)
   assert params["gate_up_lora_a_edr"].shape == (4, 32, 3)
   assert params["down_lora_b_erd"].shape == (4, 3, 32)
@@ -160,21 +250,14 @@ def test_expert_lora_dropless_equals_dense_and_zero_b_is_the_base(skew):
     return module.clone(cfg=cfg.replace(moe_dispatch=dispatch)).apply(
         {"params": params}, x, valid)[0]
 
-  for dispatch in DISPATCHES:  # fresh adapters (B = 0) compute the base model exactly
-    np.testing.assert_array_equal(run(dispatch, params, x),
-                                  run(dispatch, base, x, _CFG))
+  for d in ("dense", dispatch):  # fresh adapters (B = 0) compute the base model exactly
+    np.testing.assert_array_equal(run(d, params, x), run(d, base, x, _CFG.replace(
+        moe_capacity_factor=factor)))
   params = _random_b(params)
-  r = jax.random.normal(jax.random.key(3), x.shape)
-  loss = lambda d: lambda p, x: jnp.sum(run(d, p, x) * r)  # noqa: E731
-  y_dense, y_dropless = run("dense", params, x), run("dropless", params, x)
-  assert np.abs(np.asarray(y_dense - run("dense", base, x, _CFG))).max() > 1e-2
-  np.testing.assert_allclose(y_dropless, y_dense, atol=1e-6, rtol=0)
-  g_dense = jax.grad(loss("dense"), argnums=(0, 1))(params, x)
-  g_dropless = jax.grad(loss("dropless"), argnums=(0, 1))(params, x)
+  assert np.abs(np.asarray(run("dense", params, x) - run("dense", base, x, _CFG))).max() > 1e-2
+  g_dense = _check_routed(run, params, x, valid, dispatch)
   for name in [k for k in params if "_lora_" in k]:
     assert np.abs(np.asarray(g_dense[0][name])).max() > 1e-3, name
-  for a, b in zip(jax.tree.leaves(g_dense), jax.tree.leaves(g_dropless)):
-    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-6)
 
 
 def test_expert_lora_trains_only_its_factors():
@@ -270,6 +353,12 @@ def test_bad_moe_settings_are_refused_with_the_key():
   config.model.router_aux_loss_coef = -1.0
   with pytest.raises(ValueError, match=r"config.model.router_aux_loss_coef=-1.0 must be >= 0"):
     config_lib.validate(config)
+  config.model.router_aux_loss_coef = None
+  config.model.moe_capacity_factor = 0
+  with pytest.raises(ValueError, match=r"config.model.moe_capacity_factor=0.0 must be a number > 0"):
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match=r"moe_capacity_factor=-1.0 must be > 0"):
+    _CFG.replace(moe_capacity_factor=-1.0)
 
 
 def test_freeze_router_keeps_router_and_needs_one():
@@ -381,10 +470,13 @@ MESHES = {"fsdp2_tensor2_expert2": (dict(fsdp=2, tensor=2, expert=2), "dropless"
 def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
   """Dropless MoE training with the expert, fsdp and tensor axes 2 each on 8
   simulated CPU devices, full fine-tuning then LoRA on attention and
-  experts: the losses, router statistics and trained weights of one device;
-  and the LoRA stage changes its factors only."""
+  experts: the losses, router statistics and trained weights of one device,
+  which runs the bucketed dispatch with buckets too small for every step
+  (so each layer picks a bigger one: the other exact path); and the LoRA
+  stage changes its factors only."""
   data = tmp_path / "data"
-  single = _run_config(data, tmp_path / "single", lora_steps=2, moe_dispatch="dropless")
+  single = _run_config(data, tmp_path / "single", lora_steps=2, moe_dispatch="bucketed",
+                       moe_capacity_factor=0.5)
   trainer.train(single)
   script = _SHARDED_RUN.format(tests=str(REPO / "tests"), data=str(data), root=str(tmp_path),
                                meshes=MESHES)
@@ -397,6 +489,8 @@ def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
   for key in ("expert_fraction_min", "expert_fraction_max", "z_loss", "aux_loss"):
     assert all(np.isfinite(r[key]) for r in one), key
   assert all(r["expert_fraction_min"] <= 0.25 <= r["expert_fraction_max"] for r in one)
+  # Factor 0.5 buckets hold a quarter of an even share: every layer overflows.
+  assert [r["moe_bucket_overflow"] for r in one] == [1.0] * 5
   want = {stage: checkpoint_params(tmp_path / "single", stage) for stage in ("cpt", "sft")}
   # LoRA trained every factor (B from 0) and left every base weight bit-identical.
   full, lora = (peft_fixtures.leaves_by_path(want[s]) for s in ("cpt", "sft"))
@@ -409,6 +503,7 @@ def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
     np.testing.assert_array_equal(lora[k], full[k], err_msg=k)
   for name in MESHES:
     rows = [r for r in _rows(tmp_path / name) if r["split"] == "train"]
+    assert [r["moe_bucket_overflow"] for r in rows] == [0.0] * 5  # dropless has no buckets
     for key in ("loss", "aux_loss", "z_loss", "expert_fraction_min", "expert_fraction_max"):
       np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in one], atol=1e-5,
                                  rtol=0, err_msg=f"{name}: {key}")

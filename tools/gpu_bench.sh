@@ -25,16 +25,20 @@
 #   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
+#   moe_check    tools/moe_dispatch_check.py: bucketed and dropless MoE equal dense here
 #   moe_lora     Mixtral-8x7B's shape cut to 4 layers, LoRA on attention and experts
-#                (the Mixtral recipe's targets), batch 4, vs PEFT on transformers' Mixtral (jaxsft's GPU MoE dispatch is dense: all 8
-#                experts computed, 4x the routed FLOPs)
+#                (the Mixtral recipe's targets), batch 4, vs PEFT on transformers' Mixtral;
+#                jaxsft's GPU MoE dispatch is bucketed (2x the routed FLOPs; read
+#                moe_bucket_overflow: random weights overflow more than a trained router)
+#   moe_lora_dense  moe_lora with the dense dispatch (all 8 experts, 4x the routed
+#                FLOPs), no peer: does bucketed beat it on a GPU?
 # bf16 compute, fp32 master weights, 2 warmup + 6 timed steps. (The XLA-flag
 # row of 2026-11-28, latency-hiding scheduler on / Triton GEMMs off, was slower
 # than the defaults and is no longer run.)
 #
 # OUT_DIR gets env.txt (versions, nvidia-smi -L), one .log per item, the
 # profile items' NAME.summary.json, and results.jsonl (one JSON line per item:
-# its name, exit code and the bench's JSON line): 13 files. Raw traces stay
+# its name, exit code and the bench's JSON line): 15 files. Raw traces stay
 # under $PROFILE_DIR (default /tmp/jaxsft_profiles). On a borrowed machine that
 # returns few files, tar OUT_DIR into one.
 set -u
@@ -152,8 +156,11 @@ if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   run 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
 fi
 run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
+run moe_check 120 "$PY" tools/moe_dispatch_check.py
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   run moe_lora 150 $BENCH $MOE $B4 $STEPS --method lora --peer hf \
+    --lora-targets q_proj,k_proj,v_proj,o_proj,expert_gate_up,expert_down
+  run moe_lora_dense 120 $BENCH $MOE $B4 $STEPS --method lora --moe-dispatch dense \
     --lora-targets q_proj,k_proj,v_proj,o_proj,expert_gate_up,expert_down
 fi
 
@@ -161,7 +168,7 @@ echo "== total $(( $(date +%s) - START ))s; results in $RESULTS"
 "$PY" - "$RESULTS" <<'EOF'
 import json, sys
 keys = ("tokens_per_s", "nonpad_tokens_per_s", "mfu", "step_s", "compile_s", "peak_mem_gib",
-        "memory_estimate_bytes",
+        "memory_estimate_bytes", "moe_bucket_overflow",
         "peer_tokens_per_s", "peer_nonpad_tokens_per_s", "peer_peak_mem_gib", "ratio",
         "nonpad_ratio")
 for line in open(sys.argv[1]):

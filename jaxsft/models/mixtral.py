@@ -6,34 +6,47 @@ slots per token (``num_experts_per_tok``), N = B·T flattened tokens, M = N·k
 
 Routing follows transformers: softmax over all experts, keep the top-k, and
 renormalize the kept weights (= a softmax over the selected logits). Padding
-tokens (segment 0) are routed and computed like any other token, as in
-transformers (their outputs are never used), but the router statistics count
-only real tokens.
+tokens (segment 0) are routed like any other token, as in transformers, and
+computed too except by the bucketed dispatch (their outputs are never used);
+the router statistics count only real tokens.
 
-Two dispatches compute the same function (``ModelConfig.moe_dispatch``):
+Three dispatches compute the same function (``ModelConfig.moe_dispatch``):
 
 * ``dense``: every expert runs on every token and a mostly-zero combine matrix
   keeps the chosen k — E/k times the needed FLOPs, but plain einsums that XLA
   fuses well; the reference.
+* ``bucketed``: each expert gets a bucket of C = capacity_factor · N·k/E rows
+  (``moe_capacity_factor``, default 2); a token's assignment takes the next
+  free row of its expert's bucket (a cumulative count, no sort), the buckets
+  [E,C,D] go through batched einsums and a gather brings each assignment's
+  row back: capacity_factor · k/E of the dense dispatch's expert FLOPs (half
+  of it at E=8, k=2, factor 2). Exact, never dropping: when an expert gets
+  more than C assignments, that call runs with buckets of 2C, 4C, ... up to N
+  rows, the smallest that fits (``lax.switch``; the share of such calls is
+  the ``moe_bucket_overflow`` metric, a hint to raise the factor). Padding
+  tokens (segment 0) skip the experts: their MoE output is 0 (it is never
+  used), so a padded batch's alike pad tokens cannot crowd one expert.
 * ``dropless``: the M assignments are sorted by expert and each expert's rows
   go through its weights with grouped matmuls (``jax.lax.ragged_dot``); no
-  token is dropped and no capacity factor is needed. On a mesh the dispatch
-  runs under ``shard_map`` (``_dropless_sharded``): each device sorts only its
-  own tokens, the tokens of an expert-parallel group are gathered, each device
-  computes its local experts, and a reduce-scatter returns every token's sum.
+  token is dropped and no capacity factor is needed.
 * ``auto``: ``dropless`` on TPU, where ``ragged_dot`` lowers to a grouped
-  matmul; ``dense`` on CPU and GPU. There XLA rewrites ``ragged_dot`` into a
-  dense product over a group-masked copy of the rows for every group (JAX's
+  matmul; ``bucketed`` on CPU and GPU. There XLA rewrites ``ragged_dot`` into
+  a dense product over a group-masked copy of the rows for every group (JAX's
   CPU lowering; XLA's RaggedDotRewriter on NVIDIA unless its experimental
   cuDNN fusion is on), so dropless does k times the dense dispatch's FLOPs:
   measured on CPU in docs/BENCHMARKS.md. ``_expert_ffn`` is the one place a
   grouped-GEMM kernel goes when one is available there.
 
+On a mesh, bucketed and dropless run under ``shard_map`` (``_sharded``): each
+device handles only its own tokens' routing, the tokens of an expert-parallel
+group are gathered, each device computes its local experts, and a
+reduce-scatter returns every token's sum.
+
 With LoRA on the experts (``expert_gate_up``/``expert_down``, see
-jaxsft/peft/lora.py) both dispatches add the per-expert low-rank path: two
-more einsums (dense) or two more ``ragged_dot``s with A [E,D,r] and B [E,r,F]
-over the same groups (dropless); the factors shard their E axis like the
-weights.
+jaxsft/peft/lora.py) every dispatch adds the per-expert low-rank path: two
+more einsums (dense, bucketed) or two more ``ragged_dot``s with A [E,D,r] and
+B [E,r,F] over the same groups (dropless); the factors shard their E axis
+like the weights.
 
 The auxiliary loss is transformers' ``load_balancing_loss_func``: over the
 tokens of all layers together, E · Σ_e (fraction of routing slots sent to e) ·
@@ -41,6 +54,9 @@ tokens of all layers together, E · Σ_e (fraction of routing slots sent to e) �
 (ST-MoE) is the mean over real tokens and layers of logsumexp(router logits)².
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -57,7 +73,7 @@ def resolve_dispatch(cfg: ModelConfig) -> str:
   if cfg.moe_dispatch != "auto":
     return cfg.moe_dispatch
   # Only TPU lowers ragged_dot to a grouped matmul (see the module docstring).
-  return "dropless" if jax.default_backend() == "tpu" else "dense"
+  return "dropless" if jax.default_backend() == "tpu" else "bucketed"
 
 
 class MoE(nn.Module):
@@ -87,10 +103,16 @@ class MoE(nn.Module):
     chosen = jax.nn.one_hot(top_i, e, dtype=jnp.float32)  # [B,T,k,E]
 
     weights = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
-    if resolve_dispatch(cfg) == "dense":
+    dispatch = resolve_dispatch(cfg)
+    overflow = None
+    if dispatch == "dense":
       y = _dense(xd, top_w, chosen, *weights, lora, scale)
+    elif dispatch == "bucketed":
+      local = functools.partial(_bucketed_local, capacity_factor=cfg.moe_capacity_factor,
+                                num_experts=e)
+      y, overflow = _routed(local, xd, token_valid, top_i, top_w, *weights, lora, scale)
     else:
-      y = _dropless(xd, top_i, top_w, *weights, lora, scale)
+      y, _ = _routed(_dropless_local, xd, token_valid, top_i, top_w, *weights, lora, scale)
 
     valid = token_valid.astype(jnp.float32)
     stats = {
@@ -98,6 +120,8 @@ class MoE(nn.Module):
         "prob_sums": jnp.sum(probs * valid[..., None], axis=(0, 1)),  # [E]
         "z_sum": jnp.sum(jnp.square(jax.nn.logsumexp(router_logits, axis=-1)) * valid),
     }
+    if overflow is not None:
+      stats["bucket_overflow"] = overflow
     return y, stats
 
 
@@ -140,14 +164,15 @@ def _expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, lora=None, scale=0.
   return y
 
 
-def _dropless_local(x, top_i, top_w, w_gate, w_up, w_down, lora=None, scale=0.0,
+def _dropless_local(x, valid, top_i, top_w, w_gate, w_up, w_down, lora=None, scale=0.0,
                     first_expert=0):
   """Sum over a token's slots of weight · expert(token), for the experts held
   here: ``w_*`` (and the LoRA factors in ``lora``) hold experts
   [first_expert, first_expert + E_local).
 
-  x [N,D], top_i/top_w [N,k] → [N,D]. Assignments to other experts sort last,
-  into rows past the groups, and contribute nothing.
+  x [N,D], top_i/top_w [N,k] → ([N,D], 0.0: no buckets to overflow). Assignments
+  to other experts sort last, into rows past the groups, and contribute
+  nothing. ``valid`` is unused: padding is computed like any token.
   """
   n, k = top_i.shape
   e_local = w_gate.shape[0]
@@ -160,27 +185,102 @@ def _dropless_local(x, top_i, top_w, w_gate, w_up, w_down, lora=None, scale=0.0,
   # Unsort by gathering (deterministic; a scatter-add would not be on GPU).
   unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   y = jnp.where(here[:, None], y_sorted[unsort], 0).reshape(n, k, -1)
-  return jnp.einsum("NkD,Nk->ND", y, top_w.astype(y.dtype))
+  return jnp.einsum("NkD,Nk->ND", y, top_w.astype(y.dtype)), jnp.zeros((), jnp.float32)
 
 
-def _dropless(x, top_i, top_w, w_gate, w_up, w_down, lora=None, scale=0.0):
-  """Dropless dispatch of x [B,T,D]; under a mesh (``jax.set_mesh``) each
-  device sorts its own tokens (``_dropless_sharded``)."""
+def bucket_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+  """Rows per expert bucket for ``num_tokens`` tokens when routing is within
+  ``capacity_factor`` of even: that multiple of an even share of the N·k
+  assignments, rounded up to a multiple of 8, and never more than N (a
+  token's k experts are distinct, so no expert gets more)."""
+  share = math.ceil(capacity_factor * num_tokens * k / num_experts)
+  return min(num_tokens, -(-share // 8) * 8)
+
+
+def _bucket_ffn(xb, w_gate, w_up, w_down, lora, scale):
+  """SwiGLU of every expert on its own bucket: xb [E,C,D] → [E,C,D] (expert
+  LoRA factors in ``lora`` as in ``_dense``)."""
+  gate = jnp.einsum("ECD,EDF->ECF", xb, w_gate)
+  up = jnp.einsum("ECD,EDF->ECF", xb, w_up)
+  if "gate_up_lora_a_edr" in lora:
+    xa = jnp.einsum("ECD,EDR->ECR", xb, lora["gate_up_lora_a_edr"])
+    gate = gate + scale * jnp.einsum("ECR,ERF->ECF", xa, lora["gate_lora_b_erf"])
+    up = up + scale * jnp.einsum("ECR,ERF->ECF", xa, lora["up_lora_b_erf"])
+  h = jax.nn.silu(gate) * up
+  y = jnp.einsum("ECF,EFD->ECD", h, w_down)
+  if "down_lora_a_efr" in lora:
+    ha = jnp.einsum("ECF,EFR->ECR", h, lora["down_lora_a_efr"])
+    y = y + scale * jnp.einsum("ECR,ERD->ECD", ha, lora["down_lora_b_erd"])
+  return y
+
+
+def _bucketed_local(x, valid, top_i, top_w, w_gate, w_up, w_down, lora=None, scale=0.0,
+                    first_expert=0, *, capacity_factor, num_experts):
+  """Bucketed dispatch for the experts held here (``w_*`` hold experts
+  [first_expert, first_expert + E_local) of ``num_experts``).
+
+  x [N,D], valid [N] (padding skips the experts), top_i/top_w [N,k] →
+  ([N,D], 1.0 if an expert overflowed the capacity_factor bucket and a bigger
+  one ran, else 0.0).
+  """
+  lora = lora or {}
+  n, k = top_i.shape
+  e_local = w_gate.shape[0]
+  local = top_i.reshape(-1) - first_expert  # [M]
+  here = jnp.repeat(valid, k) & (local >= 0) & (local < e_local)
+  # Row of each assignment in its expert's bucket: how many assignments to the
+  # same expert come before it (token-major order, as GShard's dispatch).
+  onehot = (local[:, None] == jnp.arange(e_local)[None]) & here[:, None]  # [M, E_local]
+  row = jnp.sum((jnp.cumsum(onehot, axis=0, dtype=jnp.int32) - 1) * onehot, axis=1)
+  most = jnp.max(jnp.sum(onehot, axis=0, dtype=jnp.int32))
+
+  def bucketed(cap, x, top_w, w_gate, w_up, w_down, lora):
+    slot = jnp.where(here, local * cap + row, e_local * cap)  # past the end: nowhere
+    # Token of each bucket row; empty rows read an appended zero row.
+    src = jnp.full((e_local * cap,), n, jnp.int32).at[slot].set(
+        jnp.arange(n * k, dtype=jnp.int32) // k, mode="drop", unique_indices=True)
+    xb = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[src]
+    yb = _bucket_ffn(xb.reshape(e_local, cap, -1), w_gate, w_up, w_down, lora, scale)
+    y = yb.reshape(e_local * cap, -1)[jnp.minimum(slot, e_local * cap - 1)]
+    y = jnp.where(here[:, None], y, 0).reshape(n, k, -1)
+    return jnp.einsum("NkD,Nk->ND", y, top_w.astype(y.dtype))
+
+  # Bucket sizes to choose from at run time: the capacity factor's, doubled
+  # until every token fits (N rows: no expert can get more), so nothing is
+  # ever dropped. The bigger ones are rematerialized: under autodiff a
+  # switch keeps every branch's residuals, and those would be dense-sized.
+  caps = [bucket_capacity(n, k, num_experts, capacity_factor)]
+  while caps[-1] < n:
+    caps.append(min(n, 2 * caps[-1]))
+  branches = [functools.partial(bucketed, cap) for cap in caps]
+  branches[1:] = [jax.checkpoint(b) for b in branches[1:]]
+  args = (x, top_w, w_gate, w_up, w_down, lora)
+  if len(caps) == 1:
+    return branches[0](*args), jnp.zeros((), jnp.float32)
+  index = jnp.sum(jnp.asarray(caps[:-1]) < most)  # the smallest bucket that fits
+  return jax.lax.switch(index, branches, *args), (index > 0).astype(jnp.float32)
+
+
+def _routed(local_fn, x, valid, top_i, top_w, w_gate, w_up, w_down, lora=None, scale=0.0):
+  """x [B,T,D] through ``local_fn`` (``_bucketed_local`` or ``_dropless_local``)
+  → (y [B,T,D], bucket-overflow flag); under a mesh (``jax.set_mesh``) each
+  device routes its own tokens (``_sharded``)."""
   b, t, d = x.shape
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.size > 1:
-    return _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down, lora or {}, scale)
-  y = _dropless_local(x.reshape(b * t, d), top_i.reshape(b * t, -1), top_w.reshape(b * t, -1),
-                      w_gate, w_up, w_down, lora, scale)
-  return y.reshape(b, t, d)
+    return _sharded(mesh, local_fn, x, valid, top_i, top_w, w_gate, w_up, w_down, lora or {},
+                    scale)
+  y, overflow = local_fn(x.reshape(b * t, d), valid.reshape(b * t), top_i.reshape(b * t, -1),
+                         top_w.reshape(b * t, -1), w_gate, w_up, w_down, lora, scale)
+  return y.reshape(b, t, d), overflow
 
 
 def _axes(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down, lora, scale):
-  """Expert-parallel dropless dispatch under ``shard_map``.
+def _sharded(mesh, local_fn, x, valid, top_i, top_w, w_gate, w_up, w_down, lora, scale):
+  """Expert-parallel bucketed or dropless dispatch (``local_fn``) under ``shard_map``.
 
   Tokens stay sharded by rows over the batch axes (data, fsdp, expert: the
   trainer's batch sharding). Expert weights keep their sharding from the rule
@@ -191,7 +291,9 @@ def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down, lora, scale):
   F-sharded partial products) hands every device the full output of its own
   rows. Communication per layer: an all-gather and a reduce-scatter of the
   group's activations, the same volume as the all-to-all pair of GShard for
-  k = ep, with static shapes and nothing dropped. Expert LoRA factors
+  k = ep, with static shapes and nothing dropped. Each device picks the
+  bucket size its own experts need (no collective runs inside the branches);
+  the overflow flag returned is the max over devices. Expert LoRA factors
   (``lora``) are sharded and gathered by the same rules as the weights (E over
   ``expert``; F over ``tensor`` stays sharded: the products it feeds are
   partial sums, summed over ``tensor`` with the rest).
@@ -218,19 +320,19 @@ def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down, lora, scale):
         w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
     return w
 
-  def body(x, top_i, top_w, w_gate, w_up, w_down, lora):
+  def body(x, valid, top_i, top_w, w_gate, w_up, w_down, lora):
     gathered = [gather(w, spec) for w, spec in zip((w_gate, w_up, w_down), specs)]
     lora = {name: gather(v, lora_specs[name]) for name, v in lora.items()}
     if gather_experts:  # the expert group's tokens, for this device's experts
-      x, top_i, top_w = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
-                         for a in (x, top_i, top_w))
+      x, valid, top_i, top_w = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                                for a in (x, valid, top_i, top_w))
     first = 0
     if expert_axes:
       first = jax.lax.axis_index(expert_axes) * e_local
     bb, t, d = x.shape
-    y = _dropless_local(x.reshape(bb * t, d), top_i.reshape(bb * t, -1),
-                        top_w.reshape(bb * t, -1), *gathered, lora, scale,
-                        first_expert=first)
+    y, overflow = local_fn(x.reshape(bb * t, d), valid.reshape(bb * t),
+                           top_i.reshape(bb * t, -1), top_w.reshape(bb * t, -1), *gathered,
+                           lora, scale, first_expert=first)
     y = y.reshape(bb, t, d)
     if gather_experts:
       y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
@@ -238,10 +340,12 @@ def _dropless_sharded(mesh, x, top_i, top_w, w_gate, w_up, w_down, lora, scale):
       y = jax.lax.psum(y, expert_axes)
     if ffn_axes:
       y = jax.lax.psum(y, ffn_axes)
-    return y
+    return y, jax.lax.pmax(overflow, tuple(mesh.axis_names))
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(row_spec,) * 3 + tuple(specs) + (lora_specs,),
-                       out_specs=row_spec)(x, top_i, top_w, w_gate, w_up, w_down, lora)
+  return jax.shard_map(
+      body, mesh=mesh,
+      in_specs=(row_spec, P(*row_spec[:2])) + (row_spec,) * 2 + tuple(specs) + (lora_specs,),
+      out_specs=(row_spec, P()))(x, valid, top_i, top_w, w_gate, w_up, w_down, lora)
 
 
 def _size(mesh, axes) -> int:
@@ -256,7 +360,10 @@ def aux_outputs(cfg: ModelConfig, stats, segment_ids) -> dict:
   load-balancing loss (unscaled, as transformers' ``aux_loss``), the z-loss,
   the fraction of routing slots each expert received over all layers
   (``expert_fractions`` [E]) and per layer (``layer_expert_fractions`` [L,E]:
-  a collapse in one layer shows here even when the pooled fractions look even)."""
+  a collapse in one layer shows here even when the pooled fractions look even),
+  and the fraction of layer calls where an expert overflowed the bucketed
+  dispatch's capacity-factor bucket (``moe_bucket_overflow``; 0 for the other
+  dispatches)."""
   tokens = jnp.maximum(jnp.sum(segment_ids != 0), 1)
   num_tokens = tokens * cfg.num_layers
   tokens_per_expert = jnp.sum(stats["slot_counts"], axis=0) / num_tokens  # [k, E]
@@ -268,4 +375,6 @@ def aux_outputs(cfg: ModelConfig, stats, segment_ids) -> dict:
       "z_loss": jnp.sum(stats["z_sum"]) / num_tokens,
       "expert_fractions": jnp.sum(tokens_per_expert, axis=0) / k,
       "layer_expert_fractions": jnp.sum(stats["slot_counts"], axis=1) / (tokens * k),
+      "moe_bucket_overflow": (jnp.mean(stats["bucket_overflow"]) if "bucket_overflow" in stats
+                              else jnp.zeros((), jnp.float32)),
   }

@@ -106,9 +106,10 @@ class Adapters:
     """Slots each example reserves at its start for prompt-tuning embeddings."""
     return self.prompt_tokens
 # How an MoE layer sends tokens to experts (see models/mixtral.py): "dense"
-# runs every expert on every token, "dropless" sorts tokens by expert and runs
-# grouped matmuls, "auto" picks by backend.
-MOE_DISPATCHES = ("auto", "dense", "dropless")
+# runs every expert on every token, "bucketed" fills fixed-size per-expert
+# buckets (dense when one overflows), "dropless" sorts tokens by expert and
+# runs grouped matmuls, "auto" picks by backend.
+MOE_DISPATCHES = ("auto", "dense", "bucketed", "dropless")
 # Task heads (models/heads.py), named as transformers' ``problem_type``:
 # softmax over labels, independent sigmoids per label, or one scalar (a reward).
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -175,6 +176,9 @@ class ModelConfig:
   # Parameter-efficient additions (LoRA, DoRA, adapters, prompts); None: none.
   adapters: Adapters | None = None
   moe_dispatch: str = "auto"  # one of MOE_DISPATCHES
+  # Bucketed dispatch: rows per expert bucket as a multiple of an even share
+  # of the N·k assignments (models/mixtral.py bucket_capacity).
+  moe_capacity_factor: float = 2.0
 
   def __post_init__(self):
     problems = []
@@ -203,6 +207,9 @@ class ModelConfig:
                       f"[1, num_experts={self.num_experts}]")
     if self.moe_dispatch not in MOE_DISPATCHES:
       problems.append(f"moe_dispatch={self.moe_dispatch!r} is not one of {MOE_DISPATCHES}")
+    if not self.moe_capacity_factor > 0:
+      problems.append(f"moe_capacity_factor={self.moe_capacity_factor} must be > 0 "
+                      "(2.0: buckets twice an even share of the routed tokens)")
     for name in ("router_aux_loss_coef", "router_z_loss_coef"):
       if getattr(self, name) < 0:
         problems.append(f"{name}={getattr(self, name)} must be >= 0")
