@@ -21,7 +21,7 @@ Three dispatches compute the same function (``ModelConfig.moe_dispatch``):
   [E,C,D] go through batched einsums and a gather brings each assignment's
   row back: capacity_factor · k/E of the dense dispatch's expert FLOPs (half
   of it at E=8, k=2, factor 2). Exact, never dropping: when an expert gets
-  more than C assignments, that call runs with buckets of 2C, 4C, ... up to N
+  more than C assignments, that call runs with buckets of 1.5C, 2.25C, ... up to N
   rows, the smallest that fits (``lax.switch``; the share of such calls is
   the ``moe_bucket_overflow`` metric, a hint to raise the factor). Padding
   tokens (segment 0) skip the experts: their MoE output is 0 (it is never
@@ -245,13 +245,16 @@ def _bucketed_local(x, valid, top_i, top_w, w_gate, w_up, w_down, lora=None, sca
     y = jnp.where(here[:, None], y, 0).reshape(n, k, -1)
     return jnp.einsum("NkD,Nk->ND", y, top_w.astype(y.dtype))
 
-  # Bucket sizes to choose from at run time: the capacity factor's, doubled
-  # until every token fits (N rows: no expert can get more), so nothing is
-  # ever dropped. The bigger ones are rematerialized: under autodiff a
-  # switch keeps every branch's residuals, and those would be dense-sized.
+  # Bucket sizes to choose from at run time: the capacity factor's, then 1.5
+  # times bigger each (rounded up to 8) until every token fits (N rows: no
+  # expert can get more), so nothing is ever dropped. Steps of 1.5 rather
+  # than 2 ran the CPU bench, where a quarter of the calls overflow, 15%
+  # faster at the same compile time. The bigger ones are rematerialized:
+  # under autodiff a switch keeps every branch's residuals, and those would
+  # be dense-sized.
   caps = [bucket_capacity(n, k, num_experts, capacity_factor)]
   while caps[-1] < n:
-    caps.append(min(n, 2 * caps[-1]))
+    caps.append(min(n, -(-3 * caps[-1] // 16) * 8))
   branches = [functools.partial(bucketed, cap) for cap in caps]
   branches[1:] = [jax.checkpoint(b) for b in branches[1:]]
   args = (x, top_w, w_gate, w_up, w_down, lora)
