@@ -22,6 +22,9 @@
 #   1b_full_chunk512  1b_full without peer, loss chunks of 512 time steps instead of
 #                128 (4 x fewer accumulations of the 128k x 2048 fp32 output-layer
 #                gradient, 4 x bigger logits blocks): compare its tokens/s with 1b_full's
+#   1b_full_unroll  1b_full without peer, the 16 layers unrolled (--scan-unroll 16)
+#                instead of a layer scan: does the scan cost time on a GPU (its
+#                per-layer weight slices and stacked residuals)?
 #   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
@@ -38,7 +41,7 @@
 #
 # OUT_DIR gets env.txt (versions, nvidia-smi -L), one .log per item, the
 # profile items' NAME.summary.json, and results.jsonl (one JSON line per item:
-# its name, exit code and the bench's JSON line): 15 files. Raw traces stay
+# its name, exit code and the bench's JSON line): 18 files. Raw traces stay
 # under $PROFILE_DIR (default /tmp/jaxsft_profiles). On a borrowed machine that
 # returns few files, tar OUT_DIR into one.
 set -u
@@ -152,6 +155,7 @@ else
 fi
 run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --peer hf
 run 1b_full_chunk512 90 $BENCH $SHAPE $B8 $STEPS --method full --loss-chunk 512
+run 1b_full_unroll 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 16
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   run 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
 fi
