@@ -41,7 +41,7 @@ from jaxsft import hf, losses, metrics, optim
 from jaxsft import sharding as sharding_lib
 from jaxsft.data import pipeline as data_pipeline
 from jaxsft.data import templates as data_templates
-from jaxsft.models import heads, llama
+from jaxsft.models import heads, llama, mixtral
 from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import export as peft_export
 from jaxsft.peft import methods as peft_methods
@@ -482,6 +482,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   flops_per_step = metrics.train_flops(cfg, batch, stage.seq_len)
   peak = metrics.peak_tflops(jax.devices()[0], cfg.dtype)
   progress = metrics.Progress(name, steps, start)
+  buckets = []  # MoE: (moe_bucket_overflow, expert_fraction_max) of each logged step
   timer_start, timer_step, seen_tokens = time.perf_counter(), start, 0
   last_saved = latest
   try:
@@ -515,6 +516,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
           row["expert_fractions"] = [round(float(f), 4) for f in m["expert_fractions"]]
           row.update({k: float(m[k]) for k in ("z_loss", "expert_fraction_min",
                                                "expert_fraction_max", "moe_bucket_overflow")})
+          buckets.append((row["moe_bucket_overflow"], row["expert_fraction_max"]))
         run.writer.write(row)
         progress.update(done, row)
         timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
@@ -547,6 +549,9 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     with _reporting_save_failure(name, (last_saved,), manager, stage_dir):
       manager.wait_until_finished()
     manager.close()
+  hint = mixtral.bucket_hint(ph.cfg, *zip(*buckets)) if buckets else None
+  if hint:
+    log.warning("stage %s: %s", name, hint)
 
   # The final model is in the canonical layout (freeze tuning's split stack joined).
   final_cfg, final_params = peft_methods.canonical(ph.cfg, ph.unstore(state.params))

@@ -467,7 +467,7 @@ for name, (mesh, dispatch) in {meshes!r}.items():
 MESHES = {"fsdp2_tensor2_expert2": (dict(fsdp=2, tensor=2, expert=2), "dropless")}
 
 
-def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
+def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path, caplog):
   """Dropless MoE training with the expert, fsdp and tensor axes 2 each on 8
   simulated CPU devices, full fine-tuning then LoRA on attention and
   experts: the losses, router statistics and trained weights of one device,
@@ -477,7 +477,8 @@ def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
   data = tmp_path / "data"
   single = _run_config(data, tmp_path / "single", lora_steps=2, moe_dispatch="bucketed",
                        moe_capacity_factor=0.5)
-  trainer.train(single)
+  with caplog.at_level("WARNING", logger="jaxsft"):
+    trainer.train(single)
   script = _SHARDED_RUN.format(tests=str(REPO / "tests"), data=str(data), root=str(tmp_path),
                                meshes=MESHES)
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
@@ -489,8 +490,14 @@ def test_expert_parallel_training_on_8_devices_matches_one_device(tmp_path):
   for key in ("expert_fraction_min", "expert_fraction_max", "z_loss", "aux_loss"):
     assert all(np.isfinite(r[key]) for r in one), key
   assert all(r["expert_fraction_min"] <= 0.25 <= r["expert_fraction_max"] for r in one)
-  # Factor 0.5 buckets hold a quarter of an even share: every layer overflows.
+  # Factor 0.5 buckets hold a quarter of an even share: every layer overflows,
+  # and each stage ends with a hint: the busiest expert's share x E, rounded up.
   assert [r["moe_bucket_overflow"] for r in one] == [1.0] * 5
+  for stage in ("cpt", "sft"):
+    busiest = max(r["expert_fraction_max"] for r in one if r["stage"] == stage) * 4
+    hint = [m for m in caplog.messages if m.startswith(f"stage {stage}: 100% of the MoE")]
+    assert len(hint) == 1, caplog.messages
+    assert f"moe_capacity_factor={np.ceil(busiest * 4) / 4:g} would hold it" in hint[0], hint
   want = {stage: checkpoint_params(tmp_path / "single", stage) for stage in ("cpt", "sft")}
   # LoRA trained every factor (B from 0) and left every base weight bit-identical.
   full, lora = (peft_fixtures.leaves_by_path(want[s]) for s in ("cpt", "sft"))

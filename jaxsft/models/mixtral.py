@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -356,6 +357,32 @@ def _size(mesh, axes) -> int:
   for a in axes:
     n *= mesh.shape[a]
   return n
+
+
+def bucket_hint(cfg: ModelConfig, overflow: Sequence[float],
+                fraction_max: Sequence[float]) -> str | None:
+  """What to tell a user whose bucketed MoE layers kept overflowing, from a
+  stage's logged ``moe_bucket_overflow`` and ``expert_fraction_max`` values;
+  None when they mostly fit (at most a quarter of the calls overflowed) or
+  another dispatch ran.
+
+  The busiest (layer, expert) pair's share of the routing slots times E is
+  how many even shares it got; a capacity factor of that much, rounded up to
+  a quarter, holds it (real tokens only: with padding, a bit less suffices).
+  """
+  if resolve_dispatch(cfg) != "bucketed" or not overflow:
+    return None
+  share = sum(overflow) / len(overflow)
+  if share <= 0.25:
+    return None
+  busiest = max(fraction_max) * cfg.num_experts
+  suggest = max(math.ceil(busiest * 4) / 4, cfg.moe_capacity_factor + 0.25)
+  return (f"{share:.0%} of the MoE layer calls overflowed the bucketed dispatch's first "
+          f"buckets (model.moe_capacity_factor={cfg.moe_capacity_factor:g}) and ran bigger, "
+          f"slower ones (the result is the same); the busiest expert got up to "
+          f"{busiest:.2f}x an even share of the routing slots: "
+          f"--config.model.moe_capacity_factor={suggest:g} would hold it (or, if the "
+          f"router is collapsing, see expert_fraction_max and router_aux_loss_coef)")
 
 
 def aux_outputs(cfg: ModelConfig, stats, segment_ids) -> dict:
