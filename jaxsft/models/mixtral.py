@@ -131,18 +131,26 @@ def _dense(x, top_w, chosen, w_gate, w_up, w_down, lora=None, scale=0.0):
   ``lora`` holds expert LoRA factors by name (``lora_lib.EXPERT_FACTORS``)."""
   lora = lora or {}
   combine = jnp.einsum("BTk,BTkE->BTE", top_w, chosen).astype(x.dtype)
-  gate = jnp.einsum("BTD,EDF->BTEF", x, w_gate)
-  up = jnp.einsum("BTD,EDF->BTEF", x, w_up)
-  if "gate_up_lora_a_edr" in lora:
-    xa = jnp.einsum("BTD,EDR->BTER", x, lora["gate_up_lora_a_edr"])
-    gate = gate + scale * jnp.einsum("BTER,ERF->BTEF", xa, lora["gate_lora_b_erf"])
-    up = up + scale * jnp.einsum("BTER,ERF->BTEF", xa, lora["up_lora_b_erf"])
-  h = jax.nn.silu(gate) * up
+  h = _swiglu_hidden(x, w_gate, w_up, lora, scale, "BTD", "BTEF")
   y = jnp.einsum("BTEF,EFD,BTE->BTD", h, w_down, combine)
   if "down_lora_a_efr" in lora:
     ha = jnp.einsum("BTEF,EFR->BTER", h, lora["down_lora_a_efr"])
     y = y + scale * jnp.einsum("BTER,ERD,BTE->BTD", ha, lora["down_lora_b_erd"], combine)
   return y
+
+
+def _swiglu_hidden(x, w_gate, w_up, lora, scale, x_axes: str, h_axes: str):
+  """silu(x·W_gate) ⊙ (x·W_up) for every expert, with the expert LoRA path
+  when ``lora`` has it; ``x_axes``/``h_axes`` name x's and the result's axes
+  in einsum letters ("BTD" → "BTEF" for dense, "ECD" → "ECF" for buckets)."""
+  xa_axes = h_axes[:-1] + "R"
+  gate = jnp.einsum(f"{x_axes},EDF->{h_axes}", x, w_gate)
+  up = jnp.einsum(f"{x_axes},EDF->{h_axes}", x, w_up)
+  if "gate_up_lora_a_edr" in lora:
+    xa = jnp.einsum(f"{x_axes},EDR->{xa_axes}", x, lora["gate_up_lora_a_edr"])
+    gate = gate + scale * jnp.einsum(f"{xa_axes},ERF->{h_axes}", xa, lora["gate_lora_b_erf"])
+    up = up + scale * jnp.einsum(f"{xa_axes},ERF->{h_axes}", xa, lora["up_lora_b_erf"])
+  return jax.nn.silu(gate) * up
 
 
 def _expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, lora=None, scale=0.0):
@@ -201,13 +209,7 @@ def bucket_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: 
 def _bucket_ffn(xb, w_gate, w_up, w_down, lora, scale):
   """SwiGLU of every expert on its own bucket: xb [E,C,D] → [E,C,D] (expert
   LoRA factors in ``lora`` as in ``_dense``)."""
-  gate = jnp.einsum("ECD,EDF->ECF", xb, w_gate)
-  up = jnp.einsum("ECD,EDF->ECF", xb, w_up)
-  if "gate_up_lora_a_edr" in lora:
-    xa = jnp.einsum("ECD,EDR->ECR", xb, lora["gate_up_lora_a_edr"])
-    gate = gate + scale * jnp.einsum("ECR,ERF->ECF", xa, lora["gate_lora_b_erf"])
-    up = up + scale * jnp.einsum("ECR,ERF->ECF", xa, lora["up_lora_b_erf"])
-  h = jax.nn.silu(gate) * up
+  h = _swiglu_hidden(xb, w_gate, w_up, lora, scale, "ECD", "ECF")
   y = jnp.einsum("ECF,EFD->ECD", h, w_down)
   if "down_lora_a_efr" in lora:
     ha = jnp.einsum("ECF,EFR->ECR", h, lora["down_lora_a_efr"])
