@@ -112,8 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       source=placeholder(str), init=placeholder(dict), dtype="bfloat16",
       param_dtype="float32", remat="none", attention="auto", trust_remote_code=False,
-      moe_dispatch="auto", moe_capacity_factor=2.0, loss_chunk=0, router_aux_loss_coef=placeholder(float),
-      router_z_loss_coef=placeholder(float)))
+      moe_dispatch="auto", moe_capacity_factor=2.0, loss_chunk=0,
+      router_aux_loss_coef=placeholder(float), router_z_loss_coef=placeholder(float)))
   c.tokenizer = placeholder(str)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   # Stages run in the order written; a ConfigDict sorts its keys unless told not to.

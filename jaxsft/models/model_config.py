@@ -107,8 +107,8 @@ class Adapters:
     return self.prompt_tokens
 # How an MoE layer sends tokens to experts (see models/mixtral.py): "dense"
 # runs every expert on every token, "bucketed" fills fixed-size per-expert
-# buckets (dense when one overflows), "dropless" sorts tokens by expert and
-# runs grouped matmuls, "auto" picks by backend.
+# buckets (bigger ones for a call where one overflows), "dropless" sorts
+# tokens by expert and runs grouped matmuls, "auto" picks by backend.
 MOE_DISPATCHES = ("auto", "dense", "bucketed", "dropless")
 # Task heads (models/heads.py), named as transformers' ``problem_type``:
 # softmax over labels, independent sigmoids per label, or one scalar (a reward).
