@@ -875,7 +875,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       peft_methods.lora_targets(args.lora_targets, "--lora-targets")
     except ValueError as e:
       p.error(str(e))
-  if (args.lora_targets or args.lora_rank != p.get_default("lora_rank")) and args.method in ("full", "freeze"):
+  adapter_options = args.lora_targets or args.lora_rank != p.get_default("lora_rank")
+  if adapter_options and args.method in ("full", "freeze"):
     p.error(f"--lora-rank/--lora-targets set adapters; method {args.method} trains none "
             f"(use lora, dora or full_then_lora)")
   if args.loss_chunk < 0:

@@ -29,7 +29,6 @@ from jaxsft.peft import export as peft_export
 from jaxsft.peft import methods as peft_methods
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DISPATCHES = ["dense", "bucketed", "dropless"]
 # Dispatches that route tokens (vs dense), with a capacity factor: "bucketed"
 # at 0.5 overflows its first buckets and runs the bigger ones.
 ROUTED = [("bucketed", 2.0), ("bucketed", 1.5), ("bucketed", 0.5), ("dropless", 2.0)]

@@ -183,7 +183,7 @@ def _dropless_local(x, valid, top_i, top_w, w_gate, w_up, w_down, lora=None, sca
   to other experts sort last, into rows past the groups, and contribute
   nothing. ``valid`` is unused: padding is computed like any token.
   """
-  n, k = top_i.shape
+  k = top_i.shape[1]
   e_local = w_gate.shape[0]
   local = top_i.reshape(-1) - first_expert  # [M]
   here = (local >= 0) & (local < e_local)
@@ -193,8 +193,15 @@ def _dropless_local(x, valid, top_i, top_w, w_gate, w_up, w_down, lora=None, sca
   y_sorted = _expert_ffn(x[order // k], group_sizes, w_gate, w_up, w_down, lora, scale)
   # Unsort by gathering (deterministic; a scatter-add would not be on GPU).
   unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-  y = jnp.where(here[:, None], y_sorted[unsort], 0).reshape(n, k, -1)
-  return jnp.einsum("NkD,Nk->ND", y, top_w.astype(y.dtype)), jnp.zeros((), jnp.float32)
+  return _combine_slots(y_sorted[unsort], here, top_w), jnp.zeros((), jnp.float32)
+
+
+def _combine_slots(y, here, top_w):
+  """Each token's output: its k slots' expert outputs y [N·k, D] (token-major),
+  weighted by ``top_w`` [N,k]; slots not computed here (``here`` [N·k] false)
+  add nothing."""
+  y = jnp.where(here[:, None], y, 0).reshape(*top_w.shape, -1)
+  return jnp.einsum("NkD,Nk->ND", y, top_w.astype(y.dtype))
 
 
 def bucket_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
@@ -244,9 +251,8 @@ def _bucketed_local(x, valid, top_i, top_w, w_gate, w_up, w_down, lora=None, sca
         jnp.arange(n * k, dtype=jnp.int32) // k, mode="drop", unique_indices=True)
     xb = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[src]
     yb = _bucket_ffn(xb.reshape(e_local, cap, -1), w_gate, w_up, w_down, lora, scale)
-    y = yb.reshape(e_local * cap, -1)[jnp.minimum(slot, e_local * cap - 1)]
-    y = jnp.where(here[:, None], y, 0).reshape(n, k, -1)
-    return jnp.einsum("NkD,Nk->ND", y, top_w.astype(y.dtype))
+    return _combine_slots(yb.reshape(e_local * cap, -1)[jnp.minimum(slot, e_local * cap - 1)],
+                          here, top_w)
 
   # Bucket sizes to choose from at run time: the capacity factor's, then 1.5
   # times bigger each (rounded up to 8) until every token fits (N rows: no
