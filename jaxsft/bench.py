@@ -576,10 +576,12 @@ class StepRunner:
     self._check_memory(base_cfg, args, device)
     # Random weights, initialized under jit so the whole tree is built in one
     # program (eager init would hold every intermediate op's buffers), placed
-    # shard by shard.
-    base_shardings = sharding_lib.param_shardings(llama.abstract_params(base_cfg), mesh)
-    params = jax.jit(llama.init_params, static_argnums=0,
-                     out_shardings=base_shardings)(base_cfg, rng)
+    # shard by shard, frozen ones already in the stage's frozen dtype (as the
+    # trainer reads them: no fp32 copy of a LoRA base on the device first).
+    base_abstract = llama.abstract_params(base_cfg)
+    base_shardings = sharding_lib.param_shardings(base_abstract, mesh)
+    dtypes = optim.load_dtypes(base_abstract, stage, base_cfg.dtype, base_cfg.param_dtype)
+    params = llama.init_placed(base_cfg, rng, base_shardings, dtypes)
     cfg_real, params = _prepare_method(base_cfg, params, stage, jax.random.fold_in(rng, 1))
     assert cfg_real == cfg, (cfg_real, cfg)
     self.state = jax.jit(sh.init, out_shardings=sh.state_shardings,

@@ -569,7 +569,7 @@ def _write_slice(buf, piece, *position):
 
 
 def load_params(model_dir: PathLike, cfg: ModelConfig | None = None, mesh=None, rules=None,
-                dtype=None) -> tuple[ModelConfig, Any]:
+                dtype=None, dtypes=None) -> tuple[ModelConfig, Any]:
   """Read a Hugging Face model directory's safetensors into jaxsft parameters.
 
   ``cfg`` defaults to ``config_from_hf(model_dir)``. Each parameter lands
@@ -578,6 +578,9 @@ def load_params(model_dir: PathLike, cfg: ModelConfig | None = None, mesh=None, 
   the returned config records it). All tensor names, shapes and dtypes are
   checked before anything is placed; tensors the config does not describe are
   an error, except rotary caches and a tied model's duplicate ``lm_head``.
+  ``dtypes``: a tree of the parameters' structure giving some leaves another
+  dtype than the config's (``optim.load_dtypes``: frozen weights read straight
+  in the compute dtype).
   """
   model_dir = _model_dir(model_dir)
   if cfg is None:
@@ -609,11 +612,17 @@ def load_params(model_dir: PathLike, cfg: ModelConfig | None = None, mesh=None, 
   else:
     shardings = jax.tree_util.tree_leaves(sharding_lib.param_shardings(
         llama.abstract_params(cfg), mesh, rules or sharding_lib.DEFAULT_RULES))
-  dtype = jnp.dtype(cfg.param_dtype)
+  leaf_dtypes = [jnp.dtype(cfg.param_dtype)] * len(params)
+  if dtypes is not None:
+    leaf_dtypes, structure = jax.tree_util.tree_flatten(dtypes)
+    if structure != treedef:
+      raise ValueError(f"load_params(dtypes=...) must have the parameters' structure "
+                       f"{treedef}, not {structure}")
   leaves = []
-  for param, target in zip(params, shardings):
+  for param, target, dtype in zip(params, shardings, leaf_dtypes):
     stored = names[param.key.path]
-    leaves.append(_place(lambda position: files.read(stored[position]), param, target, dtype))
+    leaves.append(_place(lambda position: files.read(stored[position]), param, target,
+                         jnp.dtype(dtype)))
   return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
 
 

@@ -303,16 +303,20 @@ def initial_config(config) -> ModelConfig:
 
 
 def initial_model(config, mesh) -> tuple[ModelConfig, Any]:
-  """The starting weights: a Hugging Face directory, a jaxsft checkpoint, or new."""
+  """The starting weights: a Hugging Face directory, a jaxsft checkpoint, or
+  new. From a directory or new, the weights the first stage freezes arrive in
+  its frozen dtype (``optim.load_dtypes``), so a LoRA run never holds the
+  whole model in fp32 on the device."""
   cfg = initial_config(config)
+  first = config.stages[next(iter(config.stages.keys()))]
+  dtypes = optim.load_dtypes(llama.abstract_params(cfg), first, cfg.dtype, cfg.param_dtype)
   if config.model.init is not None:
     shardings = sharding_lib.param_shardings(llama.abstract_params(cfg), mesh)
-    init = jax.jit(lambda k: llama.init_params(cfg, k), out_shardings=shardings)
-    return cfg, init(jax.random.key(config.seed))
+    return cfg, llama.init_placed(cfg, jax.random.key(config.seed), shardings, dtypes)
   source = pathlib.Path(config.model.source)
   if checkpoint_lib.is_checkpoint(source):
     return _checkpoint_model(source, config, mesh)
-  return hf.load_params(source, cfg=cfg, mesh=mesh)
+  return hf.load_params(source, cfg=cfg, mesh=mesh, dtypes=dtypes)
 
 
 def _has_step_checkpoint(stage_dir: pathlib.Path) -> bool:
@@ -389,7 +393,7 @@ def train(config) -> pathlib.Path:
     run.writer.plot()
 
   if config.export.hf:
-    cfg, params = peft_methods.merge(cfg, params)
+    cfg, params = peft_methods.merge(cfg, _on_host_if_parked(params))
     if jax.process_count() > 1:
       # Every process takes part in gathering the weights; one writes them.
       params = multihost_utils.process_allgather(params, tiled=True)
@@ -398,6 +402,20 @@ def train(config) -> pathlib.Path:
                      dtype=config.export.dtype, overwrite=True)
   run.writer.close()
   return out
+
+
+def _on_host_if_parked(params):
+  """``params`` on the host's CPU device when the last stage parked its frozen
+  weights on the host (``_Phase.final``), so that merging LoRA into them for
+  the export does not bring the whole fp32 model back onto the accelerator;
+  as they are otherwise (or where JAX has no CPU device)."""
+  if not any(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params)):
+    return params
+  try:
+    cpu = jax.devices("cpu")[0]
+  except RuntimeError:
+    return params
+  return jax.device_put(params, cpu)
 
 
 def _total_steps(stage, pipe, batch: int) -> int:
@@ -429,6 +447,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   pipe = data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len, seed=config.seed,
                              objective=stage.objective, label_names=cfg.label_names or None,
                              virtual_tokens=peft_methods.virtual_tokens(stage))
+  params = _placed(cfg, params, stage, mesh)
   cfg, params = _with_head(name, stage.objective, cfg, params, pipe, mesh, config.seed)
   keys = batch_keys(stage.objective)
   steps = _total_steps(stage, pipe, batch)
@@ -554,7 +573,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     log.warning("stage %s: %s", name, hint)
 
   # The final model is in the canonical layout (freeze tuning's split stack joined).
-  final_cfg, final_params = peft_methods.canonical(ph.cfg, ph.unstore(state.params))
+  final_cfg, final_params = peft_methods.canonical(ph.cfg, ph.final(state.params))
   checkpoint_lib.save_model(stage_dir / "final", final_params, final_cfg,
                             tokenizer_src=run.tokenizer_dir, overwrite=True)
   if (final_cfg.adapters is not None and base_model is not None and incoming_adapters is None
@@ -613,9 +632,37 @@ class _Phase:
       return params
     return optim.store_frozen(params, self.mask, jnp.dtype(self.cfg.param_dtype))
 
+  def final(self, params):
+    """The state's ``params`` as the stage's result, all in the parameter
+    dtype. Frozen weights held narrower (``frozen_dtype``) are cast up on the
+    host, leaf by leaf, and stay there as numpy arrays: an 8B LoRA stage that
+    trained in 15 GiB of device memory does not need 30 GiB there at its end.
+    The final checkpoint is written from the host; the next stage places them
+    back (``_placed``). With several processes, each holding only its own
+    shards, they are cast on the devices instead."""
+    if self.frozen_dtype is None or jax.process_count() > 1:
+      return self.unstore(params)
+    dtype = jnp.dtype(self.cfg.param_dtype)
+    return jax.tree_util.tree_map(
+        lambda x, trained: x if trained or x.dtype != self.frozen_dtype else
+        np.asarray(jax.device_get(x)).astype(dtype), params, self.mask)
+
   def init(self, params) -> TrainState:
     return jax.jit(lambda q: init_state(q, self.tx, self.seed, self.mask),
                    out_shardings=self.state_shardings, donate_argnums=0)(self.store(params))
+
+
+def _placed(cfg: ModelConfig, params, stage, mesh):
+  """``params`` with any host (numpy) leaf, a frozen weight the previous stage
+  left on the host (``_Phase.final``), put on its sharding in the dtype this
+  stage reads it in (``optim.load_dtypes``: still the compute dtype if this
+  stage freezes it too)."""
+  if not any(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params)):
+    return params
+  dtypes = optim.load_dtypes(params, stage, cfg.dtype, cfg.param_dtype)
+  return jax.tree_util.tree_map(
+      lambda x, dtype, s: jax.device_put(x.astype(dtype), s) if isinstance(x, np.ndarray) else x,
+      params, dtypes, sharding_lib.param_shardings(params, mesh))
 
 
 def _with_head(name: str, objective: str, cfg: ModelConfig, params, pipe, mesh, seed: int):

@@ -1,6 +1,7 @@
 """LoRA / DoRA / full_then_lora against peft and transformers (fp32, tiny models)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -120,6 +121,28 @@ def test_lora_training_freezes_the_base_and_exports_a_peft_adapter(tmp_path):
   np.testing.assert_allclose(peft_fixtures.torch_logits(model, TOKENS), np.asarray(ours), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("method,trained", [
+    ("lora", set()), ("full_then_lora", None), ("freeze", {"layers/"})])
+def test_random_init_builds_frozen_weights_in_the_frozen_dtype(method, trained):
+  """What the trainer (model.init) and the bench start a stage from: the
+  weights the stage freezes built straight in bf16, leaf by leaf, the same
+  values as the fp32 init cast down; trained ones (all before
+  full_then_lora's switch, the trained layers of freeze tuning) in fp32."""
+  cfg = ModelConfig(**{**train_fixtures.TINY_MODEL, "vocab_size": 64, "dtype": "bfloat16"})
+  stage = _lora_stage(method, frozen_dtype="compute", train_layers=1)
+  abstract = llama.abstract_params(cfg)
+  shardings = sharding_lib.param_shardings(abstract, sharding_lib.make_mesh({}))
+  dtypes = optim.load_dtypes(abstract, stage, cfg.dtype, cfg.param_dtype)
+  built = peft_fixtures.leaves_by_path(llama.init_placed(cfg, jax.random.key(3), shardings,
+                                                         dtypes))
+  fp32 = peft_fixtures.leaves_by_path(llama.init_placed(cfg, jax.random.key(3), shardings))
+  assert fp32.keys() == built.keys()
+  for path, x in fp32.items():
+    kept = trained is None or any(path.startswith(t) for t in trained)
+    assert built[path].dtype == (np.float32 if kept else jnp.bfloat16), path
+    np.testing.assert_array_equal(built[path], x.astype(built[path].dtype), err_msg=path)
+
+
 def test_frozen_weights_get_no_optimizer_state_and_no_gradient():
   cfg = ModelConfig(**{**train_fixtures.TINY_MODEL, "vocab_size": 64})
   params = llama.init_params(cfg, jax.random.key(0))
@@ -202,10 +225,65 @@ def test_frozen_weights_held_in_the_compute_dtype_train_the_same(tmp_path):
 
   c = _one_stage_config(tmp_path / "compute", hf_dir, "lora", steps=4, frozen_dtype="compute")
   c.model.dtype = "bfloat16"
+  # The run read its frozen weights straight in bf16 (never the fp32 model on
+  # the device first), the same values store_frozen makes of the fp32 ones.
+  _, loaded = trainer.initial_model(c, sharding_lib.make_mesh(dict(c.mesh)))
+  for path, x in peft_fixtures.leaves_by_path(start).items():
+    got = peft_fixtures.leaves_by_path(loaded)[path]
+    assert got.dtype == jnp.bfloat16, path
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(x, jnp.bfloat16)))
+  c_full = _one_stage_config(tmp_path / "full", hf_dir, "full_then_lora", steps=4,
+                             frozen_dtype="compute")
+  c_full.model.dtype = "bfloat16"
+  _, loaded = trainer.initial_model(c_full, sharding_lib.make_mesh(dict(c.mesh)))
+  assert {x.dtype for x in jax.tree_util.tree_leaves(loaded)} == {jnp.dtype(jnp.float32)}
   resumed = peft_fixtures.resumed_leaves(c, tmp_path / "compute" / "run", tmp_path / "resumed",
                                          "sft", 2)
   for path, x in resumed.items():
     np.testing.assert_array_equal(x, finals["compute"][path], err_msg=f"resumed: {path}")
+
+
+def test_frozen_weights_parked_on_the_host_between_stages_change_nothing(tmp_path, monkeypatch):
+  """A LoRA stage holding its base in bf16 does not end by casting it back to
+  fp32 on the device: the frozen weights go to the host in fp32, the final
+  checkpoint is written from there, the next stage (LoRA on other targets:
+  the first LoRA merged) puts them back in bf16, and the export merges on the
+  host. Checkpoints, losses and the export are bit-identical to a run that
+  casts them on the device."""
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
+
+  def run(root):
+    c = _one_stage_config(root, hf_dir, "lora", steps=2, frozen_dtype="compute")
+    c.model.dtype = "bfloat16"
+    c.stages.sft2 = copy.deepcopy(c.stages.sft)
+    c.stages.sft2.peft.targets = ["q_proj", "v_proj"]
+    c.export.hf = True
+    return trainer.train(c)
+
+  host_leaves = []
+  save = checkpoint_lib.save_model
+  monkeypatch.setattr(checkpoint_lib, "save_model", lambda path, params, *a, **k: (
+      host_leaves.append(sum(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params))),
+      save(path, params, *a, **k))[1])
+  parked = run(tmp_path / "parked")
+  n_base = len(jax.tree_util.tree_leaves(hf.load_params(hf_dir)[1]))
+  assert host_leaves == [n_base, n_base]  # every frozen base weight, after each stage
+  monkeypatch.setattr(trainer._Phase, "final", trainer._Phase.unstore)
+  on_device = run(tmp_path / "device")
+
+  def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r.get("split") == "train"]
+  assert losses(parked) == losses(on_device) and len(losses(parked)) == 4
+  for stage in ("sft", "sft2"):
+    _, a = checkpoint_lib.load_model(parked / "stages" / stage / "final")
+    _, b = checkpoint_lib.load_model(on_device / "stages" / stage / "final")
+    for path, x in peft_fixtures.leaves_by_path(b).items():
+      assert x.dtype == np.float32, path
+      np.testing.assert_array_equal(peft_fixtures.leaves_by_path(a)[path], x, err_msg=path)
+  a, b = (peft_fixtures.leaves_by_path(hf.load_params(out / "hf")[1]) for out in (parked, on_device))
+  for path, x in b.items():
+    np.testing.assert_array_equal(a[path], x, err_msg=f"export: {path}")
 
 
 @pytest.mark.parametrize("peft_kw,method,needle", [

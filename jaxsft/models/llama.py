@@ -341,6 +341,29 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
                                method=Transformer.init_all)["params"]
 
 
+def init_placed(cfg: ModelConfig, rng: jax.Array, shardings, dtypes=None) -> dict:
+  """``init_params`` built on the device under jit and placed on ``shardings``
+  (a tree like the parameters'), each leaf in ``dtypes``' dtype if given.
+
+  One program builds the whole tree when every leaf keeps the parameter
+  dtype. Otherwise (frozen weights in bf16) each leaf gets its own program
+  (the rest of the init is dead code there): in one program XLA keeps every
+  fp32 value until the end, so casting inside it costs more than it saves
+  (Llama-3-8B on XLA:CPU: 15 GiB of bf16 outputs over 32 GiB of temporaries,
+  vs 30 + 9 in fp32); leaf by leaf, the peak is the finished leaves plus one
+  leaf's fp32 value."""
+  build = lambda k: init_params(cfg, k)  # noqa: E731
+  if dtypes is None or all(jnp.dtype(d) == jnp.dtype(cfg.param_dtype)
+                           for d in jax.tree_util.tree_leaves(dtypes)):
+    return jax.jit(build, out_shardings=shardings)(rng)
+  dtype_leaves, treedef = jax.tree_util.tree_flatten(dtypes)
+  leaves = [
+      jax.jit(lambda k, i=i, d=d: jax.tree_util.tree_leaves(build(k))[i].astype(d),
+              out_shardings=s)(rng)
+      for i, (d, s) in enumerate(zip(dtype_leaves, jax.tree_util.tree_leaves(shardings)))]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def abstract_params(cfg: ModelConfig) -> dict:
   """Shapes and dtypes of the parameters, without materializing any."""
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
