@@ -97,10 +97,12 @@ def _save_model_multiprocess(path: pathlib.Path, params, cfg, tokenizer_src, ove
   return path
 
 
-def load_model(path: PathLike, mesh=None, rules=None) -> tuple[ModelConfig, dict]:
+def load_model(path: PathLike, mesh=None, rules=None, dtypes=None) -> tuple[ModelConfig, dict]:
   """The config and parameters of the checkpoint at ``path``, each parameter
   restored onto its sharding from ``sharding.param_shardings(…, mesh, rules)``
-  (one device without a mesh)."""
+  (one device without a mesh), in the dtype it was saved in or, where
+  ``dtypes`` (a tree of the parameters' structure) says another, cast to that
+  one as it is read."""
   path = pathlib.Path(path)
   if not is_checkpoint(path):
     if (path / hf.CONFIG_FILE).is_file():
@@ -116,8 +118,10 @@ def load_model(path: PathLike, mesh=None, rules=None) -> tuple[ModelConfig, dict
   else:
     shardings = sharding_lib.param_shardings(abstract, mesh,
                                              rules or sharding_lib.DEFAULT_RULES)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+  if dtypes is None:
+    dtypes = jax.tree.map(lambda a: a.dtype, abstract)
+  target = jax.tree.map(lambda a, s, d: jax.ShapeDtypeStruct(a.shape, d, sharding=s),
+                        abstract, shardings, dtypes)
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(path.resolve() / PARAMS_DIR, target)
   return cfg, params

@@ -79,7 +79,7 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
   if peft:
     return _export_peft(source, cfg, params, pathlib.Path(out), tokenizer_src, dtype,
                         max_shard_bytes, overwrite, base_model)
-  cfg, params = peft_methods.merge(cfg, params)
+  cfg, params = peft_methods.merge(cfg, params, donate=True)
   return hf.save_params(params, cfg, out, tokenizer_src=tokenizer_src,
                         max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
 

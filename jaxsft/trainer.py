@@ -281,11 +281,19 @@ def _checkpoint_config(path: pathlib.Path, config) -> ModelConfig:
       (path / checkpoint_lib.CONFIG_FILE).read_text()).replace(**_policy(config))
 
 
-def _checkpoint_model(path: pathlib.Path, config, mesh) -> tuple[ModelConfig, Any]:
-  """A jaxsft checkpoint's weights, cast to the run's parameter dtype."""
+def _checkpoint_model(path: pathlib.Path, config, mesh, stage) -> tuple[ModelConfig, Any]:
+  """A jaxsft checkpoint's weights, cast to the run's parameter dtype, those
+  ``stage`` (the one starting from them) freezes to its frozen dtype as they
+  are read (``optim.load_dtypes``), unless the checkpoint has adapters: the
+  stage may merge them, which must happen on the full-precision weights."""
   cfg = _checkpoint_config(path, config)
-  _, params = checkpoint_lib.load_model(path, mesh)
-  return cfg, jax.tree_util.tree_map(lambda x: x.astype(cfg.param_dtype), params)
+  dtypes = None
+  if cfg.adapters is None:
+    dtypes = optim.load_dtypes(llama.abstract_params(cfg), stage, cfg.dtype, cfg.param_dtype)
+  _, params = checkpoint_lib.load_model(path, mesh, dtypes=dtypes)
+  if dtypes is None:
+    params = jax.tree_util.tree_map(lambda x: x.astype(cfg.param_dtype), params)
+  return cfg, params
 
 
 def initial_config(config) -> ModelConfig:
@@ -304,19 +312,18 @@ def initial_config(config) -> ModelConfig:
 
 def initial_model(config, mesh) -> tuple[ModelConfig, Any]:
   """The starting weights: a Hugging Face directory, a jaxsft checkpoint, or
-  new. From a directory or new, the weights the first stage freezes arrive in
-  its frozen dtype (``optim.load_dtypes``), so a LoRA run never holds the
-  whole model in fp32 on the device."""
-  cfg = initial_config(config)
+  new. The weights the first stage freezes arrive in its frozen dtype
+  (``optim.load_dtypes``), so a LoRA run never holds the whole model in fp32
+  on the device."""
   first = config.stages[next(iter(config.stages.keys()))]
+  if config.model.init is None and checkpoint_lib.is_checkpoint(pathlib.Path(config.model.source)):
+    return _checkpoint_model(pathlib.Path(config.model.source), config, mesh, first)
+  cfg = initial_config(config)
   dtypes = optim.load_dtypes(llama.abstract_params(cfg), first, cfg.dtype, cfg.param_dtype)
   if config.model.init is not None:
     shardings = sharding_lib.param_shardings(llama.abstract_params(cfg), mesh)
     return cfg, llama.init_placed(cfg, jax.random.key(config.seed), shardings, dtypes)
-  source = pathlib.Path(config.model.source)
-  if checkpoint_lib.is_checkpoint(source):
-    return _checkpoint_model(source, config, mesh)
-  return hf.load_params(source, cfg=cfg, mesh=mesh, dtypes=dtypes)
+  return hf.load_params(config.model.source, cfg=cfg, mesh=mesh, dtypes=dtypes)
 
 
 def _has_step_checkpoint(stage_dir: pathlib.Path) -> bool:
@@ -378,7 +385,7 @@ def train(config) -> pathlib.Path:
     cfg = _checkpoint_config(finals[done], config) if done >= 0 else initial_config(config)
     params = llama.abstract_params(cfg)
   elif done >= 0:
-    cfg, params = _checkpoint_model(finals[done], config, mesh)
+    cfg, params = _checkpoint_model(finals[done], config, mesh, config.stages[names[done + 1]])
   else:
     cfg, params = initial_model(config, mesh)
   for i, name in enumerate(names):
@@ -393,7 +400,7 @@ def train(config) -> pathlib.Path:
     run.writer.plot()
 
   if config.export.hf:
-    cfg, params = peft_methods.merge(cfg, _on_host_if_parked(params))
+    cfg, params = peft_methods.merge(cfg, _on_host_if_parked(params), donate=True)
     if jax.process_count() > 1:
       # Every process takes part in gathering the weights; one writes them.
       params = multihost_utils.process_allgather(params, tiled=True)

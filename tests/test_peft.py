@@ -92,6 +92,13 @@ def test_peft_loads_the_adapter_with_equal_logits_and_merge_is_exact(
   merged_dir = export_lib.export(ckpt, tmp_path / "merged")
   merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()
   np.testing.assert_allclose(peft_fixtures.torch_logits(merged, TOKENS), ours, atol=1e-4, rtol=0)
+  # The export (and the trainer's) merge donates the base weights: the same
+  # values, the model held once (the inputs' buffers are the merged ones).
+  _, kept = methods.merge(cfg, params)
+  _, donated = methods.merge(cfg, params, donate=True)
+  jax.tree.map(np.testing.assert_array_equal, kept, donated)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  assert all(x.is_deleted() != ("_lora_" in sharding_lib.path_names(p)[-1]) for p, x in leaves)
 
 
 def _one_stage_config(tmp_path, hf_dir, method, steps=6, **peft_kw):
@@ -227,11 +234,21 @@ def test_frozen_weights_held_in_the_compute_dtype_train_the_same(tmp_path):
   c.model.dtype = "bfloat16"
   # The run read its frozen weights straight in bf16 (never the fp32 model on
   # the device first), the same values store_frozen makes of the fp32 ones.
-  _, loaded = trainer.initial_model(c, sharding_lib.make_mesh(dict(c.mesh)))
-  for path, x in peft_fixtures.leaves_by_path(start).items():
-    got = peft_fixtures.leaves_by_path(loaded)[path]
-    assert got.dtype == jnp.bfloat16, path
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(x, jnp.bfloat16)))
+  # So does one starting from a jaxsft checkpoint without adapters (orbax
+  # casts as it reads); one with adapters arrives in fp32: they are merged first.
+  mesh = sharding_lib.make_mesh(dict(c.mesh))
+  checkpoint_lib.save_model(tmp_path / "ckpt", start, hf.load_params(hf_dir)[0])
+  for source in (hf_dir, tmp_path / "ckpt"):
+    c.model.source = str(source)
+    _, loaded = trainer.initial_model(c, mesh)
+    for path, x in peft_fixtures.leaves_by_path(start).items():
+      got = peft_fixtures.leaves_by_path(loaded)[path]
+      assert got.dtype == jnp.bfloat16, (source, path)
+      np.testing.assert_array_equal(got, np.asarray(jnp.asarray(x, jnp.bfloat16)), err_msg=path)
+  c.model.source = str(tmp_path / "compute" / "run" / "stages" / "sft" / "final")
+  _, loaded = trainer.initial_model(c, mesh)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(loaded)} == {jnp.dtype(jnp.float32)}
+  c.model.source = str(hf_dir)
   c_full = _one_stage_config(tmp_path / "full", hf_dir, "full_then_lora", steps=4,
                              frozen_dtype="compute")
   c_full.model.dtype = "bfloat16"

@@ -251,9 +251,11 @@ def add_params(cfg: ModelConfig, params, rng: jax.Array):
   return jax.jit(init, donate_argnums=0)(params, rng)
 
 
-def merge(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
+def merge(cfg: ModelConfig, params, donate: bool = False) -> tuple[ModelConfig, Any]:
   """Fold LoRA/DoRA into the base weights: a plain model computing the same
-  function. Adapters with no exact merged form are refused."""
+  function. Adapters with no exact merged form are refused. ``donate``: the
+  base weights' buffers become the merged ones (``params`` is unusable
+  after), so merging holds the model once, not twice."""
   cfg, params = canonical(cfg, params)
   a = cfg.adapters
   if a is None:
@@ -290,7 +292,12 @@ def merge(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
     out = lora_lib.merge_experts(out, a)
     return {k: fold(v) if isinstance(v, dict) else v for k, v in out.items()}
 
-  merged = jax.jit(fold)(_plain(params))
+  params = _plain(params)
+  if not donate:
+    return cfg.replace(adapters=None), jax.jit(fold)(params)
+  # Only the base weights are donated: the factors have no output to alias.
+  merged = jax.jit(lambda base, factors: fold(_joined(base, factors)), donate_argnums=0)(
+      base_params(params), _adapter_params(params))
   return cfg.replace(adapters=None), merged
 
 
@@ -300,6 +307,26 @@ def base_params(params):
     return {k: strip(v) if hasattr(v, "items") else v for k, v in tree.items()
             if not _is_adapter_name(k)}
   return strip(params)
+
+
+def _adapter_params(params):
+  """The adapter parameters of ``params`` (nested dicts; ``base_params``'
+  complement)."""
+  out = {}
+  for k, v in params.items():
+    if _is_adapter_name(k):
+      out[k] = v
+    elif hasattr(v, "items") and (sub := _adapter_params(v)):
+      out[k] = sub
+  return out
+
+
+def _joined(a, b):
+  """Nested dicts ``a`` and ``b`` (disjoint leaves) as one."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _joined(out[k], v) if k in out else v
+  return out
 
 
 def _is_adapter_name(name: str) -> bool:
