@@ -2,6 +2,7 @@
 
   python -m jaxsft.export --checkpoint PATH --out DIR [--dtype bfloat16|float16|float32]
       [--max-shard-size 5GB] [--overwrite] [--trust-remote-code] [--peft [--base-model ID]]
+      [--device host|accelerators]
 
 LoRA/DoRA adapters are merged into the weights; with ``--peft`` the adapters
 are written as a PEFT adapter directory instead (``jaxsft.peft.export``),
@@ -15,6 +16,11 @@ as the family's ``*ForSequenceClassification`` (``score.weight``, num_labels,
 id2label/label2id, pad_token_id) for ``AutoModelForSequenceClassification``;
 with ``--peft`` its adapter is PEFT's ``SEQ_CLS`` task, the head saved beside
 the LoRA factors (see ``jaxsft.peft.export``).
+The weights are read and merged in the host's memory (``--device host``, as
+LLaMA-Factory's ``export_device: cpu``): exporting needs no accelerator
+memory, so an 8B LoRA run's checkpoint exports beside a GPU that trains on,
+or one too small for its fp32 weights. ``--device accelerators`` spreads them
+over every local device instead, for a model larger than the host's memory.
 Mistakes in the arguments or inputs print ``error: …`` and exit with status 2.
 """
 from __future__ import annotations
@@ -50,16 +56,14 @@ def parse_size(text: str) -> int:
 def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
            max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, trust_remote_code: bool = False,
            overwrite: bool = False, peft: bool = False,
-           base_model: str | None = None) -> pathlib.Path:
+           base_model: str | None = None, device: str = "host") -> pathlib.Path:
   """Write the model at ``source`` (jaxsft checkpoint or HF directory) to ``out``
   in Hugging Face format, adapters merged; with ``peft``, a PEFT adapter
   directory instead (see the module docstring)."""
   source = pathlib.Path(source)
   if not source.is_dir():
     raise ValueError(f"checkpoint {source} does not exist (or is not a directory)")
-  # Spread the weights over every local device, so a model larger than one
-  # device's memory still exports.
-  mesh = sharding_lib.make_mesh() if jax.local_device_count() > 1 else None
+  mesh = _export_mesh(device)
   if checkpoint_lib.is_checkpoint(source):
     cfg, params = checkpoint_lib.load_model(source, mesh)
     tokenizer_src = source / checkpoint_lib.TOKENIZER_DIR
@@ -82,6 +86,19 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
   cfg, params = peft_methods.merge(cfg, params, donate=True)
   return hf.save_params(params, cfg, out, tokenizer_src=tokenizer_src,
                         max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
+
+
+def _export_mesh(device: str):
+  """Where the export holds the weights (module docstring): one host CPU
+  device, or every local device (None: the default device)."""
+  if device not in ("host", "accelerators"):
+    raise ValueError(f"device={device!r}: use 'host' or 'accelerators'")
+  if device == "host":
+    try:
+      return sharding_lib.make_mesh(devices=jax.devices("cpu")[:1])
+    except RuntimeError:  # JAX_PLATFORMS without cpu: the accelerators it is
+      pass
+  return sharding_lib.make_mesh() if jax.local_device_count() > 1 else None
 
 
 def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer_src, dtype,
@@ -143,11 +160,19 @@ def main(argv: list[str] | None = None) -> int:
                       help="with --peft: the adapter config's base_model_name_or_path (e.g. a "
                            "hub id); default: the recorded source directory, or the "
                            "checkpoint's base weights exported to OUT/base")
+  parser.add_argument("--device", choices=("host", "accelerators"), default="host",
+                      help="hold and merge the weights in the host's memory (default) or "
+                           "spread over the local accelerators (for a model larger than "
+                           "the host's memory)")
   args = parser.parse_args(argv)
+  if args.device == "host":
+    # Not even initialized: a GPU that trains on (or has no room) is left alone.
+    jax.config.update("jax_platforms", "cpu")
   try:
     out = export(args.checkpoint, args.out, dtype=args.dtype,
                  max_shard_bytes=args.max_shard_size, trust_remote_code=args.trust_remote_code,
-                 overwrite=args.overwrite, peft=args.peft, base_model=args.base_model)
+                 overwrite=args.overwrite, peft=args.peft, base_model=args.base_model,
+                 device=args.device)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -253,6 +253,15 @@ def test_checkpoint_round_trip_and_export_cli(exported, tmp_path):
   tokens = torch.tensor(_tokens())
   with torch.no_grad():
     assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+  # The weights spread over the accelerators (8 simulated devices here)
+  # instead of one host device: the same files.
+  spread = tmp_path / "hf_spread"
+  run = subprocess.run([sys.executable, "-m", "jaxsft.export", "--checkpoint", str(ckpt),
+                        "--out", str(spread), "--max-shard-size", "100KB", "--device",
+                        "accelerators"], capture_output=True, text=True, cwd=REPO,
+                       env={**_cpu_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert run.returncode == 0, run.stderr
+  _assert_same_tensors(_tensors(out), _tensors(spread))
 
 
 def test_save_is_all_or_nothing(exported, tmp_path, monkeypatch):
