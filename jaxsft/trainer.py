@@ -283,12 +283,13 @@ def _checkpoint_config(path: pathlib.Path, config) -> ModelConfig:
 
 def _checkpoint_model(path: pathlib.Path, config, mesh, stage) -> tuple[ModelConfig, Any]:
   """A jaxsft checkpoint's weights, cast to the run's parameter dtype, those
-  ``stage`` (the one starting from them) freezes to its frozen dtype as they
-  are read (``optim.load_dtypes``), unless the checkpoint has adapters: the
-  stage may merge them, which must happen on the full-precision weights."""
+  ``stage`` (the one starting from them; None: every stage is done) freezes
+  to its frozen dtype as they are read (``optim.load_dtypes``), unless the
+  checkpoint has adapters: the stage may merge them, which must happen on the
+  full-precision weights."""
   cfg = _checkpoint_config(path, config)
   dtypes = None
-  if cfg.adapters is None:
+  if cfg.adapters is None and stage is not None:
     dtypes = optim.load_dtypes(llama.abstract_params(cfg), stage, cfg.dtype, cfg.param_dtype)
   _, params = checkpoint_lib.load_model(path, mesh, dtypes=dtypes)
   if dtypes is None:
@@ -385,7 +386,8 @@ def train(config) -> pathlib.Path:
     cfg = _checkpoint_config(finals[done], config) if done >= 0 else initial_config(config)
     params = llama.abstract_params(cfg)
   elif done >= 0:
-    cfg, params = _checkpoint_model(finals[done], config, mesh, config.stages[names[done + 1]])
+    following = config.stages[names[done + 1]] if done + 1 < len(names) else None
+    cfg, params = _checkpoint_model(finals[done], config, mesh, following)
   else:
     cfg, params = initial_model(config, mesh)
   for i, name in enumerate(names):
