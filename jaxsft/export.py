@@ -93,11 +93,9 @@ def _export_mesh(device: str):
   device, or every local device (None: the default device)."""
   if device not in ("host", "accelerators"):
     raise ValueError(f"device={device!r}: use 'host' or 'accelerators'")
-  if device == "host":
-    try:
-      return sharding_lib.make_mesh(devices=jax.devices("cpu")[:1])
-    except RuntimeError:  # JAX_PLATFORMS without cpu: the accelerators it is
-      pass
+  host = sharding_lib.host_device() if device == "host" else None
+  if host is not None:  # (None: JAX_PLATFORMS without cpu: the accelerators it is)
+    return sharding_lib.make_mesh(devices=[host])
   return sharding_lib.make_mesh() if jax.local_device_count() > 1 else None
 
 

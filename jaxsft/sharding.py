@@ -57,6 +57,16 @@ def with_mesh(mesh: Mesh, fn: Callable) -> Callable:
   return call
 
 
+def host_device():
+  """The host's first CPU device, for work that must not take accelerator
+  memory (exporting, weights parked between stages); None where JAX runs
+  without the cpu platform (``JAX_PLATFORMS`` leaving it out)."""
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:
+    return None
+
+
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
   """A mesh over ``devices`` with axes MESH_AXES; unnamed axes get size 1, and
   a single ``-1`` takes the remaining devices (default: all on ``fsdp``)."""

@@ -282,18 +282,18 @@ def _checkpoint_config(path: pathlib.Path, config) -> ModelConfig:
 
 
 def _checkpoint_model(path: pathlib.Path, config, mesh, stage) -> tuple[ModelConfig, Any]:
-  """A jaxsft checkpoint's weights, cast to the run's parameter dtype, those
-  ``stage`` (the one starting from them; None: every stage is done) freezes
-  to its frozen dtype as they are read (``optim.load_dtypes``), unless the
-  checkpoint has adapters: the stage may merge them, which must happen on the
-  full-precision weights."""
+  """A jaxsft checkpoint's weights, cast by orbax as they are read: to the
+  run's parameter dtype, those ``stage`` (the one starting from them; None:
+  every stage is done) freezes to its frozen dtype (``optim.load_dtypes``),
+  unless the checkpoint has adapters: the stage may merge them, which must
+  happen on the full-precision weights."""
   cfg = _checkpoint_config(path, config)
-  dtypes = None
+  abstract = llama.abstract_params(cfg)  # in the run's parameter dtype
   if cfg.adapters is None and stage is not None:
-    dtypes = optim.load_dtypes(llama.abstract_params(cfg), stage, cfg.dtype, cfg.param_dtype)
+    dtypes = optim.load_dtypes(abstract, stage, cfg.dtype, cfg.param_dtype)
+  else:
+    dtypes = jax.tree_util.tree_map(lambda x: x.dtype, abstract)
   _, params = checkpoint_lib.load_model(path, mesh, dtypes=dtypes)
-  if dtypes is None:
-    params = jax.tree_util.tree_map(lambda x: x.astype(cfg.param_dtype), params)
   return cfg, params
 
 
@@ -320,9 +320,10 @@ def initial_model(config, mesh) -> tuple[ModelConfig, Any]:
   if config.model.init is None and checkpoint_lib.is_checkpoint(pathlib.Path(config.model.source)):
     return _checkpoint_model(pathlib.Path(config.model.source), config, mesh, first)
   cfg = initial_config(config)
-  dtypes = optim.load_dtypes(llama.abstract_params(cfg), first, cfg.dtype, cfg.param_dtype)
+  abstract = llama.abstract_params(cfg)
+  dtypes = optim.load_dtypes(abstract, first, cfg.dtype, cfg.param_dtype)
   if config.model.init is not None:
-    shardings = sharding_lib.param_shardings(llama.abstract_params(cfg), mesh)
+    shardings = sharding_lib.param_shardings(abstract, mesh)
     return cfg, llama.init_placed(cfg, jax.random.key(config.seed), shardings, dtypes)
   return hf.load_params(config.model.source, cfg=cfg, mesh=mesh, dtypes=dtypes)
 
@@ -418,13 +419,8 @@ def _on_host_if_parked(params):
   weights on the host (``_Phase.final``), so that merging LoRA into them for
   the export does not bring the whole fp32 model back onto the accelerator;
   as they are otherwise (or where JAX has no CPU device)."""
-  if not any(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params)):
-    return params
-  try:
-    cpu = jax.devices("cpu")[0]
-  except RuntimeError:
-    return params
-  return jax.device_put(params, cpu)
+  host = sharding_lib.host_device() if _parked(params) else None
+  return params if host is None else jax.device_put(params, host)
 
 
 def _total_steps(stage, pipe, batch: int) -> int:
@@ -666,12 +662,17 @@ def _placed(cfg: ModelConfig, params, stage, mesh):
   left on the host (``_Phase.final``), put on its sharding in the dtype this
   stage reads it in (``optim.load_dtypes``: still the compute dtype if this
   stage freezes it too)."""
-  if not any(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params)):
+  if not _parked(params):
     return params
   dtypes = optim.load_dtypes(params, stage, cfg.dtype, cfg.param_dtype)
   return jax.tree_util.tree_map(
       lambda x, dtype, s: jax.device_put(x.astype(dtype), s) if isinstance(x, np.ndarray) else x,
       params, dtypes, sharding_lib.param_shardings(params, mesh))
+
+
+def _parked(params) -> bool:
+  """Whether ``params`` holds host (numpy) leaves left by ``_Phase.final``."""
+  return any(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params))
 
 
 def _with_head(name: str, objective: str, cfg: ModelConfig, params, pipe, mesh, seed: int):
