@@ -97,6 +97,11 @@ def _save_model_multiprocess(path: pathlib.Path, params, cfg, tokenizer_src, ove
   return path
 
 
+def model_config(path: PathLike) -> ModelConfig:
+  """The model config of the checkpoint at ``path`` (without reading its weights)."""
+  return ModelConfig.from_json((pathlib.Path(path) / CONFIG_FILE).read_text())
+
+
 def load_model(path: PathLike, mesh=None, rules=None, dtypes=None) -> tuple[ModelConfig, dict]:
   """The config and parameters of the checkpoint at ``path``, each parameter
   restored onto its sharding from ``sharding.param_shardings(…, mesh, rules)``
@@ -110,7 +115,7 @@ def load_model(path: PathLike, mesh=None, rules=None, dtypes=None) -> tuple[Mode
                        "read it with jaxsft.hf.load_params")
     raise ValueError(f"{path} is not a jaxsft checkpoint (it needs {CONFIG_FILE} and "
                      f"{PARAMS_DIR}/)")
-  cfg = ModelConfig.from_json((path / CONFIG_FILE).read_text())
+  cfg = model_config(path)
   abstract = llama.abstract_params(cfg)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -3,7 +3,7 @@
     python -m jaxsft.evaluate --model PATH --data FILE [--metric loss|json-labels|accuracy]
         [--format F] [--chat] [--system TEXT] [--template T] [--batch-size N]
         [--max-new-tokens N] [--max-length N] [--predictions OUT.jsonl]
-        [--train-data FILE] [--trust-remote-code]
+        [--train-data FILE] [--dtype D] [--trust-remote-code]
 
 PATH is a Hugging Face model directory or a jaxsft checkpoint.
 
@@ -540,6 +540,10 @@ def _parse_args(argv):
                       help="write per-example predictions to this JSONL file")
   parser.add_argument("--train-data", default=None,
                       help="json-labels: the training file, to report labels it never has")
+  parser.add_argument("--dtype", choices=generate.DTYPES, default="auto",
+                      help="compute dtype (auto: a checkpoint's own; a Hugging Face model's "
+                           "stored dtype on GPU/TPU, float32 on CPU); on GPU/TPU the weights "
+                           "are read in it too")
   parser.add_argument("--trust-remote-code", action="store_true",
                       help="allow custom tokenizer code shipped with the model")
   return parser.parse_args(argv)
@@ -604,7 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       conversations = read_examples(args.data, args.format,
                                     args.system if args.metric != "json-labels" or args.chat
                                     else None)
-    cfg, params, tokenizer = generate.load_for_inference(args.model, args.trust_remote_code)
+    cfg, params, tokenizer = generate.load_for_inference(args.model, args.trust_remote_code,
+                                                         args.dtype)
     context = usable_context(cfg)
     if args.max_length is not None and args.max_length > context:
       raise ValueError(f"--max-length={args.max_length} exceeds the model's context of "

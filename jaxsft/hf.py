@@ -158,6 +158,15 @@ def _rope_from_hf(hf: dict, family: str, max_pos: int, where: str):
   return float(theta), scaling
 
 
+def stored_dtype(model_dir: PathLike) -> str | None:
+  """The dtype a Hugging Face model directory's config.json says its weights
+  are stored in (``dtype``, or ``torch_dtype`` before transformers 5), if it
+  is one jaxsft computes in; else None."""
+  hf = _read_json(_model_dir(model_dir) / CONFIG_FILE)
+  name = hf.get("dtype") or hf.get("torch_dtype")
+  return name if name in _PARAM_DTYPES else None
+
+
 def config_from_hf(source: PathLike | Mapping[str, Any], **policy) -> ModelConfig:
   """A ModelConfig from a Hugging Face ``config.json`` (a dict, or a model directory).
 

@@ -1,6 +1,7 @@
 """Generation against transformers' greedy ``generate``, batching, sampling and the CLI."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,9 +14,14 @@ import pytest
 import torch
 import transformers
 
+import peft_fixtures
 from jaxsft import checkpoint
 from jaxsft import generate as gen
 from jaxsft import hf
+from jaxsft.models import llama
+from jaxsft.models.model_config import Adapters
+from jaxsft.peft import methods as peft_methods
+from jaxsft.peft import prompts as prompts_lib
 
 NEW_TOKENS = 24
 
@@ -156,6 +162,76 @@ def test_load_for_inference_reads_hf_dirs_and_checkpoints(llama_model, tmp_path)
   bare = checkpoint.save_model(tmp_path / "bare", params, cfg)
   with pytest.raises(ValueError, match="has no tokenizer/ directory"):
     gen.load_for_inference(bare)
+
+
+# Adapters whose parameters the forward pass reads in fp32 (prompt encoders,
+# DoRA's weight norm) next to ones it reads in the compute dtype (LoRA factors).
+READ_DTYPE_ADAPTERS = {
+    "lora": Adapters(lora_targets=("q_proj", "v_proj", "down_proj"), lora_rank=4,
+                     lora_alpha=8.0),
+    "dora": Adapters(lora_targets=("q_proj", "up_proj"), lora_rank=4, lora_alpha=8.0,
+                     dora=True),
+    "p_tuning": Adapters(prompt_tokens=3, prompt_encoder="mlp", prompt_encoder_hidden=8),
+}
+
+
+@pytest.mark.parametrize("name", list(READ_DTYPE_ADAPTERS))
+def test_weights_read_in_the_compute_dtype_compute_the_same(llama_model, tmp_path, name):
+  """A bf16 model's weights read straight in bf16 (what an 8B model needs to
+  fit a 24 GiB card): the same logits, bit for bit, as from its fp32 weights;
+  adapter parameters and DoRA-normed weights stay fp32. From a checkpoint with
+  adapters, and (lora) from the plain Hugging Face directory too."""
+  d, _, cfg, params = llama_model
+  adapters = READ_DTYPE_ADAPTERS[name]
+  cfg = cfg.replace(dtype="bfloat16", adapters=adapters)
+  params = peft_methods.add_params(cfg, jax.tree.map(jnp.copy, params), jax.random.key(1))
+  # B is zero at init: random ones make the LoRA/DoRA terms count.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+      if "_lora_b_" in str(p) else x, params)
+  ckpt = checkpoint.save_model(tmp_path / "ckpt", params, cfg, tokenizer_src=d)
+  sources = [ckpt, d] if name == "lora" else [ckpt]
+  for source in sources:
+    n_virtual = adapters.prompt_tokens if source == ckpt else 0
+    tokens = jnp.asarray([prompts_lib.virtual_ids(n_virtual).tolist() + _prompt(12)])
+    full_cfg, full, _ = gen.load_for_inference(source, dtype="bfloat16", weights="param")
+    got_cfg, narrow, _ = gen.load_for_inference(source, dtype="bfloat16", weights="compute")
+    assert got_cfg == full_cfg and got_cfg.dtype == "bfloat16"
+    narrowed = 0
+    for path, x in peft_fixtures.leaves_by_path(narrow).items():
+      leaf = path.split("/")[-1]
+      kept = ("_lora_" in path or "prompt" in path
+              or (adapters.dora and leaf in ("q_dnh", "up_df")))
+      want = peft_fixtures.leaves_by_path(full)[path]
+      assert want.dtype == np.float32, path
+      assert x.dtype == (np.float32 if kept else jnp.bfloat16), (source, path)
+      np.testing.assert_array_equal(x, want.astype(x.dtype), err_msg=path)
+      narrowed += not kept
+    assert narrowed >= 10
+    want_logits = np.asarray(llama.forward(full_cfg, full, tokens)[0])
+    np.testing.assert_array_equal(np.asarray(llama.forward(got_cfg, narrow, tokens)[0]),
+                                  want_logits, err_msg=str(source))
+
+
+def test_auto_dtype_follows_the_checkpoint_and_keeps_fp32_on_cpu(llama_model, tmp_path):
+  """``--dtype auto``: a checkpoint computes in its run's dtype, a Hugging
+  Face directory in float32 on CPU (its stored dtype only on GPU/TPU); on
+  CPU the weights stay in their saved dtype."""
+  d, _, cfg, params = llama_model
+  assert hf.stored_dtype(d) == "float32"
+  ckpt = checkpoint.save_model(tmp_path / "ckpt", params, cfg.replace(dtype="bfloat16"),
+                               tokenizer_src=d)
+  bf16_dir = tmp_path / "bf16"
+  shutil.copytree(d, bf16_dir)
+  config = json.loads((bf16_dir / "config.json").read_text())
+  (bf16_dir / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+  assert hf.stored_dtype(bf16_dir) == "bfloat16"
+  for source, want in ((ckpt, "bfloat16"), (d, "float32"), (bf16_dir, "float32")):
+    got_cfg, got, _ = gen.load_for_inference(source)
+    assert got_cfg.dtype == want, source
+    assert {x.dtype for x in jax.tree.leaves(got)} == {jnp.dtype(jnp.float32)}
+  with pytest.raises(ValueError, match="float64"):
+    gen.load_for_inference(d, dtype="float64")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -305,7 +305,7 @@ def base_params(params):
   """``params`` without any adapter parameter: the frozen base model."""
   def strip(tree):
     return {k: strip(v) if hasattr(v, "items") else v for k, v in tree.items()
-            if not _is_adapter_name(k)}
+            if not is_adapter_name(k)}
   return strip(params)
 
 
@@ -314,7 +314,7 @@ def _adapter_params(params):
   complement)."""
   out = {}
   for k, v in params.items():
-    if _is_adapter_name(k):
+    if is_adapter_name(k):
       out[k] = v
     elif hasattr(v, "items") and (sub := _adapter_params(v)):
       out[k] = sub
@@ -329,7 +329,9 @@ def _joined(a, b):
   return out
 
 
-def _is_adapter_name(name: str) -> bool:
+def is_adapter_name(name: str) -> bool:
+  """Whether a parameter (or module) named ``name`` belongs to an adapter:
+  LoRA/DoRA factors, prompt/prefix encoders, bottleneck adapters."""
   return "_lora_" in name or name in ("prompt", "prefix") or name.startswith("adapter")
 
 
