@@ -1,6 +1,8 @@
 """Parity of jaxsft's decoder family with transformers (fp32, CPU, tiny random models)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,10 +233,17 @@ def test_blocked_attention_matches_one_masked_softmax(mask):
     full = attention.attention_mask(slots, slots, segs, segs, positions, positions, window)
     return attention._xla_attention(q, key, val, full, 1.0 / np.sqrt(h))
 
-  got, got_vjp = jax.vjp(blocked, q, key, val)
-  want, want_vjp = jax.vjp(reference, q, key, val)
   live = np.ones((b, t), bool) if segments is None else segments != 0  # padding rows: unused
-  np.testing.assert_allclose(np.asarray(got)[live], np.asarray(want)[live], rtol=1e-5, atol=1e-5)
   ct = ct * live[:, :, None, None]
-  for g, r in zip(got_vjp(ct), want_vjp(ct)):
+
+  # One program each (op by op, the first case spent ~13 s compiling primitives).
+  @functools.partial(jax.jit, static_argnums=0)
+  def value_and_grads(fn, q, key, val, ct):
+    out, vjp = jax.vjp(fn, q, key, val)
+    return out, vjp(ct)
+
+  got, got_grads = value_and_grads(blocked, q, key, val, ct)
+  want, want_grads = value_and_grads(reference, q, key, val, ct)
+  np.testing.assert_allclose(np.asarray(got)[live], np.asarray(want)[live], rtol=1e-5, atol=1e-5)
+  for g, r in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)

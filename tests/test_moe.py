@@ -209,10 +209,11 @@ for dispatch, factor in {cases!r}:
 
 
 def test_routed_dispatch_on_8_devices_matches_dense_on_one():
-  """Bucketed (both bucket sizes) and dropless under shard_map with the
-  fsdp, tensor and expert axes 2 each, with expert LoRA: outputs and every
-  gradient of single-device dense."""
-  cases = [("bucketed", 2.0), ("bucketed", 0.5), ("dropless", 2.0)]
+  """Bucketed (both bucket sizes) under shard_map with the fsdp, tensor and
+  expert axes 2 each, with expert LoRA: outputs and every gradient of
+  single-device dense. (Dropless on this mesh, expert LoRA included, is
+  checked by the training test below.)"""
+  cases = [("bucketed", 2.0), ("bucketed", 0.5)]
   script = _SHARDED_MODULE.format(tests=str(REPO / "tests"), cases=cases)
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
