@@ -13,7 +13,8 @@ A config file defines ``get_config()`` returning a ConfigDict built from
   model.remat       rematerialization policy of each layer (models/model_config.py)
   model.attention   auto | xla | cudnn
   model.trust_remote_code   never true unless you trust the model's own code
-  model.moe_dispatch        MoE models: auto | dense | bucketed | dropless (models/mixtral.py)
+  model.moe_dispatch        MoE models: auto | dense | bucketed | dropless | grouped
+                            (models/mixtral.py)
   model.moe_capacity_factor bucketed dispatch: rows per expert bucket as a multiple of
               an even share of the routed tokens (default 2.0; a layer whose
               busiest expert overflows runs bigger buckets, nothing is dropped:

@@ -31,8 +31,9 @@ from jaxsft.peft import methods as peft_methods
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Dispatches that route tokens (vs dense), with a capacity factor: "bucketed"
 # at 0.5 overflows its first buckets and runs the bigger ones.
-ROUTED = [("bucketed", 2.0), ("bucketed", 1.5), ("bucketed", 0.5), ("dropless", 2.0)]
-ROUTED_IDS = ["bucketed", "bucketed1.5", "bucketed-tight", "dropless"]
+ROUTED = [("bucketed", 2.0), ("bucketed", 1.5), ("bucketed", 0.5), ("dropless", 2.0),
+          ("grouped", 2.0)]
+ROUTED_IDS = ["bucketed", "bucketed1.5", "bucketed-tight", "dropless", "grouped"]
 
 
 def _tokens(batch=3, seq=24, seed=0):
@@ -48,6 +49,7 @@ def test_logits_and_aux_loss_match_transformers(hf_model_factory, dispatch, fact
   cfg, params = hf.load_params(path)
   cfg = cfg.replace(moe_dispatch=dispatch, moe_capacity_factor=factor)
   assert mixtral.resolve_dispatch(cfg) == dispatch
+  assert mixtral.resolve_dispatch(cfg.replace(moe_dispatch="auto")) == "grouped"  # on CPU
   tokens = _tokens()
   mask = np.ones_like(tokens)
   mask[1, 15:] = 0  # padding routes (as in transformers) but is not counted
@@ -106,8 +108,8 @@ def _moe_case(skew: bool, cfg: ModelConfig = _CFG, batch: int = 3):
 
 def _check_routed(run, params, x, valid, dispatch, atol=1e-6, mesh=None):
   """``run(dispatch, params, x)`` of a routed dispatch against dense: the same
-  outputs and gradients on real tokens (bucketed gives padding exactly 0:
-  it skips the experts), under a random cotangent on the real tokens. With
+  outputs and gradients on real tokens (bucketed and grouped give padding
+  exactly 0: they skip the experts), under a random cotangent on the real tokens. With
   ``mesh``, the routed dispatch runs jitted under it, dense on one device."""
   def routed(fn, *args):
     if mesh is None:
@@ -119,7 +121,7 @@ def _check_routed(run, params, x, valid, dispatch, atol=1e-6, mesh=None):
   y_dense, y = run("dense", params, x), routed(functools.partial(run, dispatch), params, x)
   np.testing.assert_allclose(np.asarray(y)[real], np.asarray(y_dense)[real], atol=atol, rtol=0)
   pad = np.asarray(y)[~real]
-  if dispatch == "bucketed":
+  if dispatch in ("bucketed", "grouped"):
     np.testing.assert_array_equal(pad, 0)
   else:
     np.testing.assert_allclose(pad, np.asarray(y_dense)[~real], atol=atol, rtol=0)
@@ -209,11 +211,11 @@ for dispatch, factor in {cases!r}:
 
 
 def test_routed_dispatch_on_8_devices_matches_dense_on_one():
-  """Bucketed (both bucket sizes) under shard_map with the fsdp, tensor and
-  expert axes 2 each, with expert LoRA: outputs and every gradient of
-  single-device dense. (Dropless on this mesh, expert LoRA included, is
-  checked by the training test below.)"""
-  cases = [("bucketed", 2.0), ("bucketed", 0.5)]
+  """Bucketed (both bucket sizes) and grouped under shard_map with the fsdp,
+  tensor and expert axes 2 each, with expert LoRA: outputs and every
+  gradient of single-device dense. (Dropless on this mesh, expert LoRA
+  included, is checked by the training test below.)"""
+  cases = [("bucketed", 2.0), ("bucketed", 0.5), ("grouped", 2.0)]
   script = _SHARDED_MODULE.format(tests=str(REPO / "tests"), cases=cases)
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -355,7 +357,8 @@ def test_bad_moe_settings_are_refused_with_the_key():
     config_lib.validate(config)
   config.model.router_aux_loss_coef = None
   config.model.moe_capacity_factor = 0
-  with pytest.raises(ValueError, match=r"config.model.moe_capacity_factor=0.0 must be a number > 0"):
+  with pytest.raises(ValueError,
+                     match=r"config.model.moe_capacity_factor=0.0 must be a number > 0"):
     config_lib.validate(config)
   with pytest.raises(ValueError, match=r"moe_capacity_factor=-1.0 must be > 0"):
     _CFG.replace(moe_capacity_factor=-1.0)

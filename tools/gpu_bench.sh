@@ -28,11 +28,14 @@
 #   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
-#   moe_check    tools/moe_dispatch_check.py: bucketed and dropless MoE equal dense here
+#   moe_check    tools/moe_dispatch_check.py: bucketed, dropless, grouped MoE equal dense here
 #   moe_lora     Mixtral-8x7B's shape cut to 4 layers, LoRA on attention and experts
 #                (the Mixtral recipe's targets), batch 4, vs PEFT on transformers' Mixtral;
 #                jaxsft's GPU MoE dispatch is bucketed (2x the routed FLOPs; read
 #                moe_bucket_overflow: random weights overflow more than a trained router)
+#   moe_lora_grouped  moe_lora with the grouped dispatch (the routed rows in tiles,
+#                ~1.1x the routed FLOPs; 1.58x bucketed on CPU), no peer: should
+#                `auto` pick it on GPU too?
 #   moe_lora_dense  moe_lora with the dense dispatch (all 8 experts, 4x the routed
 #                FLOPs), no peer: does bucketed beat it on a GPU?
 # bf16 compute, fp32 master weights, 2 warmup + 6 timed steps. (The XLA-flag
@@ -41,7 +44,7 @@
 #
 # OUT_DIR gets env.txt (versions, nvidia-smi -L), one .log per item, the
 # profile items' NAME.summary.json, and results.jsonl (one JSON line per item:
-# its name, exit code and the bench's JSON line): 18 files. Raw traces stay
+# its name, exit code and the bench's JSON line): 19 files. Raw traces stay
 # under $PROFILE_DIR (default /tmp/jaxsft_profiles). On a borrowed machine that
 # returns few files, tar OUT_DIR into one.
 set -u
@@ -163,6 +166,8 @@ run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
 run moe_check 120 "$PY" tools/moe_dispatch_check.py
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   run moe_lora 150 $BENCH $MOE $B4 $STEPS --method lora --peer hf \
+    --lora-targets q_proj,k_proj,v_proj,o_proj,expert_gate_up,expert_down
+  run moe_lora_grouped 120 $BENCH $MOE $B4 $STEPS --method lora --moe-dispatch grouped \
     --lora-targets q_proj,k_proj,v_proj,o_proj,expert_gate_up,expert_down
   run moe_lora_dense 120 $BENCH $MOE $B4 $STEPS --method lora --moe-dispatch dense \
     --lora-targets q_proj,k_proj,v_proj,o_proj,expert_gate_up,expert_down

@@ -1,5 +1,5 @@
 """Check, on whatever backend JAX runs on, that the routed MoE dispatches
-(dropless; bucketed with its default capacity factor and with buckets too
+(dropless; grouped; bucketed with its default capacity factor and with buckets too
 small, so each layer runs the bigger ones) equal the dense reference: loss
 and every gradient of a tiny random Mixtral (fp32, highest matmul precision),
 with a router skewed so one expert gets most tokens; then the same with LoRA
@@ -35,7 +35,7 @@ LORA = Adapters(lora_targets=("q_proj", "v_proj", "expert_gate_up", "expert_down
 
 
 # (dispatch, capacity factor) pairs compared with dense.
-ROUTED = (("dropless", 2.0), ("bucketed", 2.0), ("bucketed", 0.5))
+ROUTED = (("dropless", 2.0), ("bucketed", 2.0), ("bucketed", 0.5), ("grouped", 2.0))
 
 
 def compare(cfg: ModelConfig) -> dict:
@@ -56,7 +56,7 @@ def compare(cfg: ModelConfig) -> dict:
   def loss(params, dispatch, factor):
     logits, aux = llama.forward(cfg.replace(moe_dispatch=dispatch, moe_capacity_factor=factor),
                                 params, tokens, segment_ids=segments)
-    real = segments != 0  # bucketed leaves padding's MoE output at 0
+    real = segments != 0  # bucketed and grouped leave padding's MoE output at 0
     lse = jnp.sum(jax.nn.logsumexp(logits, -1) * real) / jnp.sum(real)
     return lse + aux["aux_loss"] + aux["z_loss"], aux
 

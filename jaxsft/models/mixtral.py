@@ -7,10 +7,10 @@ slots per token (``num_experts_per_tok``), N = B·T flattened tokens, M = N·k
 Routing follows transformers: softmax over all experts, keep the top-k, and
 renormalize the kept weights (= a softmax over the selected logits). Padding
 tokens (segment 0) are routed like any other token, as in transformers, and
-computed too except by the bucketed dispatch (their outputs are never used);
-the router statistics count only real tokens.
+computed too except by the bucketed and grouped dispatches (their outputs
+are never used); the router statistics count only real tokens.
 
-Three dispatches compute the same function (``ModelConfig.moe_dispatch``):
+Four dispatches compute the same function (``ModelConfig.moe_dispatch``):
 
 * ``dense``: every expert runs on every token and a mostly-zero combine matrix
   keeps the chosen k — E/k times the needed FLOPs, but plain einsums that XLA
@@ -29,18 +29,23 @@ Three dispatches compute the same function (``ModelConfig.moe_dispatch``):
 * ``dropless``: the M assignments are sorted by expert and each expert's rows
   go through its weights with grouped matmuls (``jax.lax.ragged_dot``); no
   token is dropped and no capacity factor is needed.
+* ``grouped``: dropless's sort, then the groups go through in row tiles, one
+  (tile, expert) pair per step of a ``lax.scan`` (``_tiled_expert_ffn``): the
+  routed rows' FLOPs plus at most E − 1 tiles, with no capacity factor and
+  no grouped-GEMM kernel. Padding tokens skip the experts, as in bucketed.
 * ``auto``: ``dropless`` on TPU, where ``ragged_dot`` lowers to a grouped
-  matmul; ``bucketed`` on CPU and GPU. There XLA rewrites ``ragged_dot`` into
-  a dense product over a group-masked copy of the rows for every group (JAX's
-  CPU lowering; XLA's RaggedDotRewriter on NVIDIA unless its experimental
-  cuDNN fusion is on), so dropless does k times the dense dispatch's FLOPs:
-  measured on CPU in docs/BENCHMARKS.md. ``_expert_ffn`` is the one place a
-  grouped-GEMM kernel goes when one is available there.
+  matmul; ``grouped`` on CPU; ``bucketed`` on GPU (grouped is not yet
+  measured there). Off TPU XLA rewrites ``ragged_dot`` into a dense product
+  over a group-masked copy of the rows for every group (JAX's CPU lowering;
+  XLA's RaggedDotRewriter on NVIDIA unless its experimental cuDNN fusion is
+  on), so dropless does k times the dense dispatch's FLOPs: measured on CPU
+  in docs/BENCHMARKS.md. ``_expert_ffn`` is the one place a grouped-GEMM
+  kernel goes when one is available there.
 
-On a mesh, bucketed and dropless run under ``shard_map`` (``_sharded``): each
-device handles only its own tokens' routing, the tokens of an expert-parallel
-group are gathered, each device computes its local experts, and a
-reduce-scatter returns every token's sum.
+On a mesh, bucketed, dropless and grouped run under ``shard_map``
+(``_sharded``): each device handles only its own tokens' routing, the tokens
+of an expert-parallel group are gathered, each device computes its local
+experts, and a reduce-scatter returns every token's sum.
 
 With LoRA on the experts (``expert_gate_up``/``expert_down``, see
 jaxsft/peft/lora.py) every dispatch adds the per-expert low-rank path: two
@@ -73,8 +78,9 @@ def resolve_dispatch(cfg: ModelConfig) -> str:
   """The dispatch ``cfg.moe_dispatch`` means on the current backend."""
   if cfg.moe_dispatch != "auto":
     return cfg.moe_dispatch
-  # Only TPU lowers ragged_dot to a grouped matmul (see the module docstring).
-  return "dropless" if jax.default_backend() == "tpu" else "bucketed"
+  # Only TPU lowers ragged_dot to a grouped matmul (see the module docstring);
+  # grouped is measured faster than bucketed on CPU only (docs/BENCHMARKS.md).
+  return {"tpu": "dropless", "cpu": "grouped"}.get(jax.default_backend(), "bucketed")
 
 
 class MoE(nn.Module):
@@ -112,6 +118,9 @@ class MoE(nn.Module):
       local = functools.partial(_bucketed_local, capacity_factor=cfg.moe_capacity_factor,
                                 num_experts=e)
       y, overflow = _routed(local, xd, token_valid, top_i, top_w, *weights, lora, scale)
+    elif dispatch == "grouped":
+      local = functools.partial(_dropless_local, ffn=_tiled_expert_ffn, skip_padding=True)
+      y, _ = _routed(local, xd, token_valid, top_i, top_w, *weights, lora, scale)
     else:
       y, _ = _routed(_dropless_local, xd, token_valid, top_i, top_w, *weights, lora, scale)
 
@@ -173,24 +182,86 @@ def _expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, lora=None, scale=0.
   return y
 
 
+def _tiled_expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, lora=None, scale=0.0):
+  """``_expert_ffn`` at the cost of the routed rows, where ``ragged_dot`` has
+  no grouped kernel (CPU, GPU): the rows go through in tiles of ``_tile(M, E)``
+  rows, one (tile, expert) pair at a time in a ``lax.scan``, each pair one
+  ``_bucket_ffn`` of the tile with that expert's weights, masked to the
+  expert's rows. A tile spanning a group boundary runs once per expert in it,
+  so there are at most ⌈M/tile⌉ + E − 1 pairs: the groups' FLOPs plus at
+  most E − 1 tiles (rows past Σ g are in no group and computed by no pair).
+  Each row is computed by exactly one pair, so the result is exact; autodiff
+  accumulates each pair's weight gradient into its expert's slice in place."""
+  lora = lora or {}
+  m, e = x_sorted.shape[0], w_gate.shape[0]
+  tile = _tile(m, e)
+  n_tiles = -(-m // tile)
+  x = jnp.pad(x_sorted, ((0, n_tiles * tile - m), (0, 0)))
+  ends = jnp.cumsum(group_sizes)
+  row_expert = jnp.searchsorted(ends, jnp.arange(n_tiles * tile), side="right")  # e: no group
+  first = row_expert[::tile]
+  last = jnp.minimum(row_expert[tile - 1::tile], e - 1)
+  counts = jnp.where(first < e, last - first + 1, 0)  # experts each tile holds rows of
+  starts = jnp.cumsum(counts) - counts
+  pair = jnp.arange(n_tiles + e - 1)
+  pair_tile = jnp.minimum(jnp.searchsorted(starts + counts, pair, side="right"), n_tiles - 1)
+  live = pair < jnp.sum(counts)
+  pair_expert = jnp.where(live, first[pair_tile] + pair - starts[pair_tile], e)  # e: none
+
+  def body(_, pair):
+    t, ex = pair
+    rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile)
+    mine = jax.lax.dynamic_slice_in_dim(row_expert, t * tile, tile) == ex
+    one = lambda w: jax.lax.dynamic_slice_in_dim(w, jnp.minimum(ex, e - 1), 1)  # noqa: E731
+    y = _bucket_ffn(rows[None], one(w_gate), one(w_up), one(w_down),
+                    {name: one(v) for name, v in lora.items()}, scale)[0]
+    return None, jnp.where(mine[:, None], y, 0)
+
+  # Each pair's tile comes out of the scan (no carried output: under
+  # shard_map a carry would have to be typed as varying over the mesh axes
+  # up front); the pairs of one tile add their disjoint rows: exact.
+  _, ys = jax.lax.scan(body, None, (pair_tile, pair_expert))
+  out = jnp.zeros((n_tiles,) + ys.shape[1:], ys.dtype).at[pair_tile].add(ys)
+  return out.reshape(n_tiles * tile, -1)[:m]
+
+
+def _tile(m: int, e: int) -> int:
+  """Rows per tile of ``_tiled_expert_ffn`` for M rows over E experts: a
+  quarter of an even group, a multiple of 8, between 8 and ``MAX_TILE``.
+  Fewer, bigger tiles won on CPU (each scan step has a fixed cost) though
+  the E − 1 boundary tiles then add up to a quarter of the FLOPs (tiny-moe,
+  M 8192: tiles of 64, 128, 256 rows ran 835, 986, 1,097 tokens/s)."""
+  return max(8, min(MAX_TILE, -(-m // (4 * e)) // 8 * 8))
+
+
+# Big enough that each tile's matmuls run efficiently on a GPU; bigger ones
+# would waste more rows where a tile spans two experts.
+MAX_TILE = 512
+
+
 def _dropless_local(x, valid, top_i, top_w, w_gate, w_up, w_down, lora=None, scale=0.0,
-                    first_expert=0):
+                    first_expert=0, *, ffn=_expert_ffn, skip_padding=False):
   """Sum over a token's slots of weight · expert(token), for the experts held
   here: ``w_*`` (and the LoRA factors in ``lora``) hold experts
   [first_expert, first_expert + E_local).
 
-  x [N,D], top_i/top_w [N,k] → ([N,D], 0.0: no buckets to overflow). Assignments
-  to other experts sort last, into rows past the groups, and contribute
-  nothing. ``valid`` is unused: padding is computed like any token.
+  x [N,D], valid [N], top_i/top_w [N,k] → ([N,D], 0.0: no buckets to
+  overflow). Assignments to other experts sort last, into rows past the
+  groups, and contribute nothing; so do padding tokens' with
+  ``skip_padding`` (their output is then 0, never used), else padding is
+  computed like any token. ``ffn``: ``_expert_ffn`` (dropless) or
+  ``_tiled_expert_ffn`` (grouped).
   """
   k = top_i.shape[1]
   e_local = w_gate.shape[0]
   local = top_i.reshape(-1) - first_expert  # [M]
   here = (local >= 0) & (local < e_local)
+  if skip_padding:
+    here = here & jnp.repeat(valid, k)
   key = jnp.where(here, local, e_local)
   order = jnp.argsort(key, stable=True)  # assignment index of each sorted row
   group_sizes = jnp.sum(key[:, None] == jnp.arange(e_local)[None], axis=0, dtype=jnp.int32)
-  y_sorted = _expert_ffn(x[order // k], group_sizes, w_gate, w_up, w_down, lora, scale)
+  y_sorted = ffn(x[order // k], group_sizes, w_gate, w_up, w_down, lora, scale)
   # Unsort by gathering (deterministic; a scatter-add would not be on GPU).
   unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   return _combine_slots(y_sorted[unsort], here, top_w), jnp.zeros((), jnp.float32)
@@ -274,8 +345,8 @@ def _bucketed_local(x, valid, top_i, top_w, w_gate, w_up, w_down, lora=None, sca
 
 
 def _routed(local_fn, x, valid, top_i, top_w, w_gate, w_up, w_down, lora=None, scale=0.0):
-  """x [B,T,D] through ``local_fn`` (``_bucketed_local`` or ``_dropless_local``)
-  → (y [B,T,D], bucket-overflow flag); under a mesh (``jax.set_mesh``) each
+  """x [B,T,D] through ``local_fn`` (``_bucketed_local`` or ``_dropless_local``,
+  plain or tiled) → (y [B,T,D], bucket-overflow flag); under a mesh (``jax.set_mesh``) each
   device routes its own tokens (``_sharded``)."""
   b, t, d = x.shape
   mesh = jax.sharding.get_abstract_mesh()

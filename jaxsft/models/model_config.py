@@ -108,8 +108,9 @@ class Adapters:
 # How an MoE layer sends tokens to experts (see models/mixtral.py): "dense"
 # runs every expert on every token, "bucketed" fills fixed-size per-expert
 # buckets (bigger ones for a call where one overflows), "dropless" sorts
-# tokens by expert and runs grouped matmuls, "auto" picks by backend.
-MOE_DISPATCHES = ("auto", "dense", "bucketed", "dropless")
+# tokens by expert and runs grouped matmuls (ragged_dot), "grouped" sorts
+# them and runs each expert on its rows tile by tile, "auto" picks by backend.
+MOE_DISPATCHES = ("auto", "dense", "bucketed", "dropless", "grouped")
 # Task heads (models/heads.py), named as transformers' ``problem_type``:
 # softmax over labels, independent sigmoids per label, or one scalar (a reward).
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
