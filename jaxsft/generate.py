@@ -211,7 +211,8 @@ def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto
   if not path.exists():
     raise ValueError(f"model path {path} does not exist")
   on_cpu = jax.default_backend() == "cpu"
-  if checkpoint.is_checkpoint(path):
+  is_checkpoint = checkpoint.is_checkpoint(path)
+  if is_checkpoint:
     tokenizer_dir = path / checkpoint.TOKENIZER_DIR
     if not tokenizer_dir.is_dir():
       raise ValueError(f"checkpoint {path} has no {checkpoint.TOKENIZER_DIR}/ directory (it was "
@@ -228,7 +229,7 @@ def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto
   dtypes = None
   if weights == "compute" or (weights == "auto" and not on_cpu):
     dtypes = read_dtypes(llama.abstract_params(cfg), cfg.dtype)
-  if checkpoint.is_checkpoint(path):
+  if is_checkpoint:
     _, params = checkpoint.load_model(path, dtypes=dtypes)
   else:
     _, params = hf.load_params(path, cfg, dtypes=dtypes)

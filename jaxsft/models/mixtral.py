@@ -206,13 +206,14 @@ def _tiled_expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, lora=None, sc
   pair = jnp.arange(n_tiles + e - 1)
   pair_tile = jnp.minimum(jnp.searchsorted(starts + counts, pair, side="right"), n_tiles - 1)
   live = pair < jnp.sum(counts)
-  pair_expert = jnp.where(live, first[pair_tile] + pair - starts[pair_tile], e)  # e: none
+  # -1: a pair past the last live one (the scan runs them all) matches no row.
+  pair_expert = jnp.where(live, first[pair_tile] + pair - starts[pair_tile], -1)
 
   def body(_, pair):
     t, ex = pair
     rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile)
     mine = jax.lax.dynamic_slice_in_dim(row_expert, t * tile, tile) == ex
-    one = lambda w: jax.lax.dynamic_slice_in_dim(w, jnp.minimum(ex, e - 1), 1)  # noqa: E731
+    one = lambda w: jax.lax.dynamic_slice_in_dim(w, jnp.maximum(ex, 0), 1)  # noqa: E731
     y = _bucket_ffn(rows[None], one(w_gate), one(w_up), one(w_down),
                     {name: one(v) for name, v in lora.items()}, scale)[0]
     return None, jnp.where(mine[:, None], y, 0)
@@ -229,8 +230,8 @@ def _tile(m: int, e: int) -> int:
   """Rows per tile of ``_tiled_expert_ffn`` for M rows over E experts: a
   quarter of an even group, a multiple of 8, between 8 and ``MAX_TILE``.
   Fewer, bigger tiles won on CPU (each scan step has a fixed cost) though
-  the E − 1 boundary tiles then add up to a quarter of the FLOPs (tiny-moe,
-  M 8192: tiles of 64, 128, 256 rows ran 835, 986, 1,097 tokens/s)."""
+  the E − 1 boundary tiles then add up to a quarter of the FLOPs (the tile
+  sweep in docs/BENCHMARKS.md, grouped vs bucketed)."""
   return max(8, min(MAX_TILE, -(-m // (4 * e)) // 8 * 8))
 
 
