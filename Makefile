@@ -20,7 +20,8 @@ setup: $(STAMP)
 
 # Two pytest workers (pytest-xdist), a test file each at a time: most of the
 # suite is single-threaded XLA compilation, so on the 2-core CI machine two
-# workers take ~12.5 min where one took ~16. PYTEST_WORKERS=0 runs in-process.
+# workers take ~10 min (tests/conftest.py compiles at LLVM -O0: it was ~15).
+# PYTEST_WORKERS=0 runs in-process.
 PYTEST_WORKERS ?= 2
 # pytest exits 5 when it collects no tests; make would turn that into 2, so it
 # is told apart here (and reported) rather than in .ci/run.

@@ -39,5 +39,9 @@ def test_the_gpu_code_paths_compute_the_cpu_step(monkeypatch):
       results[backend] = (jax.device_get(state.params), float(metrics["loss"]))
   jax.clear_caches()
   assert results["gpu"][1] == pytest.approx(results["cpu"][1], abs=1e-5)
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=0),
+  # Adam normalizes each update, so where a gradient is near 0 a last-bit
+  # difference between the branches (another summation order) moves a weight
+  # by up to ~1e-3 of its value after two steps at lr 1e-2 (seen: 1 entry of
+  # 4096); a wrong branch moves thousands by ~lr.
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-3),
                          results["cpu"][0], results["gpu"][0])

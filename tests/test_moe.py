@@ -183,7 +183,8 @@ def test_routed_dispatch_under_jit_scan_and_remat_matches_dense(dispatch, factor
 
 _SHARDED_MODULE = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, {tests!r})
 import jax
@@ -451,7 +452,8 @@ def test_aux_loss_is_on_by_default_and_its_coefficient_configurable(hf_model_fac
 
 _SHARDED_RUN = """
 import os, sys, pathlib
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, {tests!r})
 import jax

@@ -291,7 +291,8 @@ def test_nan_loss_stops_with_stage_and_step_and_keeps_the_checkpoint(tmp_path):
 
 _SHARDED_RUN = """
 import os, sys, json, pathlib
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, {tests!r})
 import jax
