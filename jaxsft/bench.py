@@ -435,25 +435,6 @@ def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
   return step, store, init, trainable
 
 
-def parse_mesh(spec: str) -> dict[str, int]:
-  """``fsdp=4,tensor=2`` → {"fsdp": 4, "tensor": 2} (the trainer's ``config.mesh``
-  axes; -1 takes the remaining devices)."""
-  shape = {}
-  for part in spec.split(","):
-    axis, eq, size = part.strip().partition("=")
-    try:
-      n = int(size)
-    except ValueError:
-      n = 0
-    if not eq or axis not in sharding_lib.MESH_AXES or not (n > 0 or n == -1) or axis in shape:
-      raise argparse.ArgumentTypeError(
-          f"--mesh wants axis=size pairs over {', '.join(sharding_lib.MESH_AXES)} "
-          f"(size a positive count or -1, each axis once), e.g. fsdp=8 or data=2,fsdp=4; "
-          f"got {spec!r}")
-    shape[axis] = n
-  return shape
-
-
 def bench_mesh(args) -> jax.sharding.Mesh:
   """The mesh the step runs on: ``--mesh`` over every device, else the first
   device alone. Clear errors for a mesh the devices or the batch cannot fill."""
@@ -834,7 +815,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lora-targets", type=lambda s: [t.strip() for t in s.split(",")],
                  metavar="NAME,...", help="LoRA/DoRA targets, both sides (default all-linear; "
                  "names as stage.peft.targets, e.g. q_proj,v_proj or expert_gate_up,expert_down)")
-  p.add_argument("--mesh", type=parse_mesh, metavar="AXIS=N,...",
+  p.add_argument("--mesh", type=sharding_lib.mesh_arg, metavar="AXIS=N,...",
                  help="shard the step over every device as the trainer's config.mesh does, "
                  "e.g. fsdp=8 or data=2,fsdp=4 (default: one device); --batch is global")
   p.add_argument("--peer", choices=PEERS, help="also run the PyTorch peer (tools/hf_peer.py)")

@@ -3,7 +3,7 @@
     python -m jaxsft.evaluate --model PATH --data FILE [--metric loss|json-labels|accuracy]
         [--format F] [--chat] [--system TEXT] [--template T] [--batch-size N]
         [--max-new-tokens N] [--max-length N] [--predictions OUT.jsonl]
-        [--train-data FILE] [--dtype D] [--trust-remote-code]
+        [--train-data FILE] [--dtype D] [--mesh AXIS=N,...] [--trust-remote-code]
 
 PATH is a Hugging Face model directory or a jaxsft checkpoint.
 
@@ -544,6 +544,7 @@ def _parse_args(argv):
                       help="compute dtype (auto: a checkpoint's own; a Hugging Face model's "
                            "stored dtype on GPU/TPU, float32 on CPU); on GPU/TPU the weights "
                            "are read in it too")
+  generate.add_mesh_argument(parser)
   parser.add_argument("--trust-remote-code", action="store_true",
                       help="allow custom tokenizer code shipped with the model")
   return parser.parse_args(argv)
@@ -608,33 +609,35 @@ def main(argv: Sequence[str] | None = None) -> int:
       conversations = read_examples(args.data, args.format,
                                     args.system if args.metric != "json-labels" or args.chat
                                     else None)
+    mesh = generate.inference_mesh(args.mesh)
     cfg, params, tokenizer = generate.load_for_inference(args.model, args.trust_remote_code,
-                                                         args.dtype)
-    context = usable_context(cfg)
-    if args.max_length is not None and args.max_length > context:
-      raise ValueError(f"--max-length={args.max_length} exceeds the model's context of "
-                       f"{context} tokens (max_position_embeddings)")
-    if args.metric == "loss":
-      if cfg.has_head:
-        raise ValueError(f"the model is a {cfg.problem_type} model with no lm_head: it has no "
-                         "token loss; use --metric accuracy")
-      token_rows, masks, n_rows = _loss_rows(args, tokenizer, context)
-      total, count = token_loss(cfg, params, token_rows, args.batch_size, masks)
-      if count == 0:
-        raise ValueError(f"{args.data}: no row has two or more tokens, so there is nothing to "
-                         "predict")
-    elif args.metric == "json-labels":
-      known = None
-      if args.train_data is not None:
-        known = known_labels(e.reference for e in json_examples(
-            read_examples(args.train_data, args.format)))
-      template = data_templates.get_template(args.template, tokenizer) if args.chat else None
-      summary, records = json_label_eval(
-          cfg, params, tokenizer, json_examples(conversations), template=template,
-          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, known=known)
-    else:
-      summary, records = classifier_eval(cfg, params, tokenizer, conversations,
-                                         args.batch_size, args.max_length)
+                                                         args.dtype, mesh=mesh)
+    with generate.on_mesh(mesh):
+      context = usable_context(cfg)
+      if args.max_length is not None and args.max_length > context:
+        raise ValueError(f"--max-length={args.max_length} exceeds the model's context of "
+                         f"{context} tokens (max_position_embeddings)")
+      if args.metric == "loss":
+        if cfg.has_head:
+          raise ValueError(f"the model is a {cfg.problem_type} model with no lm_head: it has no "
+                           "token loss; use --metric accuracy")
+        token_rows, masks, n_rows = _loss_rows(args, tokenizer, context)
+        total, count = token_loss(cfg, params, token_rows, args.batch_size, masks)
+        if count == 0:
+          raise ValueError(f"{args.data}: no row has two or more tokens, so there is nothing to "
+                           "predict")
+      elif args.metric == "json-labels":
+        known = None
+        if args.train_data is not None:
+          known = known_labels(e.reference for e in json_examples(
+              read_examples(args.train_data, args.format)))
+        template = data_templates.get_template(args.template, tokenizer) if args.chat else None
+        summary, records = json_label_eval(
+            cfg, params, tokenizer, json_examples(conversations), template=template,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, known=known)
+      else:
+        summary, records = classifier_eval(cfg, params, tokenizer, conversations,
+                                           args.batch_size, args.max_length)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

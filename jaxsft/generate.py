@@ -2,7 +2,7 @@
 
     python -m jaxsft.generate --model PATH --prompt TEXT [--chat] [--system TEXT]
         [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--dtype D]
-        [--trust-remote-code]
+        [--mesh AXIS=N,...] [--trust-remote-code]
 
 PATH is a Hugging Face model directory or a jaxsft checkpoint. The CLI prints
 the completion only: the new tokens, decoded without special tokens.
@@ -18,6 +18,7 @@ one compiled program.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import pathlib
 import sys
@@ -29,6 +30,7 @@ import numpy as np
 
 from jaxsft import checkpoint
 from jaxsft import hf
+from jaxsft import sharding as sharding_lib
 from jaxsft.models import llama
 from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import lora
@@ -184,9 +186,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto",
-                       weights: str = "auto"):
+                       weights: str = "auto", mesh=None):
   """(cfg, params, tokenizer) from a Hugging Face model directory or a jaxsft
   checkpoint (whose tokenizer lives in ``PATH/tokenizer``).
+
+  ``mesh``: the weights are split over its devices as the trainer splits them
+  (``sharding.param_shardings``; ``tensor`` splits heads, ffn and vocab, the
+  natural choice for decoding); then run the model under ``jax.set_mesh(mesh)``.
+  Without one, everything sits on the first device. On a GPU/TPU, weights that
+  cannot fit on the devices are refused before any is read, with the mesh to ask for.
 
   ``dtype``: the compute dtype (``cfg.dtype``). ``"auto"``: a checkpoint's own
   (the run's ``model.dtype``); for a Hugging Face directory, the dtype its
@@ -226,14 +234,81 @@ def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto
     tokenizer_dir = path
   if dtype != "auto":
     cfg = cfg.replace(dtype=dtype)
+  abstract = llama.abstract_params(cfg)
   dtypes = None
   if weights == "compute" or (weights == "auto" and not on_cpu):
-    dtypes = read_dtypes(llama.abstract_params(cfg), cfg.dtype)
+    dtypes = read_dtypes(abstract, cfg.dtype)
+  check_fits(abstract if dtypes is None else jax.tree.map(
+      lambda a, t: jax.ShapeDtypeStruct(a.shape, t), abstract, dtypes), mesh, path)
   if is_checkpoint:
-    _, params = checkpoint.load_model(path, dtypes=dtypes)
+    _, params = checkpoint.load_model(path, mesh=mesh, dtypes=dtypes)
   else:
-    _, params = hf.load_params(path, cfg, dtypes=dtypes)
+    _, params = hf.load_params(path, cfg, mesh=mesh, dtypes=dtypes)
   return cfg, params, hf.load_tokenizer(tokenizer_dir, trust_remote_code)
+
+
+def device_bytes(device) -> int | None:
+  """The memory JAX may use on ``device``; None where it does not say (CPU)."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return (stats or {}).get("bytes_limit")
+
+
+def weight_bytes_per_device(params, mesh=None) -> int:
+  """The bytes of ``params`` (abstract is fine) on the fullest device: all of
+  them without a mesh, one shard of each leaf on ``mesh``."""
+  if mesh is None:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+  shardings = sharding_lib.param_shardings(params, mesh)
+  return sum(int(np.prod(s.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
+             for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)))
+
+
+def check_fits(params, mesh, path) -> None:
+  """A clear error, before any weight is read, when ``params`` (abstract) would
+  fill the devices' memory on ``mesh`` (the first device without one): the
+  alternative is an allocation failure deep inside XLA halfway through loading.
+  Devices that report no memory limit (CPU) are not checked."""
+  device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+  limit = device_bytes(device)
+  if limit is None:
+    return
+  need = weight_bytes_per_device(params, mesh)
+  # The cache and activations need room too: weights may take 90% at most.
+  if need <= 0.9 * limit:
+    return
+  gib = 2 ** 30
+  where = f"{mesh.size} devices (--mesh {_mesh_spec(mesh)})" if mesh is not None else "one device"
+  n = jax.device_count()
+  fit = -(-need * (mesh.size if mesh is not None else 1) // int(0.9 * limit))
+  hint = (f"split them over up to {n} devices with --mesh tensor=N or fsdp=N (jax sees {n}; "
+          "the data axis copies weights rather than splitting them)" if n >= fit else
+          f"they need about {fit} such devices and jax sees {n}: use a narrower --dtype, or a "
+          "machine with more accelerator memory")
+  raise ValueError(f"{path}: the weights take {need / gib:.3g} GiB per device on {where}, but "
+                   f"a {device.device_kind} has {limit / gib:.3g} GiB for JAX (weights may take "
+                   f"90% of it, the rest is for the KV cache and activations); {hint}")
+
+
+def on_mesh(mesh):
+  """``jax.set_mesh(mesh)``, or nothing without a mesh: the model code finds the
+  mesh while tracing (MoE dispatch, activation and cache constraints)."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _mesh_spec(mesh) -> str:
+  return ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "fsdp=1"
+
+
+def inference_mesh(spec: dict[str, int] | None):
+  """The mesh of a ``--mesh`` spec over every device (None: no mesh), with
+  the reason when the devices cannot fill it."""
+  if spec is None:
+    return None
+  try:
+    return sharding_lib.make_mesh(spec)
+  except ValueError as e:
+    raise ValueError(f"--mesh: {e} (XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                     "simulates N devices on a CPU)") from None
 
 
 def read_dtypes(params, compute_dtype):
@@ -297,9 +372,18 @@ def _parse_args(argv):
                       help="compute dtype (auto: a checkpoint's own; a Hugging Face model's "
                            "stored dtype on GPU/TPU, float32 on CPU); on GPU/TPU the weights "
                            "are read in it too")
+  add_mesh_argument(parser)
   parser.add_argument("--trust-remote-code", action="store_true",
                       help="allow custom tokenizer code shipped with the model")
   return parser.parse_args(argv)
+
+
+def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+  """The inference CLIs' ``--mesh``."""
+  parser.add_argument("--mesh", type=sharding_lib.mesh_arg, default=None, metavar="AXIS=N,...",
+                      help="split the weights over several devices, e.g. tensor=8 (heads, "
+                           "ffn and vocab split; -1 takes every device) or fsdp=8; default: "
+                           "the first device holds the whole model")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
       raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
-    cfg, params, tokenizer = load_for_inference(args.model, args.trust_remote_code, args.dtype)
+    mesh = inference_mesh(args.mesh)
+    cfg, params, tokenizer = load_for_inference(args.model, args.trust_remote_code, args.dtype,
+                                                mesh=mesh)
     tokens = prompt_tokens(tokenizer, args.prompt, args.chat, args.system)
     if not tokens:
       raise ValueError("the prompt is empty after tokenization; give a non-empty --prompt")
@@ -325,8 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"the prompt ({len(tokens)} tokens) plus --max-new-tokens={args.max_new_tokens} "
           f"exceeds the model's context of {context} tokens (max_position_embeddings); "
           f"use --max-new-tokens {context - len(tokens)} or less")
-    [new] = generate(cfg, params, [tokens], args.max_new_tokens, temperature=args.temperature,
-                     top_p=args.top_p, rng=jax.random.key(args.seed))
+    with on_mesh(mesh):
+      [new] = generate(cfg, params, [tokens], args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p,
+                       rng=jax.random.key(args.seed))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

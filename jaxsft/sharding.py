@@ -7,6 +7,7 @@ from its name — no per-module annotations.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 from typing import Callable, Mapping, Sequence
 
@@ -89,6 +90,32 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None =
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def parse_mesh(spec: str) -> dict[str, int]:
+  """``fsdp=4,tensor=2`` → {"fsdp": 4, "tensor": 2}: the command lines' ``--mesh``,
+  with the axes of the trainer's ``config.mesh`` (-1 takes the remaining devices)."""
+  shape = {}
+  for part in spec.split(","):
+    axis, eq, size = part.strip().partition("=")
+    try:
+      n = int(size)
+    except ValueError:
+      n = 0
+    if not eq or axis not in MESH_AXES or not (n > 0 or n == -1) or axis in shape:
+      raise ValueError(
+          f"--mesh wants axis=size pairs over {', '.join(MESH_AXES)} (size a positive count "
+          f"or -1, each axis once), e.g. fsdp=8 or data=2,fsdp=4; got {spec!r}")
+    shape[axis] = n
+  return shape
+
+
+def mesh_arg(spec: str) -> dict[str, int]:
+  """``parse_mesh`` as an argparse ``type=``: its message reaches the user."""
+  try:
+    return parse_mesh(spec)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def axis_letters(path: tuple[str, ...], ndim: int) -> str:
   """The axis letters of the parameter at ``path`` (e.g. ('layers','attn','q_dnh') -> 'Ldnh')."""
   name = path[-1]
@@ -145,3 +172,24 @@ def constrain_rows(x):
   if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
     return x
   return jax.lax.with_sharding_constraint(x, P(axes, *(None,) * (x.ndim - 1)))
+
+
+def constrain_cache(x):
+  """A KV cache ``x`` [L, B, S, K, H] pinned under the mesh set by
+  ``jax.set_mesh``: rows as ``constrain_rows`` splits the activations, kv heads
+  as the rule table splits the k/v projections' K (``tensor``), the rest
+  replicated, so a sharded model's cache is split like its weights rather than
+  held whole on every device. Axes that do not divide a dim leave it whole."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  spec = [None] * x.ndim
+  rows = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+  if rows and not x.shape[1] % int(np.prod([mesh.shape[a] for a in rows])):
+    spec[1] = rows
+  heads = DEFAULT_RULES["k"]
+  heads = tuple(a for a in ((heads,) if isinstance(heads, str) else heads or ())
+                if mesh.shape.get(a, 1) > 1 and a not in rows)
+  if heads and not x.shape[3] % int(np.prod([mesh.shape[a] for a in heads])):
+    spec[3] = heads
+  return jax.lax.with_sharding_constraint(x, P(*spec))

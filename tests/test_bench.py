@@ -30,6 +30,7 @@ STEP_KEYS = {"shape", "method", "layers", "batch", "seq_len", "dtype", "remat", 
 PEER_KEYS = {"peer_tokens_per_s", "peer_nonpad_tokens_per_s", "peer_peak_mem_gib", "ratio",
              "nonpad_ratio"}
 ENV = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+FOUR_DEVICES = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 
 
 def _run_cli(*args, **env):
@@ -315,7 +316,7 @@ def test_mesh_shards_the_step_as_the_trainer_does(capsys):
   bad meshes are refused with the reason."""
   common = ("--shape", "tiny", "--seq-len", "64", "--batch", "4", "--steps", "2",
             "--warmup", "1", "--dtype", "float32")
-  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = {**ENV, "XLA_FLAGS": FOUR_DEVICES}
   run = lambda *a: subprocess.run([sys.executable, "-m", "jaxsft.bench", *common, *a],  # noqa: E731
                                   capture_output=True, text=True, env=env, timeout=900)
   one, four = run("--layers", "2"), run("--layers", "2", "--mesh", "fsdp=2,tensor=2")
@@ -346,7 +347,7 @@ def test_mesh_shards_the_step_as_the_trainer_does(capsys):
   bad = run("--mesh", "fsdp=4", "--batch", "6")
   assert bad.returncode == 2 and "does not split over the mesh's 4" in bad.stderr
   assert "axis=size pairs over data, fsdp, tensor, expert" in str(
-      pytest.raises(argparse.ArgumentTypeError, bench.parse_mesh, "pipe=2").value)
+      pytest.raises(argparse.ArgumentTypeError, sharding_lib.mesh_arg, "pipe=2").value)
   # A mesh the devices cannot fill: exit 2, and the reason.
   with pytest.raises(SystemExit) as e:
     bench.bench_mesh(bench.parse_args(["--mesh", "fsdp=3"]))
@@ -388,7 +389,7 @@ def test_fsdp_gathers_weights_and_keeps_rows_split():
   all-reduced or gathered. Without the row constraint (sharding.constrain_rows)
   XLA followed the D-sharded weights, ran every layer on the global batch and
   all-reduced [192, 688] activations (4.4x slower at fsdp=8 on CPU)."""
-  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = {**ENV, "XLA_FLAGS": FOUR_DEVICES}
   out = subprocess.run([sys.executable, "-c", FSDP_COLLECTIVES], capture_output=True, text=True,
                        env=env, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -259,7 +259,8 @@ def test_checkpoint_round_trip_and_export_cli(exported, tmp_path):
   run = subprocess.run([sys.executable, "-m", "jaxsft.export", "--checkpoint", str(ckpt),
                         "--out", str(spread), "--max-shard-size", "100KB", "--device",
                         "accelerators"], capture_output=True, text=True, cwd=REPO,
-                       env={**_cpu_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                       env={**_cpu_env(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+                                                     + " --xla_force_host_platform_device_count=8"})
   assert run.returncode == 0, run.stderr
   _assert_same_tensors(_tensors(out), _tensors(spread))
 
@@ -305,10 +306,11 @@ def test_legacy_names_and_ignorable_tensors(hf_model_factory, tmp_path):
 # ----------------------------------------------------------------------------- sharding
 
 _MESH_SCRIPT = textwrap.dedent("""
-    import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import contextlib, io, json, os, sys
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
     import jax, numpy as np, safetensors.numpy
-    from jaxsft import checkpoint, hf, sharding
+    from jaxsft import checkpoint, evaluate, generate, hf, sharding
     from jaxsft.models import llama
 
     def tensors(d):
@@ -334,6 +336,58 @@ _MESH_SCRIPT = textwrap.dedent("""
       hf.save_params(from_hf, cfg, out, max_shard_bytes=60000)
       a, b = tensors(src), tensors(out)
       assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+      # Inference on the mesh: the fullest device's share of the weights as
+      # counted before loading, the same greedy tokens as one device, and a KV
+      # cache split like the weights.
+      per_device = {}
+      for leaf in jax.tree.leaves(from_hf):
+        for shard in leaf.addressable_shards:
+          per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+      abstract = llama.abstract_params(cfg)
+      assert generate.weight_bytes_per_device(abstract, mesh) == max(per_device.values())
+      assert generate.weight_bytes_per_device(abstract, mesh) < (
+          generate.weight_bytes_per_device(abstract) / 2)
+      _, single = hf.load_params(src)
+      prompts = [list(range(3, 3 + n)) for n in (5, 11, 2)]
+      want = generate.generate(cfg, single, prompts, 12, eos_token_ids=())
+      with jax.set_mesh(mesh):
+        assert generate.generate(cfg, from_hf, prompts, 12, eos_token_ids=()) == want
+        k = jax.jit(lambda: llama.init_cache(cfg, 4, 32))()["k"]
+      assert k.sharding.shard_shape(k.shape)[1] == 1, k.sharding  # rows over fsdp x expert
+      assert k.sharding.shard_shape(k.shape)[3] == cfg.num_kv_heads // 2, k.sharding  # tensor
+
+    # The CLIs' --mesh (the last model): what one device prints.
+    def cli(main, *args):
+      buf = io.StringIO()
+      with contextlib.redirect_stdout(buf):
+        assert main(["--model", src, *args]) == 0
+      return buf.getvalue()
+    spread = ["--mesh", "fsdp=2,tensor=2,expert=2"]
+    prompt = ["--prompt", "the quick brown fox", "--max-new-tokens", "12"]
+    assert cli(generate.main, *prompt, *spread) == cli(generate.main, *prompt)
+    data = os.path.join(out, "rows.jsonl")
+    with open(data, "w") as f:
+      f.writelines(json.dumps({"text": t}) + "\\n" for t in ("one two three four", "five six"))
+    loss = [json.loads(cli(evaluate.main, "--data", data, *m).splitlines()[-1])["loss"]
+            for m in ([], ["--mesh", "tensor=-1"])]
+    assert abs(loss[0] - loss[1]) < 1e-5, loss
+    def cli_error(*args):
+      err = io.StringIO()
+      with contextlib.redirect_stderr(err):
+        assert generate.main(["--model", src, *prompt, *args]) == 2
+      return err.getvalue()
+    assert "needs 3 devices, but 8 are available" in cli_error("--mesh", "tensor=3")
+    # Devices that report a memory limit (a GPU's; the CPU's reports none) and
+    # hold the weights split 8 ways but not whole: refused before loading, with
+    # the flag to pass, which fits.
+    spread8 = generate.weight_bytes_per_device(
+        llama.abstract_params(cfg), sharding.make_mesh({"fsdp": 8}))
+    generate.device_bytes = lambda device: int(spread8 / 0.9) + 1
+    err = cli_error()
+    assert "per device on one device" in err and "--mesh tensor=N or fsdp=N" in err, err
+    assert "jax sees 8" in err, err
+    generate.check_fits(llama.abstract_params(cfg), sharding.make_mesh({"fsdp": 8}), src)
     print("ok")
 """)
 
@@ -342,7 +396,7 @@ def _cpu_env():
   return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
 
 
-def test_sharded_load_on_eight_devices(exported, tmp_path):
+def test_sharded_load_and_inference_on_eight_devices(exported, tmp_path):
   args = []
   for variant in ("mixtral", "llama_bias"):
     _, _, cfg, params, out = exported(variant)

@@ -434,7 +434,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, params=No
   p = prefix_tokens(cfg)
   shape = (cfg.num_layers, batch, p + max_len, cfg.num_kv_heads, cfg.head_dim)
   cache = {
-      "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+      "k": sharding_lib.constrain_cache(jnp.zeros(shape, dtype)),
+      "v": sharding_lib.constrain_cache(jnp.zeros(shape, dtype)),
       "positions": jnp.zeros((batch, p + max_len), jnp.int32),
       "valid": jnp.zeros((batch, p + max_len), bool),
       "index": jnp.full((), p, jnp.int32),

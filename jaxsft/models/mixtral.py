@@ -394,6 +394,22 @@ def _sharded(mesh, local_fn, x, valid, top_i, top_w, w_gate, w_up, w_down, lora,
   expert_axes = _axes(specs[0][0])
   ffn_axes = _axes(specs[0][2])
   assert _axes(specs[1][2]) == _axes(specs[2][1]) == ffn_axes, specs
+
+  def gathered_outside(spec):
+    # Over a mesh axis the rows are not split on (a batch that does not divide,
+    # e.g. decoding one prompt), every device computes the same output: its
+    # weight shards are gathered on the way in, so shard_map sees the output
+    # as replicated there (a gather inside would leave it typed as varying).
+    entries = list(spec)
+    for dim, entry in enumerate(entries):
+      axes = _axes(entry)
+      if dim and axes and axes != ffn_axes:
+        kept = tuple(a for a in axes if a in batch)
+        entries[dim] = kept[0] if len(kept) == 1 else (kept or None)
+    return P(*entries)
+
+  specs = [gathered_outside(spec) for spec in specs]
+  lora_specs = {name: gathered_outside(spec) for name, spec in lora_specs.items()}
   gather_experts = "expert" in expert_axes and "expert" in batch
   e_local = w_gate.shape[0] // _size(mesh, expert_axes)
 
