@@ -21,6 +21,9 @@ LLaMA-Factory's ``export_device: cpu``): exporting needs no accelerator
 memory, so an 8B LoRA run's checkpoint exports beside a GPU that trains on,
 or one too small for its fp32 weights. ``--device accelerators`` spreads them
 over every local device instead, for a model larger than the host's memory.
+A ``--dtype`` narrower than the weights' is the dtype they are read in
+(``read_dtypes``): the host holds the exported model's size, not the
+checkpoint's.
 Mistakes in the arguments or inputs print ``error: …`` and exit with status 2.
 """
 from __future__ import annotations
@@ -32,11 +35,13 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import hf
 from jaxsft import sharding as sharding_lib
+from jaxsft.models import llama
 from jaxsft.peft import export as peft_export
 from jaxsft.peft import methods as peft_methods
 
@@ -65,10 +70,13 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
     raise ValueError(f"checkpoint {source} does not exist (or is not a directory)")
   mesh = _export_mesh(device)
   if checkpoint_lib.is_checkpoint(source):
-    cfg, params = checkpoint_lib.load_model(source, mesh)
+    dtypes = None if peft else read_dtypes(checkpoint_lib.model_config(source), dtype)
+    cfg, params = checkpoint_lib.load_model(source, mesh, dtypes=dtypes)
     tokenizer_src = source / checkpoint_lib.TOKENIZER_DIR
   elif (source / hf.CONFIG_FILE).is_file():
-    cfg, params = hf.load_params(source, mesh=mesh)
+    source_cfg = hf.config_from_hf(source)
+    dtypes = None if peft else read_dtypes(source_cfg, dtype)
+    cfg, params = hf.load_params(source, source_cfg, mesh=mesh, dtypes=dtypes)
     tokenizer_src = source
   else:
     raise ValueError(f"{source} is neither a jaxsft checkpoint ({checkpoint_lib.CONFIG_FILE} "
@@ -86,6 +94,36 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
   cfg, params = peft_methods.merge(cfg, params, donate=True)
   return hf.save_params(params, cfg, out, tokenizer_src=tokenizer_src,
                         max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
+
+
+def read_dtypes(cfg, dtype: str | None):
+  """The dtype to read each parameter of a ``cfg`` model in when exporting in
+  ``dtype``: the narrower of ``dtype`` and the parameter's, so that an fp32
+  checkpoint exported in bf16 takes half the memory to hold, with the same
+  bytes written (the cast happens on reading instead of on writing). Every
+  parameter of a module holding adapter factors is read as saved: merging adds
+  the adapter to the full-precision weight before the one rounding. None when
+  nothing would be narrower."""
+  if dtype is None:
+    return None
+  narrow = jnp.dtype(dtype)
+
+  def walk(tree):
+    adapted = any(peft_methods.is_adapter_name(name) for name in tree)
+    out = {}
+    for name, leaf in tree.items():
+      if hasattr(leaf, "items"):
+        out[name] = walk(leaf)
+      elif (adapted or not jnp.issubdtype(leaf.dtype, jnp.floating)
+            or jnp.dtype(leaf.dtype).itemsize <= narrow.itemsize):
+        out[name] = jnp.dtype(leaf.dtype)
+      else:
+        out[name] = narrow
+    return out
+
+  dtypes = walk(llama.abstract_params(cfg))
+  abstract = jax.tree.leaves(llama.abstract_params(cfg))
+  return dtypes if any(d != a.dtype for d, a in zip(jax.tree.leaves(dtypes), abstract)) else None
 
 
 def _export_mesh(device: str):

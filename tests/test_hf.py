@@ -22,8 +22,11 @@ import torch
 import transformers
 
 import hf_builders
+import peft_fixtures
 from jaxsft import checkpoint, export, hf
 from jaxsft.models import llama
+from jaxsft.models.model_config import Adapters
+from jaxsft.peft import methods as peft_methods
 
 ALL_VARIANTS = sorted(hf_builders.VARIANTS)
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -123,6 +126,38 @@ def test_save_casts_to_requested_dtype(exported, tmp_path):
   assert cfg2 == cfg  # the loaded param dtype is the policy's, not the file's
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
     np.testing.assert_array_equal(np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), y)
+
+
+def test_export_reads_weights_in_the_export_dtype_and_writes_the_same_bytes(exported, tmp_path):
+  """Exporting an fp32 model in bf16 reads the weights in bf16 (half the host
+  memory: docs/BENCHMARKS.md) and writes what reading fp32, merging, then
+  casting writes, byte for byte: from an HF directory, a full checkpoint, and
+  a LoRA checkpoint, whose adapted modules are read in fp32 for the merge."""
+  src, _, cfg, params, _ = exported("llama")
+  lora_cfg = cfg.replace(adapters=Adapters(lora_targets=("q_proj", "down_proj"), lora_rank=4,
+                                           lora_alpha=8.0))
+  lora = peft_methods.add_params(lora_cfg, jax.tree.map(jnp.copy, params), jax.random.key(1))
+  lora = jax.tree_util.tree_map_with_path(  # B is zero at init: make the merge count
+      lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+      if "_lora_b_" in str(p) else x, lora)
+  sources = {"hf": (src, cfg, params),
+             "full": (checkpoint.save_model(tmp_path / "full", params, cfg), cfg, params),
+             "lora": (checkpoint.save_model(tmp_path / "lora", lora, lora_cfg), lora_cfg, lora)}
+  for name, (source, source_cfg, source_params) in sources.items():
+    dtypes = peft_fixtures.leaves_by_path(export.read_dtypes(source_cfg, "bfloat16"))
+    narrow = {k for k, d in dtypes.items() if d == jnp.bfloat16}
+    assert "embed/embedding_vd" in narrow and "final_norm/scale_d" in narrow, name
+    adapted = {k for k in dtypes if k.startswith(("layers/attn/", "layers/mlp/"))}
+    assert (narrow & adapted) == (set() if name == "lora" else adapted), name
+    export.export(source, tmp_path / f"{name}_bf16", dtype="bfloat16")
+    want_cfg, want = peft_methods.merge(source_cfg, source_params)
+    hf.save_params(want, want_cfg, tmp_path / f"{name}_want", dtype="bfloat16")
+    got, ref = _tensors(tmp_path / f"{name}_bf16"), _tensors(tmp_path / f"{name}_want")
+    assert sorted(got) == sorted(ref), name
+    for k in ref:
+      assert got[k].dtype == ref[k].dtype == ml_dtypes.bfloat16 and (
+          got[k].tobytes() == ref[k].tobytes()), (name, k)
+  assert export.read_dtypes(cfg, "float32") is None and export.read_dtypes(cfg, None) is None
 
 
 # ----------------------------------------------------------------------------- transformers
