@@ -186,9 +186,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto",
-                       weights: str = "auto", mesh=None):
+                       weights: str = "auto", mesh=None, tokenizer: bool = True):
   """(cfg, params, tokenizer) from a Hugging Face model directory or a jaxsft
-  checkpoint (whose tokenizer lives in ``PATH/tokenizer``).
+  checkpoint (whose tokenizer lives in ``PATH/tokenizer``); the tokenizer is
+  None with ``tokenizer=False`` (then none needs to be there).
 
   ``mesh``: the weights are split over its devices as the trainer splits them
   (``sharding.param_shardings``; ``tensor`` splits heads, ffn and vocab, the
@@ -222,7 +223,7 @@ def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto
   is_checkpoint = checkpoint.is_checkpoint(path)
   if is_checkpoint:
     tokenizer_dir = path / checkpoint.TOKENIZER_DIR
-    if not tokenizer_dir.is_dir():
+    if tokenizer and not tokenizer_dir.is_dir():
       raise ValueError(f"checkpoint {path} has no {checkpoint.TOKENIZER_DIR}/ directory (it was "
                        "saved without a tokenizer source); copy the base model's tokenizer "
                        f"files into {tokenizer_dir}")
@@ -244,7 +245,7 @@ def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto
     _, params = checkpoint.load_model(path, mesh=mesh, dtypes=dtypes)
   else:
     _, params = hf.load_params(path, cfg, mesh=mesh, dtypes=dtypes)
-  return cfg, params, hf.load_tokenizer(tokenizer_dir, trust_remote_code)
+  return cfg, params, (hf.load_tokenizer(tokenizer_dir, trust_remote_code) if tokenizer else None)
 
 
 def device_bytes(device) -> int | None:

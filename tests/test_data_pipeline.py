@@ -374,6 +374,19 @@ def test_report_scores_answers_with_a_model(tmp_path, files, hf_model_factory, t
                       labels=torch.tensor([labels.tolist()])).loss.item()
   assert scores[0]["loss"] == pytest.approx(ref, rel=1e-5)
   assert scores[0]["source"].endswith("dup.jsonl:1")
+  # A jaxsft checkpoint of the same weights (saved without a tokenizer: the
+  # data's is used) scores the same; a model with a score head is refused.
+  from jaxsft import checkpoint, hf
+  cfg, params = hf.load_params(model_dir)
+  ckpt = checkpoint.save_model(tmp_path / "ckpt", params, cfg)
+  assert report.score(pipe, str(ckpt)) == scores
+  import jax
+  from jaxsft.models import heads
+  head_cfg = heads.head_config(cfg, "cls", ["a", "b"], False, cfg.pad_token_id)
+  head = checkpoint.save_model(tmp_path / "head", heads.attach(
+      cfg, params, head_cfg, jax.random.key(0), None), head_cfg)
+  with pytest.raises(ValueError, match="has a score head and no lm_head"):
+    report.score(pipe, str(head))
 
 
 def test_report_without_a_tokenizer_is_a_clear_error(files):

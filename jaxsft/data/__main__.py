@@ -1,15 +1,15 @@
 """Inspect a stage's data before training on it.
 
     python -m jaxsft.data --config configs/X.py [--config.KEY=VALUE ...] [--stage NAME]
-        [--show N] [--score-with MODEL_DIR] [--top K]
+        [--show N] [--score-with MODEL] [--top K]
 
 Builds the stage's pipeline exactly as training does (same tokenizer,
 templates, masks, mixture and packing; the tokenized cache is shared), then
 prints N examples in training order with their trained tokens marked (green
 on a terminal, ``[[…]]`` otherwise), a line per dataset, and, last, one JSON
 line of figures (``report`` describes them). ``--score-with`` adds each
-sample's answer loss under a Hugging Face model, and lists the K worst and K
-most trivial samples.
+sample's answer loss under a model (Hugging Face directory or jaxsft
+checkpoint), and lists the K worst and K most trivial samples.
 
 The config needs ``tokenizer`` (a tokenizer or model directory; else
 ``model.source`` is used) and ``stages``: a list of ConfigDicts each with
@@ -35,7 +35,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a get_co
 _STAGE = flags.DEFINE_string("stage", None, "Stage to inspect, by name (default: the first).")
 _SHOW = flags.DEFINE_integer("show", 3, "Examples to render, in training order.")
 _SCORE = flags.DEFINE_string("score-with", None,
-                             "Hugging Face model directory: report each sample's answer loss.")
+                             "Hugging Face model directory or jaxsft checkpoint: report each "
+                             "sample's answer loss.")
 _TOP = flags.DEFINE_integer("top", 5, "Worst and most trivial samples to list with --score-with.")
 
 

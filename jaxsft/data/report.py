@@ -210,8 +210,10 @@ def _bucket(n: int, seq_len: int) -> int:
 
 def score(pipe, model_dir: str, batch_size: int = 8) -> list[dict[str, Any]]:
   """Each kept training example's mean answer loss under the model in
-  ``model_dir`` (a Hugging Face directory): ``{"dataset", "source", "index",
-  "loss", "trained_tokens"}`` per example, in dataset order.
+  ``model_dir`` (a Hugging Face directory or a jaxsft checkpoint, read as
+  ``generate.load_for_inference`` reads it: on a GPU/TPU in its compute
+  dtype): ``{"dataset", "source", "index", "loss", "trained_tokens"}`` per
+  example, in dataset order.
 
   Examples run one per row (no packing), grouped by padded length;
   ``llama.hidden_states`` and ``losses.masked_cross_entropy`` give each row's
@@ -220,10 +222,18 @@ def score(pipe, model_dir: str, batch_size: int = 8) -> list[dict[str, Any]]:
   import jax  # noqa: PLC0415  (the report without a model needs none of this)
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from jaxsft import hf, losses  # noqa: PLC0415
+  from jaxsft import generate, losses  # noqa: PLC0415
   from jaxsft.models import llama  # noqa: PLC0415
 
-  cfg, params = hf.load_params(model_dir)
+  cfg, params, _ = generate.load_for_inference(model_dir, tokenizer=False)
+  if cfg.has_head:
+    raise ValueError(f"--score-with {model_dir}: a {cfg.problem_type} model has a score head "
+                     "and no lm_head, so it gives no answer loss; score with a language model")
+  a = cfg.adapters
+  if a is not None and (a.prompt_tokens or a.prefix_tokens):
+    raise ValueError(f"--score-with {model_dir}: a prompt/prefix-tuned checkpoint needs its "
+                     "virtual tokens before every row; score with its base model, or a "
+                     "LoRA/full checkpoint")
   top = max(int(p.tokens.max(initial=0)) for p in pipe.datasets)
   if top >= cfg.vocab_size:
     raise ValueError(f"--score-with {model_dir}: the data has token id {top}, outside the model's "
