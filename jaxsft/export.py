@@ -121,9 +121,10 @@ def read_dtypes(cfg, dtype: str | None):
         out[name] = narrow
     return out
 
-  dtypes = walk(llama.abstract_params(cfg))
-  abstract = jax.tree.leaves(llama.abstract_params(cfg))
-  return dtypes if any(d != a.dtype for d, a in zip(jax.tree.leaves(dtypes), abstract)) else None
+  abstract = llama.abstract_params(cfg)
+  dtypes = walk(abstract)
+  narrowed = any(d != a.dtype for d, a in zip(jax.tree.leaves(dtypes), jax.tree.leaves(abstract)))
+  return dtypes if narrowed else None
 
 
 def _export_mesh(device: str):
