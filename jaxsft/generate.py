@@ -248,20 +248,12 @@ def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto
   return cfg, params, (hf.load_tokenizer(tokenizer_dir, trust_remote_code) if tokenizer else None)
 
 
-def device_bytes(device) -> int | None:
-  """The memory JAX may use on ``device``; None where it does not say (CPU)."""
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  return (stats or {}).get("bytes_limit")
-
-
 def weight_bytes_per_device(params, mesh=None) -> int:
   """The bytes of ``params`` (abstract is fine) on the fullest device: all of
   them without a mesh, one shard of each leaf on ``mesh``."""
   if mesh is None:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
-  shardings = sharding_lib.param_shardings(params, mesh)
-  return sum(int(np.prod(s.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
-             for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)))
+  return sharding_lib.bytes_per_device(params, sharding_lib.param_shardings(params, mesh))
 
 
 def check_fits(params, mesh, path) -> None:
@@ -269,8 +261,8 @@ def check_fits(params, mesh, path) -> None:
   fill the devices' memory on ``mesh`` (the first device without one): the
   alternative is an allocation failure deep inside XLA halfway through loading.
   Devices that report no memory limit (CPU) are not checked."""
-  device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-  limit = device_bytes(device)
+  device = jax.local_devices()[0]  # this process's (another's may not answer)
+  limit = sharding_lib.device_bytes(device)
   if limit is None:
     return
   need = weight_bytes_per_device(params, mesh)

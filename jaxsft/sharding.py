@@ -193,3 +193,17 @@ def constrain_cache(x):
   if heads and not x.shape[3] % int(np.prod([mesh.shape[a] for a in heads])):
     spec[3] = heads
   return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def device_bytes(device) -> int | None:
+  """The memory JAX may use on ``device``; None where it does not say (CPU)."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return (stats or {}).get("bytes_limit")
+
+
+def bytes_per_device(tree, shardings) -> int:
+  """The bytes ``tree`` (arrays or ShapeDtypeStructs) takes on each device
+  when each leaf is placed on its sharding in ``shardings`` (a matching tree of
+  NamedShardings): one shard of every leaf."""
+  return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))

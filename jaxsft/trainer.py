@@ -239,6 +239,35 @@ def _state_shardings(abstract_state: TrainState, param_shardings, mesh):
   return jax.tree_util.tree_map_with_path(pick, abstract_state)
 
 
+def _check_state_fits(name: str, stage, ph, mesh) -> None:
+  """A clear error, before the optimizer state is allocated, when the state
+  alone (parameters, frozen weights, AdamW moments: one shard per device)
+  exceeds a device's memory (devices that report a limit: GPU/TPU). The
+  weights are on the devices by then, so this catches the usual mistake: full
+  fine-tuning's 16 bytes a parameter (8B: 120 GiB) on a device that holds the
+  weights. Activations need room on top: passing this is no promise of fit."""
+  device = jax.local_devices()[0]  # this process's: another's may not answer
+  limit = sharding_lib.device_bytes(device)
+  if limit is None:
+    return
+  need = sharding_lib.bytes_per_device(ph.abstract_state, ph.state_shardings)
+  if need <= limit:
+    return
+  gib, n = 2 ** 30, jax.device_count()
+  shape = {a: k for a, k in mesh.shape.items() if k > 1} or {"fsdp": 1}
+  hints = []
+  if stage.method in ("full", "full_then_lora", "freeze"):
+    hints.append("train fewer parameters (method 'lora')")
+  if stage.method != "full" and ph.frozen_dtype is None:
+    hints.append("hold the frozen weights in the compute dtype (peft.frozen_dtype='compute')")
+  hints.append(f"split the state over more devices (config.mesh.fsdp; jax sees {n})")
+  raise ValueError(
+      f"config.stages.{name}: the training state (parameters, frozen weights and optimizer "
+      f"moments) takes {need / gib:.3g} GiB per device on the mesh {shape}, more than the "
+      f"{limit / gib:.3g} GiB a {device.device_kind} has for JAX, before any "
+      f"activation; " + ", or ".join(hints))
+
+
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(sharding_lib.BATCH_AXES, None))
 
@@ -478,6 +507,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase,
                                      tokenizer=run.tokenizer, where=f"config.stages.{name}")
   ph = _Phase(cfg, params, stage, steps, mesh, config.seed)
+  _check_state_fits(name, stage, ph, mesh)
 
   data_state = None
   if latest is not None:

@@ -418,7 +418,7 @@ _MESH_SCRIPT = textwrap.dedent("""
     # the flag to pass, which fits.
     spread8 = generate.weight_bytes_per_device(
         llama.abstract_params(cfg), sharding.make_mesh({"fsdp": 8}))
-    generate.device_bytes = lambda device: int(spread8 / 0.9) + 1
+    sharding.device_bytes = lambda device: int(spread8 / 0.9) + 1
     err = cli_error()
     assert "per device on one device" in err and "--mesh tensor=N or fsdp=N" in err, err
     assert "jax sees 8" in err, err

@@ -454,3 +454,28 @@ def test_lr_groups_scale_the_update_of_matching_parameters():
   labels = optim.labels(params, config_lib.stage(lr_groups={"embed": 0.0}))
   assert labels["embed"]["embedding_vd"] == "group:embed"
   assert labels["layers"]["mlp"]["up_df"] == "train"
+
+
+def test_a_state_that_cannot_fit_a_device_is_refused_before_it_is_allocated(tmp_path,
+                                                                             monkeypatch):
+  """On a device that reports its memory (a GPU's; the CPU's reports none), a
+  stage whose parameters plus AdamW moments exceed it stops with the stage,
+  the figures and what to change, instead of an allocation failure in XLA; a
+  device with room for them trains."""
+  from jaxsft import sharding as sharding_lib
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", cpt_steps=1,
+                                      sft_steps=1)
+  abstract = llama.abstract_params(ModelConfig(**train_fixtures.TINY_MODEL))
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  # Full fine-tuning in fp32: the parameters and AdamW's two moments, 3x at least.
+  monkeypatch.setattr(sharding_lib, "device_bytes", lambda device: 3 * param_bytes - 1)
+  with pytest.raises(ValueError) as e:
+    trainer.train(config)
+  message = str(e.value)
+  assert message.startswith("config.stages.cpt: the training state"), message
+  assert f"{(3 * param_bytes - 1) / 2**30:.3g} GiB a cpu has for JAX" in message, message
+  assert "method 'lora'" in message and "config.mesh.fsdp" in message, message
+  monkeypatch.setattr(sharding_lib, "device_bytes", lambda device: 3 * param_bytes + 2**16)
+  config.output_dir = str(tmp_path / "out2")
+  trainer.train(config)
+  assert (tmp_path / "out2" / "stages" / "sft" / "final").is_dir()
