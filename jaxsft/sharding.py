@@ -168,10 +168,19 @@ def constrain_rows(x):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return x
-  axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-  if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+  axes = _row_axes(mesh, x.shape[0])
+  if axes is None:
     return x
   return jax.lax.with_sharding_constraint(x, P(axes, *(None,) * (x.ndim - 1)))
+
+
+def _row_axes(mesh, rows: int) -> tuple[str, ...] | None:
+  """The BATCH_AXES of ``mesh`` that a dim of ``rows`` splits over; None when
+  there are none or they do not divide it."""
+  axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+  if not axes or rows % int(np.prod([mesh.shape[a] for a in axes])):
+    return None
+  return axes
 
 
 def constrain_cache(x):
@@ -183,15 +192,10 @@ def constrain_cache(x):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return x
-  spec = [None] * x.ndim
-  rows = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-  if rows and not x.shape[1] % int(np.prod([mesh.shape[a] for a in rows])):
-    spec[1] = rows
-  heads = DEFAULT_RULES["k"]
-  heads = tuple(a for a in ((heads,) if isinstance(heads, str) else heads or ())
-                if mesh.shape.get(a, 1) > 1 and a not in rows)
-  if heads and not x.shape[3] % int(np.prod([mesh.shape[a] for a in heads])):
-    spec[3] = heads
+  # Letters "lbskh": only k is in the rule table (l, b, s, h stay whole), so
+  # spec_for splits the kv heads exactly as it splits k_dkh's K.
+  spec = list(spec_for(("cache_lbskh",), x.shape, mesh))
+  spec[1] = _row_axes(mesh, x.shape[1])
   return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
