@@ -501,38 +501,13 @@ def sharded_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int,
   return ShardedStep(jitted, mesh, abstract_state, state_shardings, bsh, store, init, trainable)
 
 
-def bytes_per_device(tree, shardings) -> int:
-  """Bytes one device holds of ``tree`` (arrays or ShapeDtypeStructs) laid out
-  by ``shardings``: each leaf's shard shape (``spec_for`` shards only
-  dimensions the mesh axes divide, so every shard of a leaf is that size)."""
-  return int(sum(np.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-                 for x, s in zip(jax.tree_util.tree_leaves(tree),
-                                 jax.tree_util.tree_leaves(shardings))))
-
-
-def compiled_memory(compiled) -> int | None:
-  """Bytes the compiled step holds at its peak, from XLA's own buffer
-  assignment (``compiled.memory_analysis()``): arguments + outputs + temporaries
-  − outputs that alias (donated) arguments. None where the backend gives no
-  analysis. Excludes what lives outside the step (e.g. the batches queued on
-  the device, the runtime's own reservations)."""
-  try:
-    stats = compiled.memory_analysis()
-  except (NotImplementedError, RuntimeError):
-    return None
-  if stats is None:
-    return None
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-
-
 class StepRunner:
   """The jitted train step on random weights, compiled, with its batches on
   the device: ``runner(i)`` runs step i (batch i mod n) to completion and
   returns its metrics. Also used by tools/hf_peer.py --paired.
 
   The step is compiled from abstract shapes first, so the memory check reads
-  the compiled step's own figure (``compiled_memory``) before any weight is
+  the compiled step's own figure (``sharding.compiled_memory``) before any weight is
   allocated; ``memory_estimate`` (analytic) is the fallback where the backend
   reports none. The same executable then runs on the real state."""
 
@@ -582,7 +557,7 @@ class StepRunner:
     jax.block_until_ready((self.state, self.batches))
 
   def _check_memory(self, base_cfg: ModelConfig, args, device) -> None:
-    need = compiled_memory(self.compiled)
+    need = sharding_lib.compiled_memory(self.compiled)
     self.memory_estimate_source = "compiled memory_analysis"
     if need is None:
       need = memory_estimate(base_cfg, args.batch, args.seq_len, args.method)
@@ -710,7 +685,7 @@ def compile_step(cfg: ModelConfig, batch: int, seq_len: int, stage, mesh, seed: 
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2, c2 = time.perf_counter(), time.process_time()
-  state_bytes = bytes_per_device(sh.abstract_state, sh.state_shardings)
+  state_bytes = sharding_lib.bytes_per_device(sh.abstract_state, sh.state_shardings)
   return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "cpu_s": c2 - c0}, state_bytes
 
 
@@ -742,7 +717,7 @@ def run_compile_scaling(cfg: ModelConfig, args) -> dict:
         "total_s": best["lower_s"] + best["compile_s"],
         "cpu_s": min(t["cpu_s"] for _, t, _ in runs[layers]),
         # XLA's analysis of the partitioned program: one device's buffers.
-        "memory_bytes_per_device": compiled_memory(compiled),
+        "memory_bytes_per_device": sharding_lib.compiled_memory(compiled),
         "argument_bytes": None if mem is None else int(mem.argument_size_in_bytes),
         "temp_bytes": None if mem is None else int(mem.temp_size_in_bytes),
         # What the shardings put on one device: weights, optimizer state, step.

@@ -211,3 +211,19 @@ def bytes_per_device(tree, shardings) -> int:
   NamedShardings): one shard of every leaf."""
   return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
              for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def compiled_memory(compiled) -> int | None:
+  """Bytes a compiled program holds on one device at its peak, from XLA's own
+  buffer assignment (``compiled.memory_analysis()``): arguments + outputs +
+  temporaries − outputs that alias (donated) arguments. None where the backend
+  gives no analysis. Excludes what lives outside the program (e.g. batches
+  queued on the device, the runtime's own reservations)."""
+  try:
+    stats = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)

@@ -250,7 +250,7 @@ def _check_state_fits(name: str, stage, ph, mesh) -> None:
   limit = sharding_lib.device_bytes(device)
   if limit is None:
     return
-  need = sharding_lib.bytes_per_device(ph.abstract_state, ph.state_shardings)
+  need = ph.state_bytes
   if need <= limit:
     return
   gib, n = 2 ** 30, jax.device_count()
@@ -266,6 +266,42 @@ def _check_state_fits(name: str, stage, ph, mesh) -> None:
       f"moments) takes {need / gib:.3g} GiB per device on the mesh {shape}, more than the "
       f"{limit / gib:.3g} GiB a {device.device_kind} has for JAX, before any "
       f"activation; " + ", or ".join(hints))
+
+
+def _check_step_fits(name: str, stage, ph, mesh) -> None:
+  """A clear error, before the first step runs, when the compiled train step
+  needs more than a device has: XLA's buffer assignment of the step (state,
+  batch, activations kept for the backward pass, the loss's logits, gradients
+  and the update's temporaries; ``sharding.compiled_memory``) against the
+  device's limit. The runtime allocates those temporaries in one block on top
+  of the state, so a step over the limit cannot run: refusing it loses
+  nothing, and says what to change instead of XLA's RESOURCE_EXHAUSTED."""
+  device = jax.local_devices()[0]
+  limit = sharding_lib.device_bytes(device)
+  need = ph.step_bytes
+  if limit is None or need is None or need <= limit:
+    return
+  gib, cfg = 2 ** 30, ph.cfg
+  shape = {a: k for a, k in mesh.shape.items() if k > 1} or {"fsdp": 1}
+  rows = config_lib.batch_size(stage) // (sharding_lib.data_parallel_size(mesh)
+                                          * stage.grad_accum)
+  hints = []
+  if cfg.remat != "full":
+    hints.append(f"recompute activations in the backward pass (config.model.remat='full'; "
+                 f"it is {cfg.remat!r})")
+  if rows > 1:
+    hints.append(f"split the batch into smaller micro-batches (config.stages.{name}.grad_accum="
+                 f"{2 * stage.grad_accum}: the same batch, {rows} -> {rows // 2 or 1} rows per "
+                 f"device at a time)")
+  hints.append(f"shorter rows (config.stages.{name}.seq_len={stage.seq_len})")
+  if stage.method in ("full", "full_then_lora", "freeze"):
+    hints.append("train fewer parameters (method 'lora')")
+  hints.append(f"split the work over more devices (config.mesh; jax sees {jax.device_count()})")
+  raise ValueError(
+      f"config.stages.{name}: one training step needs {need / gib:.3g} GiB per device on the "
+      f"mesh {shape} (the state {ph.state_bytes / gib:.3g} GiB, activations and other "
+      f"temporaries {(need - ph.state_bytes) / gib:.3g} GiB, by XLA's compiled step), more than "
+      f"the {limit / gib:.3g} GiB a {device.device_kind} has for JAX; " + ", or ".join(hints))
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -508,6 +544,9 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                                      tokenizer=run.tokenizer, where=f"config.stages.{name}")
   ph = _Phase(cfg, params, stage, steps, mesh, config.seed)
   _check_state_fits(name, stage, ph, mesh)
+  spec = {k: v for k, v in pipe.batch_spec(batch).items() if k in keys}
+  ph.compile(spec)
+  _check_step_fits(name, stage, ph, mesh)
 
   data_state = None
   if latest is not None:
@@ -531,8 +570,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   batches = pipe.batches(batch, state=data_state)
   start = int(state.step)
   if phase == 0 and start == switch:  # resumed from the checkpoint taken at the switch
-    ph, state = _switch_to_lora(ph, state, stage, steps, mesh, config.seed, adapter_rng)
+    ph, state = _switch_to_lora(name, ph, state, stage, steps, mesh, config.seed, adapter_rng,
+                                spec)
     phase = 1
+  run.writer.write(ph.compile_row(name, start))
   flops_per_step = metrics.train_flops(cfg, batch, stage.seq_len)
   peak = metrics.peak_tflops(jax.devices()[0], cfg.dtype)
   progress = metrics.Progress(name, steps, start)
@@ -593,7 +634,9 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
       if switching:
         with _reporting_save_failure(name, (last_saved,), manager, stage_dir):
           manager.wait_until_finished()
-        ph, state = _switch_to_lora(ph, state, stage, steps, mesh, config.seed, adapter_rng)
+        ph, state = _switch_to_lora(name, ph, state, stage, steps, mesh, config.seed,
+                                    adapter_rng, spec)
+        run.writer.write(ph.compile_row(name, done))
         phase = 1
         log.info("stage %s: switched to LoRA after step %d", name, done)
       if paused:  # throughput counts training steps only
@@ -622,8 +665,8 @@ def _stable_hash(text: str) -> int:
   return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def _switch_to_lora(ph: "_Phase", state: TrainState, stage, steps: int, mesh, seed: int,
-                    adapter_rng) -> tuple["_Phase", TrainState]:
+def _switch_to_lora(name: str, ph: "_Phase", state: TrainState, stage, steps: int, mesh,
+                    seed: int, adapter_rng, spec: dict) -> tuple["_Phase", TrainState]:
   """Full → LoRA on the updated weights: the base weights' Adam moments are
   dropped, the LoRA factors start with fresh ones, and the same schedule (a
   function of the step) continues."""
@@ -631,6 +674,8 @@ def _switch_to_lora(ph: "_Phase", state: TrainState, stage, steps: int, mesh, se
   step_now, rng_now = state.step, state.rng
   del state
   ph = _Phase(cfg, params, stage, steps, mesh, seed)
+  ph.compile(spec)
+  _check_step_fits(name, stage, ph, mesh)
   return ph, ph.init(params).replace(step=step_now, rng=rng_now)
 
 
@@ -649,13 +694,38 @@ class _Phase:
     self.abstract_state = jax.eval_shape(
         lambda q: init_state(self.store(q), self.tx, seed, self.mask), params)
     self.state_shardings = _state_shardings(self.abstract_state, param_shardings, mesh)
+    self.state_bytes = sharding_lib.bytes_per_device(self.abstract_state, self.state_shardings)
+    self.mesh = mesh
     bsh = batch_sharding(mesh)
-    self.step_fn = sharding_lib.with_mesh(mesh, jax.jit(
+    self._step = jax.jit(
         make_train_step(cfg, self.tx, self.lr_fn, stage.grad_accum, self.mask, objective),
         in_shardings=(self.state_shardings, bsh), out_shardings=(self.state_shardings, None),
-        donate_argnums=0))
+        donate_argnums=0)
+    self.step_fn = self.step_bytes = self.compile_s = None  # set by compile()
     self.eval_fn = sharding_lib.with_mesh(
         mesh, jax.jit(make_eval_step(cfg, objective), in_shardings=(param_shardings, bsh)))
+
+  def compile(self, batch_spec: dict) -> None:
+    """Compile the train step ahead of the first one, for batches of
+    ``batch_spec`` ({key: (shape, dtype)}, ``Pipeline.batch_spec``): the step
+    compiles once, as before, and its memory (``step_bytes``: XLA's figure for
+    one device) is known before anything runs. ``step_fn`` calls it."""
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in batch_spec.items()}
+    start = time.perf_counter()
+    with jax.set_mesh(self.mesh):
+      compiled = self._step.lower(self.abstract_state, batch).compile()
+    self.compile_s = time.perf_counter() - start
+    self.step_bytes = sharding_lib.compiled_memory(compiled)
+    self.step_fn = sharding_lib.with_mesh(self.mesh, compiled)
+    log.info("train step compiled in %.1f s; per device: state %.3g GiB, step %s", self.compile_s,
+             self.state_bytes / 2 ** 30,
+             "unknown" if self.step_bytes is None else f"{self.step_bytes / 2 ** 30:.3g} GiB")
+
+  def compile_row(self, name: str, step: int) -> dict:
+    """The metrics row of the compiled step: compile time, bytes per device."""
+    return {"stage": name, "step": step, "split": "compile", "compile_s": self.compile_s,
+            "state_bytes_per_device": self.state_bytes,
+            "step_bytes_per_device": self.step_bytes}
 
   def store(self, params):
     """``params`` as the state holds them: frozen weights in ``frozen_dtype``."""

@@ -360,7 +360,8 @@ def test_cls_stage_trains_a_head_and_exports_it(head_runs):
 
 def test_reward_stage_reports_pairwise_metrics(head_runs):
   out = head_runs["reward"]
-  rows = [r for r in _rows(out) if r["stage"] == "head"]
+  rows = [r for r in _rows(out) if r["stage"] == "head" and r["split"] in ("train", "eval")]
+  assert rows
   for r in rows:
     assert 0 <= r["pairwise_accuracy"] <= 1 and np.isfinite(r["margin"])
   train = [r for r in rows if r["split"] == "train"]

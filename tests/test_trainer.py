@@ -428,7 +428,7 @@ def test_pure_bf16_training(tmp_path):
   trainer.train(config)
   params = _final_params(tmp_path / "out", "cpt")
   assert {str(x.dtype) for x in jax.tree_util.tree_leaves(params)} == {"bfloat16"}
-  losses = [r["loss"] for r in _rows(tmp_path / "out")]
+  losses = [r["loss"] for r in _rows(tmp_path / "out") if r["split"] == "train"]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.3, losses
 
 
@@ -475,7 +475,53 @@ def test_a_state_that_cannot_fit_a_device_is_refused_before_it_is_allocated(tmp_
   assert message.startswith("config.stages.cpt: the training state"), message
   assert f"{(3 * param_bytes - 1) / 2**30:.3g} GiB a cpu has for JAX" in message, message
   assert "method 'lora'" in message and "config.mesh.fsdp" in message, message
+  # Room for the state passes this check; the step's activations are checked next.
   monkeypatch.setattr(sharding_lib, "device_bytes", lambda device: 3 * param_bytes + 2**16)
+  with pytest.raises(ValueError, match=r"^config.stages.cpt: one training step needs"):
+    trainer.train(config)
+  monkeypatch.setattr(sharding_lib, "device_bytes", lambda device: 2**30)
   config.output_dir = str(tmp_path / "out2")
   trainer.train(config)
   assert (tmp_path / "out2" / "stages" / "sft" / "final").is_dir()
+
+
+def test_a_step_that_cannot_fit_a_device_is_refused_before_it_runs(tmp_path, monkeypatch):
+  """The state fits but the step's activations do not: the compiled step's own
+  figure (XLA's buffer assignment, reported per stage in metrics.jsonl) is
+  checked against the device's limit before the first step, and the error
+  names the stage, the figures and the knobs that shrink activations."""
+  from jaxsft import sharding as sharding_lib
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", cpt_steps=2,
+                                      sft_steps=1)
+  trainer.train(config)
+  rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+  compiled = {r["stage"]: r for r in rows if r.get("split") == "compile"}
+  assert set(compiled) == {"cpt", "sft"}, rows
+  cpt = compiled["cpt"]
+  abstract = llama.abstract_params(ModelConfig(**train_fixtures.TINY_MODEL))
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  # fp32 parameters, AdamW's two moments, the step counter, the count and the key.
+  assert 3 * param_bytes <= cpt["state_bytes_per_device"] < 3 * param_bytes + 64, cpt
+  # XLA's figure: the state (donated: counted once) plus the step's temporaries.
+  assert cpt["step_bytes_per_device"] > cpt["state_bytes_per_device"] + 4 * 64 * 4, cpt
+  assert cpt["compile_s"] > 0
+
+  limit = (cpt["state_bytes_per_device"] + cpt["step_bytes_per_device"]) // 2
+  monkeypatch.setattr(sharding_lib, "device_bytes", lambda device: limit)
+  config.output_dir = str(tmp_path / "out2")
+  with pytest.raises(ValueError) as e:
+    trainer.train(config)
+  message = str(e.value)
+  gib = 2 ** 30
+  assert message.startswith(
+      f"config.stages.cpt: one training step needs {cpt['step_bytes_per_device'] / gib:.3g} GiB "
+      f"per device on the mesh {{'fsdp': 1}} (the state "
+      f"{cpt['state_bytes_per_device'] / gib:.3g} GiB"), message
+  assert f"more than the {limit / gib:.3g} GiB a cpu has for JAX" in message, message
+  assert "config.model.remat='full'" in message and "grad_accum=2" in message, message
+  assert "4 -> 2 rows per device" in message and "method 'lora'" in message, message
+  # Refused before the first step: no training row, no checkpoint.
+  assert not (tmp_path / "out2" / "stages" / "cpt" / "checkpoints").exists() or not any(
+      (tmp_path / "out2" / "stages" / "cpt" / "checkpoints").iterdir())
+  out2_rows = (tmp_path / "out2" / "metrics.jsonl")
+  assert not out2_rows.exists() or '"split": "train"' not in out2_rows.read_text()

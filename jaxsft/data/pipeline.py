@@ -601,6 +601,12 @@ class Pipeline:
     """Whether a cls pipeline's examples may carry several labels (sigmoid head)."""
     return self.max_labels > 1
 
+  def batch_spec(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each array in every training batch of ``batch_size``
+    rows: what a train step is compiled for before any batch is drawn."""
+    empty = self._fill([np.zeros(0, np.int64)] * batch_size, self.train)
+    return {k: (v.shape, v.dtype) for k, v in empty.items()}
+
   def _fill(self, rows, pool: _Pool) -> dict[str, np.ndarray]:
     if self.head is None:
       return packing.fill_rows(rows, pool.get, self.seq_len, self.pad_id)
