@@ -15,7 +15,8 @@
 #   1b_full_profile  1b_full traced for 2 steps: where the time goes (jaxsft.trace_report:
 #                by category, by source line, top ops) in its log and NAME.summary.json
 #   8b_lora      llama3-8b, LoRA r=16, batch 4, remat full, vs PEFT + checkpointing;
-#                frozen base in bf16 on both sides (--frozen-dtype auto)
+#                frozen base in bf16 on both sides (--frozen-dtype auto); XLA's
+#                memory-usage report of the step in 8b_lora.memory.txt
 #   1b_lora      llama3.2-1b LoRA vs PEFT
 #   1b_lora_profile  1b_lora traced, as 1b_full_profile
 #   1b_packed    1b_full on packed SFT lengths vs the padded peer (non-pad tokens/s)
@@ -25,7 +26,9 @@
 #   1b_full_unroll  1b_full without peer, the 16 layers unrolled (--scan-unroll 16)
 #                instead of a layer scan: does the scan cost time on a GPU (its
 #                per-layer weight slices and stacked residuals)?
-#   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides
+#   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides (and its
+#                8b_lora_fp32base.memory.txt: where the +8.8 GiB over the peer of
+#                2026-11-28 go)
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
 #   moe_check    tools/moe_dispatch_check.py: bucketed, dropless, grouped MoE equal dense here
@@ -43,8 +46,9 @@
 # than the defaults and is no longer run.)
 #
 # OUT_DIR gets env.txt (versions, nvidia-smi -L), one .log per item, the
-# profile items' NAME.summary.json, and results.jsonl (one JSON line per item:
-# its name, exit code and the bench's JSON line): 19 files. Raw traces stay
+# profile items' NAME.summary.json, the 8B items' NAME.memory.txt and
+# results.jsonl (one JSON line per item: its name, exit code and the bench's
+# JSON line): 21 files. Raw traces stay
 # under $PROFILE_DIR (default /tmp/jaxsft_profiles). On a borrowed machine that
 # returns few files, tar OUT_DIR into one.
 set -u
@@ -144,11 +148,28 @@ profile() {
   [ -f "$PROF/$name/summary.json" ] && cp "$PROF/$name/summary.json" "$OUT/$name.summary.json"
 }
 
+# memory NAME TIMEOUT_S CMD...: run NAME with XLA dumping its train step, and
+# keep XLA's memory-usage report of that step (every buffer of the step's peak
+# allocation by size, with the shapes sharing it) as OUT/NAME.memory.txt: where
+# the step's memory goes, read beside the row's peak_mem_gib and the peer's.
+memory() {
+  local name=$1 dump=/tmp/xla_dump_$1 saved=${XLA_FLAGS-}
+  shift
+  rm -rf "$dump"
+  export XLA_FLAGS="$saved --xla_dump_to=$dump --xla_dump_hlo_module_re=.*train_step.*"
+  run "$name" "$@"
+  export XLA_FLAGS="$saved"
+  local report
+  report=$(ls "$dump"/*train_step*memory-usage-report.txt 2>/dev/null | head -n 1)
+  if [ -n "$report" ]; then head -c 30000 "$report" > "$OUT/$name.memory.txt"; fi
+  rm -rf "$dump"
+}
+
 run check 90 "$PY" tools/gpu_check.py $CHECK
 run 1b_full 150 $BENCH $SHAPE $B8 $STEPS --method full --peer hf
 profile 1b_full_profile 90 $SHAPE $B8 --method full
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
-  run 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
+  memory 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
   run 1b_lora 120 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
   profile 1b_lora_profile 90 $SHAPE $B8 --method lora
 else
@@ -160,7 +181,7 @@ run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --
 run 1b_full_chunk512 90 $BENCH $SHAPE $B8 $STEPS --method full --loss-chunk 512
 run 1b_full_unroll 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 16
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
-  run 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
+  memory 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
 fi
 run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
 run moe_check 120 "$PY" tools/moe_dispatch_check.py
