@@ -1,8 +1,13 @@
-"""Train: ``python -m jaxsft.train --config configs/NAME.py [--config.KEY=VALUE ...]``.
+"""Train: ``python -m jaxsft.train --config configs/NAME.py [--config.KEY=VALUE ...] [--plan]``.
 
 Runs the config's stages in order into ``config.output_dir``; re-running the
 same command resumes from the latest checkpoint. See ``jaxsft.config`` for the
 keys and ``jaxsft.trainer`` for what a run directory holds.
+
+``--plan`` trains nothing: it compiles every stage's step from the weights'
+shapes (``jaxsft.trainer.plan``; no weight is read, nothing is written) and
+prints, per stage, the memory one device needs for the state and for the
+whole step against what it has; exit status 1 if a stage would not fit.
 """
 from __future__ import annotations
 
@@ -11,11 +16,14 @@ import os
 import sys
 
 from absl import app
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a config file (get_config())",
                                           lock_config=False)
+_PLAN = flags.DEFINE_bool("plan", False, "train nothing: compile each stage's step from the "
+                          "weights' shapes and print the memory per device it needs")
 
 
 def _maybe_initialize_distributed() -> None:
@@ -54,10 +62,21 @@ def main(argv) -> None:
   _maybe_initialize_distributed()
   host_memory.reuse_freed_memory()  # CPU-only hosts: no page faults per step
   try:
-    out = trainer.train(config)
+    if _PLAN.value:
+      rows = trainer.plan(config)
+    else:
+      out = trainer.train(config)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if _PLAN.value:
+    import jax  # noqa: PLC0415
+    problems = [r["problem"] for r in rows if r["problem"]]
+    if jax.process_index() == 0:
+      print(trainer.format_plan(rows))
+      for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    sys.exit(1 if problems else 0)
   print(f"done: {out}")
 
 

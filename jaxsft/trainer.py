@@ -8,7 +8,8 @@ starts from and which is never rotated away.
 Layout of a run directory:
   config.json               the resolved config
   metrics.jsonl, loss.png   one JSON object per logged step (train and eval rows; a
-                            head stage's eval labels unseen in training: split "data")
+                            head stage's eval labels unseen in training: split "data";
+                            each compiled step's time and memory: split "compile")
   stages/NAME/checkpoints/  orbax CheckpointManager: state + data position, every N steps
   stages/NAME/final/        the stage's final model (jaxsft.checkpoint format)
   hf/                       Hugging Face export, when config.export.hf
@@ -431,13 +432,8 @@ def train(config) -> pathlib.Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
-  mesh = sharding_lib.make_mesh({k: v for k, v in config.mesh.items()})
-  tokenizer_dir = pathlib.Path(config.tokenizer or config.model.source)
-  if checkpoint_lib.is_checkpoint(tokenizer_dir):
-    tokenizer_dir = tokenizer_dir / checkpoint_lib.TOKENIZER_DIR
-  tokenizer = hf.load_tokenizer(tokenizer_dir, config.model.trust_remote_code)
-  run = Run(config, out, mesh, tokenizer, tokenizer_dir,
-            metrics.MetricsWriter(out, enabled=primary))
+  run = _new_run(config, out, write=primary)
+  mesh, tokenizer_dir = run.mesh, run.tokenizer_dir
 
   names = list(config.stages.keys())
   finals = [out / "stages" / n / "final" for n in names]
@@ -479,6 +475,93 @@ def train(config) -> pathlib.Path:
   return out
 
 
+def _new_run(config, out: pathlib.Path, write: bool) -> Run:
+  """The mesh, tokenizer and metrics writer (``write``: this process writes)."""
+  mesh = sharding_lib.make_mesh({k: v for k, v in config.mesh.items()})
+  tokenizer_dir = pathlib.Path(config.tokenizer or config.model.source)
+  if checkpoint_lib.is_checkpoint(tokenizer_dir):
+    tokenizer_dir = tokenizer_dir / checkpoint_lib.TOKENIZER_DIR
+  tokenizer = hf.load_tokenizer(tokenizer_dir, config.model.trust_remote_code)
+  return Run(config, out, mesh, tokenizer, tokenizer_dir, metrics.MetricsWriter(out, enabled=write))
+
+
+def plan(config) -> list[dict]:
+  """Every stage's train step compiled as ``train`` would run it, from the
+  weights' shapes alone: no weight is read or allocated (the data is
+  tokenized, as a run does first) and nothing is written. One row per
+  compiled step (``full_then_lora``: one per phase) with the bytes one device
+  holds of the training state and of the whole step (XLA's figure:
+  activations, logits, gradients on top of the state), the device's limit,
+  and whether it fits (None where the device reports no limit: CPU).
+  ``problem`` holds the message a run would stop with. The answer to "does
+  this config fit these devices?" before a 72B model is loaded. Every stage is
+  planned from the start, whatever the output directory holds."""
+  config_lib.validate(config)
+  run = _new_run(config, pathlib.Path(config.output_dir), write=False)
+  device = jax.local_devices()[0]
+  limit = sharding_lib.device_bytes(device)
+  cfg = initial_config(config)
+  params = llama.abstract_params(cfg)
+  rows = []
+  for name in config.stages.keys():
+    stage = config.stages[name]
+    pipe = _stage_pipeline(run, name, stage, cfg)
+    cfg, params = _with_head(name, stage.objective, cfg, params, pipe, run.mesh, config.seed)
+    steps = _total_steps(stage, pipe, config_lib.batch_size(stage))
+    spec = _batch_spec(pipe, stage)
+    phases = (0, 1) if peft_methods.switch_step(stage, steps) is not None else (1,)
+    for phase in phases:
+      cfg, params = peft_methods.prepare(cfg, params, stage, _adapter_rng(config, name), phase,
+                                         tokenizer=run.tokenizer,
+                                         where=f"config.stages.{name}")
+      ph = _Phase(cfg, params, stage, steps, run.mesh, config.seed)
+      ph.compile(spec)
+      problem = None
+      for check in (_check_state_fits, _check_step_fits):
+        try:
+          check(name, stage, ph, run.mesh)
+        except ValueError as e:
+          problem = str(e)
+          break
+      mask = jax.tree_util.tree_leaves(ph.mask)
+      sizes = [x.size for x in jax.tree_util.tree_leaves(params)]
+      rows.append({
+          "stage": name, "method": ("full" if phase == 0 else stage.method), "steps": steps,
+          "params": sum(sizes), "trainable": sum(n for n, m in zip(sizes, mask) if m),
+          "state_bytes_per_device": ph.state_bytes, "step_bytes_per_device": ph.step_bytes,
+          "device_bytes_limit": limit, "device": device.device_kind,
+          "mesh": {a: k for a, k in run.mesh.shape.items() if k > 1} or {"fsdp": 1},
+          "compile_s": ph.compile_s,
+          "fits": None if limit is None else problem is None,
+          "problem": problem})
+    # The next stage starts from this one's final model (its canonical layout).
+    box = []
+    params = jax.eval_shape(
+        lambda p, c=cfg: box.append(peft_methods.canonical(c, p)) or box[-1][1], params)
+    cfg = box[-1][0]
+  return rows
+
+
+def format_plan(rows: list[dict]) -> str:
+  """``plan``'s rows as a table (GiB per device), then one JSON line per row."""
+  gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+  header = ("stage", "method", "steps", "params", "trainable", "state GiB", "step GiB",
+            "device GiB", "compile s", "fits")
+  table = [header] + [
+      (r["stage"], r["method"], str(r["steps"]), f"{r['params'] / 1e6:.1f}M",
+       f"{r['trainable'] / 1e6:.2f}M", gib(r["state_bytes_per_device"]),
+       gib(r["step_bytes_per_device"]), gib(r["device_bytes_limit"]), f"{r['compile_s']:.1f}",
+       {True: "yes", False: "NO", None: "?"}[r["fits"]]) for r in rows]
+  widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+  lines = []
+  if rows:
+    lines.append(f"per device, on {rows[0]['device']} x mesh {rows[0]['mesh']} (step: state + "
+                 "activations + temporaries, by XLA; ?: the device reports no limit)")
+  lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+  lines += [json.dumps(r) for r in rows]
+  return "\n".join(lines)
+
+
 def _on_host_if_parked(params):
   """``params`` on the host's CPU device when the last stage parked its frozen
   weights on the host (``_Phase.final``), so that merging LoRA into them for
@@ -495,6 +578,37 @@ def _total_steps(stage, pipe, batch: int) -> int:
   return max(1, int(math.ceil(epochs * pipe.steps_per_epoch(batch))))
 
 
+def _stage_pipeline(run: Run, name: str, stage, cfg: ModelConfig):
+  """The stage's data, after checking its batch against the mesh and its rows
+  against the model's context."""
+  batch = config_lib.batch_size(stage)
+  data_shards = sharding_lib.data_parallel_size(run.mesh)
+  if batch % (data_shards * stage.grad_accum):
+    raise ValueError(
+        f"config.stages.{name}: a batch of {batch} sequences cannot be split over "
+        f"{data_shards} data-parallel devices x grad_accum={stage.grad_accum}; use a batch "
+        f"divisible by {data_shards * stage.grad_accum}")
+  if stage.seq_len > cfg.max_position_embeddings:
+    raise ValueError(f"config.stages.{name}.seq_len={stage.seq_len} exceeds the model's "
+                     f"context of {cfg.max_position_embeddings} tokens (max_position_embeddings)")
+  return data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len,
+                             seed=run.config.seed, objective=stage.objective,
+                             label_names=cfg.label_names or None,
+                             virtual_tokens=peft_methods.virtual_tokens(stage))
+
+
+def _adapter_rng(config, name: str):
+  """Adapter initialization is seeded by the run and the stage, so a resumed
+  run (or a rerun) builds the very same LoRA factors at the switch."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), _stable_hash(name))
+
+
+def _batch_spec(pipe, stage) -> dict:
+  """(shape, dtype) of the arrays the stage's step takes from each batch."""
+  keys = batch_keys(stage.objective)
+  return {k: v for k, v in pipe.batch_spec(config_lib.batch_size(stage)).items() if k in keys}
+
+
 def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: str | None = None):
   """Train one stage from ``params``; returns the final (config, parameters):
   a cls / reward stage gives a causal LM its task head (``_with_head``).
@@ -504,27 +618,13 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   config, mesh = run.config, run.mesh
   incoming_adapters = cfg.adapters
   batch = config_lib.batch_size(stage)
-  data_shards = sharding_lib.data_parallel_size(mesh)
-  if batch % (data_shards * stage.grad_accum):
-    raise ValueError(
-        f"config.stages.{name}: a batch of {batch} sequences cannot be split over "
-        f"{data_shards} data-parallel devices x grad_accum={stage.grad_accum}; use a batch "
-        f"divisible by {data_shards * stage.grad_accum}")
-  if stage.seq_len > cfg.max_position_embeddings:
-    raise ValueError(f"config.stages.{name}.seq_len={stage.seq_len} exceeds the model's "
-                     f"context of {cfg.max_position_embeddings} tokens (max_position_embeddings)")
-
-  pipe = data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len, seed=config.seed,
-                             objective=stage.objective, label_names=cfg.label_names or None,
-                             virtual_tokens=peft_methods.virtual_tokens(stage))
+  pipe = _stage_pipeline(run, name, stage, cfg)
   params = _placed(cfg, params, stage, mesh)
   cfg, params = _with_head(name, stage.objective, cfg, params, pipe, mesh, config.seed)
   keys = batch_keys(stage.objective)
   steps = _total_steps(stage, pipe, batch)
   switch = peft_methods.switch_step(stage, steps)
-  # Adapter initialization is seeded by the run and the stage, so a resumed
-  # run (or a rerun) builds the very same LoRA factors at the switch.
-  adapter_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), _stable_hash(name))
+  adapter_rng = _adapter_rng(config, name)
 
   stage_dir = run.out / "stages" / name
   manager = ocp.CheckpointManager(
@@ -544,7 +644,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                                      tokenizer=run.tokenizer, where=f"config.stages.{name}")
   ph = _Phase(cfg, params, stage, steps, mesh, config.seed)
   _check_state_fits(name, stage, ph, mesh)
-  spec = {k: v for k, v in pipe.batch_spec(batch).items() if k in keys}
+  spec = _batch_spec(pipe, stage)
   ph.compile(spec)
   _check_step_fits(name, stage, ph, mesh)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import json
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -383,3 +385,49 @@ def test_freeze_train_modules_match_the_checkpoint_paths():
   assert set(jax.tree_util.tree_leaves(labels["layers_frozen"]["mlp"])) == {"train"}
   assert set(jax.tree_util.tree_leaves(labels["layers_frozen"]["attn"])) == {"frozen"}
   assert set(jax.tree_util.tree_leaves(labels["layers"])) == {"train"}
+
+
+def test_plan_compiles_every_stage_from_shapes_as_the_run_does(tmp_path, monkeypatch):
+  """``train --plan`` (``trainer.plan``) compiles each stage's step, both
+  phases of full_then_lora, from config.json alone: the source here has no
+  weights at all, and nothing is written. Its figures are the ones the run
+  itself then compiles and reports (metrics.jsonl's compile rows), and on a
+  device whose limit lies between two steps' needs it names the one that
+  does not fit."""
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
+  c = _one_stage_config(tmp_path, hf_dir, "full_then_lora", steps=4, switch_at=0.5)
+  c.stages.sft2 = config_lib.stage(**{**c.stages.sft.to_dict(), "method": "lora", "steps": 2})
+  weightless = tmp_path / "config_only"
+  shutil.copytree(hf_dir, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+  c.model.source = str(weightless)
+  rows = trainer.plan(c)
+  assert not pathlib.Path(c.output_dir).exists()
+  assert [(r["stage"], r["method"]) for r in rows] == [
+      ("sft", "full"), ("sft", "full_then_lora"), ("sft2", "lora")]
+  full, lora = rows[0], rows[2]
+  # Full trains everything; LoRA exactly the factors it adds to the same model.
+  assert full["trainable"] == full["params"]
+  assert 0 < lora["trainable"] == lora["params"] - full["params"]
+  assert lora["state_bytes_per_device"] < full["state_bytes_per_device"] / 2
+  assert all(r["fits"] is None and r["problem"] is None for r in rows)  # CPU: no limit
+
+  c.model.source = str(hf_dir)
+  out = trainer.train(c)
+  compiled = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if r.get("split") == "compile"]
+  assert [r["stage"] for r in compiled] == ["sft", "sft", "sft2"]
+  for planned, ran in zip(rows, compiled):
+    assert planned["state_bytes_per_device"] == ran["state_bytes_per_device"], (planned, ran)
+    assert planned["step_bytes_per_device"] == ran["step_bytes_per_device"], (planned, ran)
+
+  # A device with room for the LoRA steps but not for the full phase's.
+  limit = (lora["step_bytes_per_device"] + full["step_bytes_per_device"]) // 2
+  assert rows[1]["step_bytes_per_device"] < limit < full["step_bytes_per_device"]
+  monkeypatch.setattr(sharding_lib, "device_bytes", lambda device: limit)
+  c.model.source = str(weightless)
+  rows = trainer.plan(c)
+  assert [r["fits"] for r in rows] == [False, True, True]
+  assert rows[0]["problem"].startswith("config.stages.sft: one training step needs")
+  table = trainer.format_plan(rows).splitlines()
+  assert table[2].split()[:2] == ["sft", "full"] and table[2].endswith("NO"), table
+  assert table[3].endswith("yes") and json.loads(table[5]) == rows[0], table
