@@ -544,7 +544,7 @@ def plan(config) -> list[dict]:
 
 def format_plan(rows: list[dict]) -> str:
   """``plan``'s rows as a table (GiB per device), then one JSON line per row."""
-  gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+  gib = lambda b: "-" if b is None else f"{b / 2**30:.3g}"  # noqa: E731
   header = ("stage", "method", "steps", "params", "trainable", "state GiB", "step GiB",
             "device GiB", "compile s", "fits")
   table = [header] + [
