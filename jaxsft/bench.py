@@ -240,9 +240,9 @@ def available_memory(device) -> tuple[int | None, str]:
 
 def peak_memory(device) -> tuple[int, str]:
   """Peak bytes in use so far, and whether it is the device's count or the host RSS."""
-  stats = device.memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  peak = sharding_lib.device_peak_bytes(device)
+  if peak is not None:
+    return peak, "device peak_bytes_in_use"
   # ru_maxrss is KiB on Linux, bytes on macOS.
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return int(rss if sys.platform == "darwin" else rss * 1024), "host max RSS"

@@ -205,6 +205,13 @@ def device_bytes(device) -> int | None:
   return (stats or {}).get("bytes_limit")
 
 
+def device_peak_bytes(device) -> int | None:
+  """The most memory ``device`` has held so far; None where it does not say (CPU)."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  peak = (stats or {}).get("peak_bytes_in_use")
+  return None if peak is None else int(peak)
+
+
 def bytes_per_device(tree, shardings) -> int:
   """The bytes ``tree`` (arrays or ShapeDtypeStructs) takes on each device
   when each leaf is placed on its sharding in ``shardings`` (a matching tree of

@@ -706,6 +706,9 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                "mfu": (None if peak is None else
                        flops_per_step * n_steps / elapsed / (peak * 1e12))}
         row.update({k: float(m[k]) for k in heads.METRICS.get(stage.objective, {})})
+        peaks = [sharding_lib.device_peak_bytes(d) for d in jax.local_devices()]
+        if None not in peaks:  # GPU/TPU: beside the compile row's step_bytes_per_device
+          row["peak_bytes_per_device"] = max(peaks)
         if cfg.is_moe:
           row["aux_loss"] = float(m["aux_loss"])
           row["expert_fractions"] = [round(float(f), 4) for f in m["expert_fractions"]]

@@ -480,9 +480,13 @@ def test_a_state_that_cannot_fit_a_device_is_refused_before_it_is_allocated(tmp_
   with pytest.raises(ValueError, match=r"^config.stages.cpt: one training step needs"):
     trainer.train(config)
   monkeypatch.setattr(sharding_lib, "device_bytes", lambda device: 2**30)
+  # Where devices count their peak (GPU/TPU), train rows report it.
+  monkeypatch.setattr(sharding_lib, "device_peak_bytes", lambda device: 12345)
   config.output_dir = str(tmp_path / "out2")
   trainer.train(config)
   assert (tmp_path / "out2" / "stages" / "sft" / "final").is_dir()
+  train_rows = [r for r in _rows(tmp_path / "out2") if r["split"] == "train"]
+  assert train_rows and all(r["peak_bytes_per_device"] == 12345 for r in train_rows)
 
 
 def test_a_step_that_cannot_fit_a_device_is_refused_before_it_runs(tmp_path, monkeypatch):
@@ -497,6 +501,7 @@ def test_a_step_that_cannot_fit_a_device_is_refused_before_it_runs(tmp_path, mon
   rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
   compiled = {r["stage"]: r for r in rows if r.get("split") == "compile"}
   assert set(compiled) == {"cpt", "sft"}, rows
+  assert all("peak_bytes_per_device" not in r for r in rows)  # the CPU counts no peak
   cpt = compiled["cpt"]
   abstract = llama.abstract_params(ModelConfig(**train_fixtures.TINY_MODEL))
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
