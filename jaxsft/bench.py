@@ -735,7 +735,7 @@ def run_compile_scaling(cfg: ModelConfig, args) -> dict:
 
 def mesh_fields(mesh) -> dict:
   """The JSON line's ``mesh`` (axes of size > 1, None for one device) and ``n_devices``."""
-  return {"mesh": {k: int(v) for k, v in mesh.shape.items() if v > 1} or None,
+  return {"mesh": sharding_lib.split_axes(mesh) or None,
           "n_devices": int(mesh.size)}
 
 

@@ -289,7 +289,7 @@ def on_mesh(mesh):
 
 
 def _mesh_spec(mesh) -> str:
-  return ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "fsdp=1"
+  return ",".join(f"{a}={n}" for a, n in sharding_lib.split_axes(mesh).items()) or "fsdp=1"
 
 
 def inference_mesh(spec: dict[str, int] | None):

@@ -47,6 +47,12 @@ def data_parallel_size(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
+def split_axes(mesh: Mesh) -> dict[str, int]:
+  """The mesh's axes over more than one device, by name (empty for one device):
+  the mesh as messages and reports show it."""
+  return {a: int(k) for a, k in mesh.shape.items() if k > 1}
+
+
 def with_mesh(mesh: Mesh, fn: Callable) -> Callable:
   """``fn`` (a jitted step) called under ``jax.set_mesh(mesh)``: model code that
   needs the mesh while being traced (the MoE dispatch's ``shard_map``) finds it

@@ -255,7 +255,7 @@ def _check_state_fits(name: str, stage, ph, mesh) -> None:
   if need <= limit:
     return
   gib, n = 2 ** 30, jax.device_count()
-  shape = {a: k for a, k in mesh.shape.items() if k > 1} or {"fsdp": 1}
+  shape = sharding_lib.split_axes(mesh) or {"fsdp": 1}
   hints = []
   if stage.method in ("full", "full_then_lora", "freeze"):
     hints.append("train fewer parameters (method 'lora')")
@@ -283,7 +283,7 @@ def _check_step_fits(name: str, stage, ph, mesh) -> None:
   if limit is None or need is None or need <= limit:
     return
   gib, cfg = 2 ** 30, ph.cfg
-  shape = {a: k for a, k in mesh.shape.items() if k > 1} or {"fsdp": 1}
+  shape = sharding_lib.split_axes(mesh) or {"fsdp": 1}
   rows = config_lib.batch_size(stage) // (sharding_lib.data_parallel_size(mesh)
                                           * stage.grad_accum)
   hints = []
@@ -530,7 +530,7 @@ def plan(config) -> list[dict]:
           "params": sum(sizes), "trainable": sum(n for n, m in zip(sizes, mask) if m),
           "state_bytes_per_device": ph.state_bytes, "step_bytes_per_device": ph.step_bytes,
           "device_bytes_limit": limit, "device": device.device_kind,
-          "mesh": {a: k for a, k in run.mesh.shape.items() if k > 1} or {"fsdp": 1},
+          "mesh": sharding_lib.split_axes(run.mesh) or {"fsdp": 1},
           "compile_s": ph.compile_s,
           "fits": None if limit is None else problem is None,
           "problem": problem})
