@@ -493,7 +493,9 @@ def plan(config) -> list[dict]:
   holds of the training state and of the whole step (XLA's figure:
   activations, logits, gradients on top of the state), the device's limit,
   and whether it fits (None where the device reports no limit: CPU).
-  ``problem`` holds the message a run would stop with. The answer to "does
+  ``problem`` holds the message a run would stop with; for a step that does
+  not fit without full rematerialization, ``step_bytes_remat_full`` is what it
+  needs with it (compiled too). The answer to "does
   this config fit these devices?" before a 72B model is loaded. Every stage is
   planned from the start, whatever the output directory holds."""
   config_lib.validate(config)
@@ -523,6 +525,16 @@ def plan(config) -> list[dict]:
         except ValueError as e:
           problem = str(e)
           break
+      remat_full = None
+      if problem and ph.state_bytes <= limit and cfg.remat != "full":
+        # The first remedy the message offers, measured: one more compile.
+        alt = _Phase(cfg.replace(remat="full"), params, stage, steps, run.mesh, config.seed)
+        alt.compile(spec)
+        remat_full = alt.step_bytes
+        if remat_full is not None:
+          problem += (f" (with config.model.remat='full' the step needs "
+                      f"{remat_full / 2**30:.3g} GiB: "
+                      f"{'it would fit' if remat_full <= limit else 'still too much'})")
       mask = jax.tree_util.tree_leaves(ph.mask)
       sizes = [x.size for x in jax.tree_util.tree_leaves(params)]
       rows.append({
@@ -531,7 +543,7 @@ def plan(config) -> list[dict]:
           "state_bytes_per_device": ph.state_bytes, "step_bytes_per_device": ph.step_bytes,
           "device_bytes_limit": limit, "device": device.device_kind,
           "mesh": sharding_lib.split_axes(run.mesh) or {"fsdp": 1},
-          "compile_s": ph.compile_s,
+          "compile_s": ph.compile_s, "step_bytes_remat_full": remat_full,
           "fits": None if limit is None else problem is None,
           "problem": problem})
     # The next stage starts from this one's final model (its canonical layout).

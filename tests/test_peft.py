@@ -428,6 +428,13 @@ def test_plan_compiles_every_stage_from_shapes_as_the_run_does(tmp_path, monkeyp
   rows = trainer.plan(c)
   assert [r["fits"] for r in rows] == [False, True, True]
   assert rows[0]["problem"].startswith("config.stages.sft: one training step needs")
+  # The remat hint, measured: less than without it, and the message says whether it fits.
+  remat = rows[0]["step_bytes_remat_full"]
+  assert remat < rows[0]["step_bytes_per_device"], rows[0]
+  assert rows[0]["problem"].endswith(
+      f"(with config.model.remat='full' the step needs {remat / 2**30:.3g} GiB: "
+      f"{'it would fit' if remat <= limit else 'still too much'})"), rows[0]["problem"]
+  assert rows[1]["step_bytes_remat_full"] is None  # it fits as it is
   table = trainer.format_plan(rows).splitlines()
   assert table[2].split()[:2] == ["sft", "full"] and table[2].endswith("NO"), table
   assert table[3].endswith("yes") and json.loads(table[5]) == rows[0], table
