@@ -225,9 +225,9 @@ def memory_estimate(cfg: ModelConfig, batch: int, seq_len: int, method: str = "f
 
 def available_memory(device) -> tuple[int | None, str]:
   """Bytes the step may use, and where that figure comes from."""
-  stats = device.memory_stats() or {}
-  if "bytes_limit" in stats:
-    return int(stats["bytes_limit"]), "device bytes_limit"
+  limit = sharding_lib.device_bytes(device)
+  if limit is not None:
+    return int(limit), "device bytes_limit"
   try:
     with open("/proc/meminfo") as f:
       for line in f:

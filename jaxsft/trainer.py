@@ -654,11 +654,8 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                       "unseen_labels": dict(sorted(pipe.unseen_labels.items()))})
   cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase,
                                      tokenizer=run.tokenizer, where=f"config.stages.{name}")
-  ph = _Phase(cfg, params, stage, steps, mesh, config.seed)
-  _check_state_fits(name, stage, ph, mesh)
   spec = _batch_spec(pipe, stage)
-  ph.compile(spec)
-  _check_step_fits(name, stage, ph, mesh)
+  ph = _checked_phase(name, cfg, params, stage, steps, mesh, config.seed, spec)
 
   data_state = None
   if latest is not None:
@@ -788,10 +785,20 @@ def _switch_to_lora(name: str, ph: "_Phase", state: TrainState, stage, steps: in
   cfg, params = peft_methods.prepare(ph.cfg, ph.unstore(state.params), stage, adapter_rng, 1)
   step_now, rng_now = state.step, state.rng
   del state
+  ph = _checked_phase(name, cfg, params, stage, steps, mesh, seed, spec)
+  return ph, ph.init(params).replace(step=step_now, rng=rng_now)
+
+
+def _checked_phase(name: str, cfg: ModelConfig, params, stage, steps: int, mesh, seed: int,
+                   spec: dict) -> "_Phase":
+  """A stage's ``_Phase`` with its step compiled for batches of ``spec``, or a
+  ValueError before anything is allocated if its state or its step cannot fit
+  a device (the state is checked first: no compile for a refusal there)."""
   ph = _Phase(cfg, params, stage, steps, mesh, seed)
+  _check_state_fits(name, stage, ph, mesh)
   ph.compile(spec)
   _check_step_fits(name, stage, ph, mesh)
-  return ph, ph.init(params).replace(step=step_now, rng=rng_now)
+  return ph
 
 
 class _Phase:
