@@ -2,20 +2,26 @@
 
 A checkpoint is a directory:
   model_config.json   ``ModelConfig.to_json()``
-  params/             the parameter tree, written by orbax (``StandardCheckpointer``)
+  params/             the parameter tree, written by orbax (``StandardCheckpointer``),
+                      each stacked layer parameter in chunks of one layer or less
   tokenizer/          tokenizer files, when a source was given
 
-Parameters are restored straight onto their target shardings. Hugging Face
-directories are a different format: see ``jaxsft.hf``.
+Parameters are restored straight onto their target shardings, or read a
+layer at a time on the host (``stored_params``: exporting a model larger than
+the host's memory). Hugging Face directories are a different format: see
+``jaxsft.hf``.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from jax.experimental import multihost_utils
 
 from jaxsft import hf
@@ -63,9 +69,18 @@ def _write(tmp: pathlib.Path, params, cfg: ModelConfig, tokenizer_src, primary: 
     (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
     if tokenizer_src is not None:
       hf.copy_tokenizer_files(tokenizer_src, tmp / TOKENIZER_DIR)
+  # Stacked layer parameters are stored in chunks of at most one layer, so that
+  # one layer can be read without the rest (stored_params).
+  save_args = jax.tree_util.tree_map_with_path(
+      lambda path, _: ocp.SaveArgs(shard_axes=(0,) if _stacked(path) else ()), params)
   # Leaving the block waits for orbax's background writes to finish.
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp.resolve() / PARAMS_DIR, params)
+    checkpointer.save(tmp.resolve() / PARAMS_DIR, params, save_args=save_args)
+
+
+def _stacked(path) -> bool:
+  """Whether the parameter at ``path`` has the layer axis first (the scanned stack)."""
+  return sharding_lib.path_names(path)[0] == "layers"
 
 
 def _save_model_multiprocess(path: pathlib.Path, params, cfg, tokenizer_src, overwrite):
@@ -130,3 +145,68 @@ def load_model(path: PathLike, mesh=None, rules=None, dtypes=None) -> tuple[Mode
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(path.resolve() / PARAMS_DIR, target)
   return cfg, params
+
+
+class StoredArray:
+  """One parameter of a checkpoint on disk: ``read()`` the whole of it, or
+  ``read(i)`` its i-th slice along the first axis (one layer of a stacked
+  parameter) without reading the rest, when ``sliceable``."""
+
+  def __init__(self, store: ts.TensorStore):
+    self._store = store
+    self.shape = tuple(store.shape)
+    self.dtype = np.dtype(store.dtype.numpy_dtype)
+    chunk = store.chunk_layout.read_chunk.shape
+    self.sliceable = bool(self.shape) and chunk is not None and chunk[0] == 1
+
+  def read(self, index: int | None = None) -> np.ndarray:
+    return np.asarray(self.read_async(index).result())
+
+  def read_async(self, index: int | None = None) -> ts.Future:
+    """``read`` started: the future's ``result()`` is the array; several
+    reads in flight at once overlap their I/O."""
+    return (self._store if index is None else self._store[index]).read()
+
+
+def stored_params(path: PathLike) -> dict[str, StoredArray]:
+  """The parameters of the checkpoint at ``path`` by path (``"layers/mlp/up_df"``),
+  opened for reading on the host without holding any of them in memory.
+
+  Orbax restores whole arrays; this opens the same TensorStore arrays that
+  orbax wrote (its OCDBT/zarr layout, as the checkpoint's ``_METADATA`` says),
+  so that an export can read a stacked parameter one layer at a time.
+  Checkpoints written before stacked parameters were chunked by layer read
+  whole (``StoredArray.sliceable`` is False)."""
+  path = pathlib.Path(path)
+  if not is_checkpoint(path):
+    raise ValueError(f"{path} is not a jaxsft checkpoint (it needs {CONFIG_FILE} and "
+                     f"{PARAMS_DIR}/)")
+  params_dir = (path / PARAMS_DIR).resolve()
+  meta_file = params_dir / "_METADATA"
+  try:
+    meta = json.loads(meta_file.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read {meta_file} (orbax's index of the parameters): {e}; "
+                     "the checkpoint is incomplete or not written by jaxsft") from None
+  driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+  out = {}
+  abstract = llama.abstract_params(model_config(path))
+  for tree_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    path_names = sharding_lib.path_names(tree_path)
+    name = ".".join(path_names)
+    if meta.get("use_ocdbt", True):
+      kvstore = {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": f"{name}/"}
+    else:
+      kvstore = {"driver": "file", "path": f"{params_dir / name}/"}
+    try:
+      store = ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
+    except ValueError as e:
+      raise ValueError(f"{params_dir}: cannot open parameter {'/'.join(path_names)}: {e}; "
+                       "the checkpoint is incomplete or does not match its "
+                       f"{CONFIG_FILE}") from None
+    array = StoredArray(store)
+    if array.shape != tuple(leaf.shape):
+      raise ValueError(f"{params_dir}: parameter {'/'.join(path_names)} has shape "
+                       f"{list(array.shape)}, but {CONFIG_FILE} implies {list(leaf.shape)}")
+    out["/".join(path_names)] = array
+  return out

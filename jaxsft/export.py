@@ -19,11 +19,14 @@ the LoRA factors (see ``jaxsft.peft.export``).
 The weights are read and merged in the host's memory (``--device host``, as
 LLaMA-Factory's ``export_device: cpu``): exporting needs no accelerator
 memory, so an 8B LoRA run's checkpoint exports beside a GPU that trains on,
-or one too small for its fp32 weights. ``--device accelerators`` spreads them
-over every local device instead, for a model larger than the host's memory.
-A ``--dtype`` narrower than the weights' is the dtype they are read in
-(``read_dtypes``): the host holds the exported model's size, not the
-checkpoint's.
+or one too small for its fp32 weights. A jaxsft checkpoint is streamed: one
+layer's weights are read, merged with their adapters and written at a time
+(``streamed_tensors``), so the host holds one layer and one output shard
+(``--max-shard-size``), whatever the model's size. Other sources (a Hugging
+Face directory, a checkpoint written before layers were stored one by one)
+are read whole: ``--device accelerators`` spreads them over every local
+device, for a model larger than the host's memory, and a ``--dtype``
+narrower than the weights' is the dtype they are read in (``read_dtypes``).
 Mistakes in the arguments or inputs print ``error: …`` and exit with status 2.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ import json
 import pathlib
 import re
 import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +73,11 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
   if not source.is_dir():
     raise ValueError(f"checkpoint {source} does not exist (or is not a directory)")
   mesh = _export_mesh(device)
+  if device == "host" and checkpoint_lib.is_checkpoint(source):
+    written = _export_streamed(source, pathlib.Path(out), dtype, max_shard_bytes,
+                               trust_remote_code, overwrite, peft, base_model)
+    if written is not None:
+      return written
   if checkpoint_lib.is_checkpoint(source):
     dtypes = None if peft else read_dtypes(checkpoint_lib.model_config(source), dtype)
     cfg, params = checkpoint_lib.load_model(source, mesh, dtypes=dtypes)
@@ -82,18 +91,109 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
     raise ValueError(f"{source} is neither a jaxsft checkpoint ({checkpoint_lib.CONFIG_FILE} "
                      f"and {checkpoint_lib.PARAMS_DIR}/) nor a Hugging Face model directory "
                      f"({hf.CONFIG_FILE} and safetensors)")
-  if any((tokenizer_src / name).is_file() for name in hf.TOKENIZER_FILES):
-    hf.load_tokenizer(tokenizer_src, trust_remote_code)  # fail before writing anything
-  else:
-    print(f"warning: no tokenizer files in {tokenizer_src}; the export will have none",
-          file=sys.stderr)
-    tokenizer_src = None
+  tokenizer_src = _checked_tokenizer(tokenizer_src, trust_remote_code)
   if peft:
+    base_cfg = cfg.replace(adapters=None)
     return _export_peft(source, cfg, params, pathlib.Path(out), tokenizer_src, dtype,
-                        max_shard_bytes, overwrite, base_model)
+                        overwrite, base_model, lambda d: hf.save_params(
+                            peft_methods.base_params(params), base_cfg, d,
+                            tokenizer_src=tokenizer_src, max_shard_bytes=max_shard_bytes,
+                            overwrite=True))
   cfg, params = peft_methods.merge(cfg, params, donate=True)
   return hf.save_params(params, cfg, out, tokenizer_src=tokenizer_src,
                         max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
+
+
+def _export_streamed(source: pathlib.Path, out: pathlib.Path, dtype, max_shard_bytes: int,
+                     trust_remote_code: bool, overwrite: bool, peft: bool,
+                     base_model: str | None) -> pathlib.Path | None:
+  """``export`` of a jaxsft checkpoint without holding its weights: merged, a
+  layer's module at a time (``streamed_tensors``); with ``peft``, the adapter
+  from the adapter parameters alone (and, when the base must be written, the
+  base streamed too). None when the checkpoint cannot be read a layer at a
+  time (stored before layers were stored one by one, or freeze tuning's split
+  stack): the caller reads it whole."""
+  cfg = checkpoint_lib.model_config(source)
+  stored = checkpoint_lib.stored_params(source)
+  if cfg.adapters is not None and cfg.adapters.frozen_layers:
+    return None
+  if not all(a.sliceable for path, a in stored.items() if path.startswith("layers/")):
+    return None
+  if not peft:
+    peft_methods.check_mergeable(cfg)
+  tokenizer_src = _checked_tokenizer(source / checkpoint_lib.TOKENIZER_DIR, trust_remote_code)
+  base_cfg = cfg.replace(adapters=None)
+  if not peft:
+    return hf.save_tensors(streamed_tensors(cfg, stored, dtype), base_cfg, out,
+                           tokenizer_src=tokenizer_src, max_shard_bytes=max_shard_bytes,
+                           dtype=dtype, overwrite=overwrite)
+  adapter_params: dict = {}
+  for path, array in stored.items():
+    names = path.split("/")
+    if any(peft_methods.is_adapter_name(n) for n in names) or names[0] == "score":
+      node = adapter_params
+      for n in names[:-1]:
+        node = node.setdefault(n, {})
+      node[names[-1]] = array.read()
+  return _export_peft(source, cfg, adapter_params, out, tokenizer_src, dtype, overwrite,
+                      base_model, lambda d: hf.save_tensors(
+                          streamed_tensors(base_cfg, stored), base_cfg, d,
+                          tokenizer_src=tokenizer_src, max_shard_bytes=max_shard_bytes,
+                          overwrite=True))
+
+
+def _checked_tokenizer(tokenizer_src: pathlib.Path, trust_remote_code: bool):
+  """``tokenizer_src`` once its tokenizer loads (failing before anything is
+  written), or None with a warning when it holds no tokenizer files."""
+  if any((tokenizer_src / name).is_file() for name in hf.TOKENIZER_FILES):
+    hf.load_tokenizer(tokenizer_src, trust_remote_code)
+    return tokenizer_src
+  print(f"warning: no tokenizer files in {tokenizer_src}; the export will have none",
+        file=sys.stderr)
+  return None
+
+
+def streamed_tensors(cfg, stored: dict[str, checkpoint_lib.StoredArray], dtype=None):
+  """``hf.save_tensors``' source for the merged model of a ``cfg`` checkpoint
+  whose parameters are ``stored`` (``checkpoint.stored_params``), in ``dtype``
+  (default: the parameters'): each tensor comes from its module (e.g.
+  ``layers/mlp``) read at one layer, adapters folded in as
+  ``peft.methods.merge`` folds them (the same values), then cast. The last
+  module read is kept, since transformers' order asks for its weights one
+  after another; the host holds one layer's module and nothing else."""
+  host = sharding_lib.host_device()
+  out_dtype = jnp.dtype(dtype or cfg.param_dtype)
+
+  def fold(leaves):
+    if cfg.adapters is not None:
+      leaves = peft_methods.merged_module(leaves, cfg.adapters)
+    return {k: v.astype(out_dtype) for k, v in leaves.items()}
+  # XLA casts and merges on all the host's cores (numpy's bf16 cast is serial);
+  # one compile per kind of module, the layers sharing theirs.
+  fold = jax.jit(fold)
+  cache: dict[tuple[str, int | None], dict] = {}
+
+  def module_at(module: str, layer: int | None) -> dict:
+    if (module, layer) not in cache:
+      cache.clear()  # one module at a time
+      prefix = module + "/"
+      reads = {path[len(prefix):]: array.read_async(layer)
+               for path, array in stored.items()
+               if path.startswith(prefix) and "/" not in path[len(prefix):]}
+      inputs = {name: reads.pop(name).result() for name in list(reads)}
+      with jax.default_device(host):
+        leaves = fold(inputs)
+      del inputs  # the read arrays go before the next module comes
+      cache[(module, layer)] = jax.tree.map(np.asarray, leaves)
+    return cache[(module, layer)]
+
+  def tensor(path: str, position: tuple[int, ...]) -> np.ndarray:
+    module, name = path.rsplit("/", 1)
+    layer = position[0] if path.startswith("layers/") else None
+    inner = position[1:] if layer is not None else position
+    return module_at(module, layer)[name][inner]
+
+  return tensor
 
 
 def read_dtypes(cfg, dtype: str | None):
@@ -139,10 +239,13 @@ def _export_mesh(device: str):
 
 
 def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer_src, dtype,
-                 max_shard_bytes: int, overwrite: bool, base_model: str | None) -> pathlib.Path:
-  """The adapter as a PEFT directory. Its base model is ``base_model`` if given,
-  else the Hugging Face directory the checkpoint recorded as identical to its
-  frozen weights, else those weights exported to ``OUT/base``."""
+                 overwrite: bool, base_model: str | None,
+                 write_base: Callable[[pathlib.Path], object]) -> pathlib.Path:
+  """The adapter of ``params`` (which may hold the adapter parameters alone)
+  as a PEFT directory. Its base model is ``base_model`` if given, else the
+  Hugging Face directory the checkpoint recorded as identical to its frozen
+  weights, else those weights, which ``write_base(DIR)`` writes, exported to
+  ``OUT/base``."""
   if cfg.adapters is None:
     raise ValueError(f"{source} has no adapters (method 'full'); export it without --peft")
   if base_model is None and (source / peft_export.BASE_FILE).is_file():
@@ -153,13 +256,10 @@ def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer
   if np_dtype is None:
     raise ValueError("--dtype bfloat16 is not supported for PEFT adapters (safetensors from "
                      "numpy); use float32 or float16")
-  base_cfg = cfg.replace(adapters=None)
   with hf.staged_dir(out, overwrite) as tmp:
     peft_export.save_adapter(cfg, params, tmp, base_model, np_dtype)  # refuses unsupported kinds
     if base_model is None:
-      base = peft_methods.base_params(params)
-      hf.save_params(base, base_cfg, tmp / "base", tokenizer_src=tokenizer_src,
-                     max_shard_bytes=max_shard_bytes, overwrite=True)
+      write_base(tmp / "base")
       config = json.loads((tmp / peft_export.ADAPTER_CONFIG).read_text())
       config["base_model_name_or_path"] = str((out / "base").resolve())
       (tmp / peft_export.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

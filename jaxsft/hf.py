@@ -26,7 +26,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401
 import numpy as np
 import safetensors
-import safetensors.numpy
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft import sharding as sharding_lib
@@ -773,12 +772,27 @@ def save_params(params, cfg: ModelConfig, out_dir: PathLike, tokenizer_src: Path
   tokenizer files of ``tokenizer_src``. Tensors are gathered to the host one at
   a time, and the directory appears only once complete (see ``staged_dir``).
   """
+  leaves = _matching_leaves(params, _params_of(cfg)[0])
+  return save_tensors(lambda path, position: _host_tensor(leaves[path], position), cfg,
+                      out_dir, tokenizer_src, max_shard_bytes, dtype, overwrite)
+
+
+def save_tensors(tensor: Callable[[str, tuple[int, ...]], np.ndarray], cfg: ModelConfig,
+                 out_dir: PathLike, tokenizer_src: PathLike | None = None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype=None,
+                 overwrite: bool = False) -> pathlib.Path:
+  """``save_params`` for weights that are not held as a tree: ``tensor(path,
+  position)`` returns, on the host, the parameter ``path`` (``"layers/mlp/up_df"``)
+  of a ``cfg`` model at ``position`` of its named axes (``(layer,)``, ``(layer,
+  expert)``, ``()``), in the parameter's layout. It is called once per Hugging
+  Face tensor, in transformers' order (embeddings, layer by layer, then the
+  rest), so a source that reads or computes one layer at a time holds no more
+  than that layer and the output shard being filled."""
   dtype = _dtype_name(dtype or cfg.param_dtype)
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive; got {max_shard_bytes}")
   hf_config = config_to_hf(cfg, dtype)
   plan, _ = _params_of(cfg)
-  leaves = _matching_leaves(params, plan)
   itemsize = jnp.dtype(dtype).itemsize
 
   shards: list[list[tuple[_Param, tuple[int, ...]]]] = [[]]
@@ -799,12 +813,20 @@ def save_params(params, cfg: ModelConfig, out_dir: PathLike, tokenizer_src: Path
     for i, shard in enumerate(shards):
       filename = (SINGLE_FILE if len(shards) == 1
                   else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-      tensors = {}
-      for param, position in shard:
-        host = _host_tensor(leaves[param.key.path], position).astype(dtype, copy=False)
-        tensors[param.hf_name(position)] = param.to_hf(host)
-      safetensors.numpy.save_file(tensors, tmp / filename, metadata={"format": "pt"})
-      weight_map.update(dict.fromkeys(tensors, filename))
+
+      def tensors(shard=shard):
+        for param, position in shard:
+          host = np.asarray(tensor(param.key.path, position)).astype(dtype, copy=False)
+          if host.shape != tuple(param.shape[len(position):]):
+            raise ValueError(f"parameter {param.key.path} at {position} has shape "
+                             f"{list(host.shape)}; the model config implies "
+                             f"{list(param.shape[len(position):])}")
+          yield param.to_hf(host)
+
+      names = [param.hf_name(position) for param, position in shard]
+      _write_safetensors(tmp / filename, [(n, p.hf_shape) for n, (p, _) in zip(names, shard)],
+                         dtype, tensors())
+      weight_map.update(dict.fromkeys(names, filename))
     if len(shards) > 1:
       total = sum(math.prod(p.hf_shape) for shard in shards for p, _ in shard)
       _write_json(tmp / INDEX_FILE, {
@@ -813,3 +835,33 @@ def save_params(params, cfg: ModelConfig, out_dir: PathLike, tokenizer_src: Path
     if tokenizer_src is not None:
       copy_tokenizer_files(tokenizer_src, tmp)
   return pathlib.Path(out_dir)
+
+
+_SAFETENSORS_DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _write_safetensors(path: pathlib.Path, entries: list[tuple[str, tuple[int, ...]]], dtype: str,
+                       tensors: Iterator[np.ndarray]) -> None:
+  """A safetensors file of the tensors ``entries`` names (name, shape), all of
+  ``dtype``, their data taken from ``tensors`` in the same order and written
+  as each arrives: the host holds one tensor, not the file (``safetensors``'
+  own writer takes them all at once). The format: an 8-byte little-endian
+  header length, the JSON header (names, dtypes, shapes, byte offsets; padded
+  with spaces to 8 bytes, as safetensors writes it), then the data."""
+  itemsize = np.dtype(dtype).itemsize
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape in entries:
+    nbytes = math.prod(shape) * itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for (name, shape), x in zip(entries, tensors, strict=True):
+      # Every platform JAX runs on is little-endian, as safetensors stores data.
+      assert x.shape == tuple(shape) and x.dtype == np.dtype(dtype), (name, x.shape, x.dtype)
+      f.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)

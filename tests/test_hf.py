@@ -304,14 +304,15 @@ def test_save_is_all_or_nothing(exported, tmp_path, monkeypatch):
   _, _, cfg, params, _ = exported("llama")
   calls = []
 
-  def failing_save_file(tensors, path, metadata=None):
+  def failing_write(path, entries, dtype, tensors):
     calls.append(path)
-    if len(calls) == 2:
+    if len(calls) == 2:  # the second shard fails half-written
+      path.write_bytes(b"partial")
       raise OSError("disk full")
-    return real_save_file(tensors, path, metadata)
+    return real_write(path, entries, dtype, tensors)
 
-  real_save_file = safetensors.numpy.save_file
-  monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
+  real_write = hf._write_safetensors
+  monkeypatch.setattr(hf, "_write_safetensors", failing_write)
   with pytest.raises(OSError, match="disk full"):
     hf.save_params(params, cfg, tmp_path / "out", max_shard_bytes=SHARD_BYTES)
   assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory

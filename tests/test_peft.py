@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import safetensors.numpy as safetensors_numpy
 import transformers
 
 import hf_builders
@@ -101,6 +102,82 @@ def test_peft_loads_the_adapter_with_equal_logits_and_merge_is_exact(
   jax.tree.map(np.testing.assert_array_equal, kept, donated)
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   assert all(x.is_deleted() != ("_lora_" in sharding_lib.path_names(p)[-1]) for p, x in leaves)
+
+
+@pytest.mark.parametrize("variant,method,peft_kw", [
+    ("llama_bias", "dora", {}),
+    ("llama", "lora", {"targets": ["q_proj", "down_proj", "lm_head", "embed_tokens"]}),
+    ("mixtral", "lora", {"targets": ["q_proj", "v_proj", "expert_gate_up", "expert_down"]}),
+])
+def test_export_streams_a_layer_at_a_time_and_writes_what_merging_in_memory_writes(
+    tmp_path, monkeypatch, variant, method, peft_kw):
+  """The export of a checkpoint reads every stacked weight one layer at a time
+  (each stored array once per layer, never whole) and writes, tensor for
+  tensor and shard for shard, what merging the whole model in memory and
+  saving it writes; a checkpoint stored without per-layer chunks (before they
+  were) is read whole, with the same result."""
+  hf_dir = peft_fixtures.hf_dir(tmp_path, variant)
+  cfg, params = hf.load_params(hf_dir)
+  cfg, params = methods.prepare(cfg, params, _lora_stage(method, **peft_kw), jax.random.key(0))
+  params = _randomize_adapters(params)
+  ckpt = checkpoint_lib.save_model(tmp_path / "ckpt", params, cfg, tokenizer_src=hf_dir)
+  merged_cfg, merged = methods.merge(cfg, params)
+  shard = 40_000  # several shards, each of whole tensors
+  reference = hf.save_params(merged, merged_cfg, tmp_path / "reference", dtype="bfloat16",
+                             max_shard_bytes=shard, tokenizer_src=hf_dir)
+
+  reads = []
+  read = checkpoint_lib.StoredArray.read_async
+  monkeypatch.setattr(checkpoint_lib.StoredArray, "read_async", lambda self, index=None: (
+      reads.append((self.shape, index)), read(self, index))[1])
+  streamed = export_lib.export(ckpt, tmp_path / "streamed", dtype="bfloat16",
+                               max_shard_bytes=shard)
+  stored = checkpoint_lib.stored_params(ckpt)
+  stacked = [a.shape for path, a in stored.items() if path.startswith("layers/")]
+  assert stacked and all(a.sliceable for path, a in stored.items() if path.startswith("layers/"))
+  assert sorted((shape, i) for shape, i in reads if i is not None) == sorted(
+      (shape, i) for shape in stacked for i in range(cfg.num_layers))
+  assert sorted(shape for shape, i in reads if i is None) == sorted(
+      a.shape for path, a in stored.items() if not path.startswith("layers/"))
+
+  def files(d):
+    return {f.name: f for f in d.iterdir() if f.suffix in (".safetensors", ".json")}
+  assert len([f for f in files(reference) if f.endswith(".safetensors")]) > 2
+  assert sorted(files(streamed)) == sorted(files(reference))
+  for name, f in files(reference).items():
+    if name.endswith(".json"):
+      assert json.loads(files(streamed)[name].read_text()) == json.loads(f.read_text()), name
+      continue
+    want, got = safetensors_numpy.load_file(f), safetensors_numpy.load_file(files(streamed)[name])
+    assert sorted(got) == sorted(want), name
+    for key, x in want.items():
+      assert got[key].dtype == x.dtype and got[key].tobytes() == x.tobytes(), key
+
+  # A PEFT export reads the factors whole and streams the base it writes
+  # beside them (no recorded base model here).
+  reads.clear()
+  adapter_dir = export_lib.export(ckpt, tmp_path / "peft", peft=True)
+  factors = {a.shape for path, a in stored.items() if "_lora_" in path}
+  assert {shape for shape, i in reads if i is None} - factors <= {
+      a.shape for path, a in stored.items() if not path.startswith("layers/")}
+  base_reference = hf.save_params(methods.base_params(params), cfg.replace(adapters=None),
+                                  tmp_path / "base_reference")
+  want = safetensors_numpy.load_file(base_reference / hf.SINGLE_FILE)
+  got = safetensors_numpy.load_file(adapter_dir / "base" / hf.SINGLE_FILE)
+  assert sorted(got) == sorted(want)
+  assert all(got[k].tobytes() == x.tobytes() for k, x in want.items())
+
+  # Stored the old way (one chunk per array): read whole, the same bytes.
+  monkeypatch.setattr(checkpoint_lib, "_stacked", lambda path: False)
+  old = checkpoint_lib.save_model(tmp_path / "old", params, cfg, tokenizer_src=hf_dir)
+  assert not any(a.sliceable for a in checkpoint_lib.stored_params(old).values())
+  reads.clear()
+  whole = export_lib.export(old, tmp_path / "whole", dtype="bfloat16", max_shard_bytes=shard)
+  assert not reads  # restored by orbax, as before
+  for name, f in files(reference).items():
+    if name.endswith(".safetensors"):
+      want, got = safetensors_numpy.load_file(f), safetensors_numpy.load_file(files(whole)[name])
+      assert all(got[k].tobytes() == x.tobytes() for k, x in want.items()), name
 
 
 def _one_stage_config(tmp_path, hf_dir, method, steps=6, **peft_kw):

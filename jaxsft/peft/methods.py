@@ -27,6 +27,7 @@ heads always train.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -260,6 +261,23 @@ def merge(cfg: ModelConfig, params, donate: bool = False) -> tuple[ModelConfig, 
   a = cfg.adapters
   if a is None:
     return cfg, params
+  check_mergeable(cfg)
+  fold = functools.partial(merged_module, adapters=a)
+  params = _plain(params)
+  if not donate:
+    return cfg.replace(adapters=None), jax.jit(fold)(params)
+  # Only the base weights are donated: the factors have no output to alias.
+  merged = jax.jit(lambda base, factors: fold(_joined(base, factors)), donate_argnums=0)(
+      base_params(params), _adapter_params(params))
+  return cfg.replace(adapters=None), merged
+
+
+def check_mergeable(cfg: ModelConfig) -> None:
+  """Refuse adapters of ``cfg`` that have no exact merged form, saying what to
+  do instead."""
+  a = cfg.adapters
+  if a is None:
+    return
   if a.bottleneck_size or a.prompt_tokens or a.prefix_tokens:
     kind = ("bottleneck adapters" if a.bottleneck_size else
             "P-tuning" if a.prompt_encoder != "none" else
@@ -273,32 +291,28 @@ def merge(cfg: ModelConfig, params, donate: bool = False) -> tuple[ModelConfig, 
                      "exactly (the merged embedding would change the output layer too); "
                      "export with --peft instead")
 
-  def fold(module: dict) -> dict:
-    out = dict(module)
-    for weight, (_, n_in) in lora_lib.WEIGHTS.items():
-      name_a, name_b, name_m = lora_lib.factor_names(weight)
-      if name_a in module:
-        out[weight] = lora_lib.merged_weight(module[weight], module[name_a], module[name_b],
-                                             module.get(name_m), a, n_in)
-        for n in (name_a, name_b, name_m):
-          out.pop(n, None)
-    if "embedding_lora_a_vr" in module:
-      emb = module["embedding_vd"]
-      out["embedding_vd"] = (emb.astype(jnp.float32) + a.lora_scale * jnp.matmul(
-          module["embedding_lora_a_vr"].astype(jnp.float32),
-          module["embedding_lora_b_rd"].astype(jnp.float32))).astype(emb.dtype)
-      out.pop("embedding_lora_a_vr")
-      out.pop("embedding_lora_b_rd")
-    out = lora_lib.merge_experts(out, a)
-    return {k: fold(v) if isinstance(v, dict) else v for k, v in out.items()}
 
-  params = _plain(params)
-  if not donate:
-    return cfg.replace(adapters=None), jax.jit(fold)(params)
-  # Only the base weights are donated: the factors have no output to alias.
-  merged = jax.jit(lambda base, factors: fold(_joined(base, factors)), donate_argnums=0)(
-      base_params(params), _adapter_params(params))
-  return cfg.replace(adapters=None), merged
+def merged_module(module: dict, adapters: Adapters) -> dict:
+  """``module`` (a dict of parameters and submodules, any leading axes: a
+  whole layer stack or one layer) with the LoRA/DoRA factors ``adapters``
+  describe folded into the weights they update, and removed."""
+  out = dict(module)
+  for weight, (_, n_in) in lora_lib.WEIGHTS.items():
+    name_a, name_b, name_m = lora_lib.factor_names(weight)
+    if name_a in module:
+      out[weight] = lora_lib.merged_weight(module[weight], module[name_a], module[name_b],
+                                           module.get(name_m), adapters, n_in)
+      for n in (name_a, name_b, name_m):
+        out.pop(n, None)
+  if "embedding_lora_a_vr" in module:
+    emb = module["embedding_vd"]
+    out["embedding_vd"] = (emb.astype(jnp.float32) + adapters.lora_scale * jnp.matmul(
+        module["embedding_lora_a_vr"].astype(jnp.float32),
+        module["embedding_lora_b_rd"].astype(jnp.float32))).astype(emb.dtype)
+    out.pop("embedding_lora_a_vr")
+    out.pop("embedding_lora_b_rd")
+  out = lora_lib.merge_experts(out, adapters)
+  return {k: merged_module(v, adapters) if isinstance(v, dict) else v for k, v in out.items()}
 
 
 def base_params(params):
