@@ -20,9 +20,10 @@ The weights are read and merged in the host's memory (``--device host``, as
 LLaMA-Factory's ``export_device: cpu``): exporting needs no accelerator
 memory, so an 8B LoRA run's checkpoint exports beside a GPU that trains on,
 or one too small for its fp32 weights. A jaxsft checkpoint is streamed: one
-layer's weights are read, merged with their adapters and written at a time
-(``streamed_tensors``), so the host holds one layer and one output shard
-(``--max-shard-size``), whatever the model's size. Other sources (a Hugging
+layer's module (e.g. its MLP) is read, merged with its adapters and written
+at a time (``streamed_tensors``, ``hf.save_tensors``), so the host holds one
+module of one layer and the tensor being written, whatever the model's size;
+a PEFT export reads the adapter parameters alone. Other sources (a Hugging
 Face directory, a checkpoint written before layers were stored one by one)
 are read whole: ``--device accelerators`` spreads them over every local
 device, for a model larger than the host's memory, and a ``--dtype``

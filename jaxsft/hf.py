@@ -11,7 +11,8 @@ layer axis L as ``{layer}``, and the expert axis e of Mixtral's experts as
 Import puts every tensor straight onto its target sharding, one layer (of one
 expert) at a time: the host holds a single HF tensor while it is read, and each
 stacked parameter is filled in place on device. Export gathers one tensor at a
-time and holds at most one output shard on the host. Only safetensors are read:
+time and writes it into its shard before the next (``save_tensors``), so the
+host holds one tensor, not a shard. Only safetensors are read:
 pickled checkpoints (``pytorch_model.bin``) are refused, never unpickled.
 """
 from __future__ import annotations
