@@ -73,12 +73,12 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
   source = pathlib.Path(source)
   if not source.is_dir():
     raise ValueError(f"checkpoint {source} does not exist (or is not a directory)")
-  mesh = _export_mesh(device)
   if device == "host" and checkpoint_lib.is_checkpoint(source):
     written = _export_streamed(source, pathlib.Path(out), dtype, max_shard_bytes,
                                trust_remote_code, overwrite, peft, base_model)
     if written is not None:
       return written
+  mesh = _export_mesh(device)
   if checkpoint_lib.is_checkpoint(source):
     dtypes = None if peft else read_dtypes(checkpoint_lib.model_config(source), dtype)
     cfg, params = checkpoint_lib.load_model(source, mesh, dtypes=dtypes)
@@ -120,11 +120,10 @@ def _export_streamed(source: pathlib.Path, out: pathlib.Path, dtype, max_shard_b
     return None
   if not all(a.sliceable for path, a in stored.items() if path.startswith("layers/")):
     return None
-  if not peft:
-    peft_methods.check_mergeable(cfg)
   tokenizer_src = _checked_tokenizer(source / checkpoint_lib.TOKENIZER_DIR, trust_remote_code)
   base_cfg = cfg.replace(adapters=None)
   if not peft:
+    peft_methods.check_mergeable(cfg)
     return hf.save_tensors(streamed_tensors(cfg, stored, dtype), base_cfg, out,
                            tokenizer_src=tokenizer_src, max_shard_bytes=max_shard_bytes,
                            dtype=dtype, overwrite=overwrite)

@@ -787,8 +787,9 @@ def save_tensors(tensor: Callable[[str, tuple[int, ...]], np.ndarray], cfg: Mode
   of a ``cfg`` model at ``position`` of its named axes (``(layer,)``, ``(layer,
   expert)``, ``()``), in the parameter's layout. It is called once per Hugging
   Face tensor, in transformers' order (embeddings, layer by layer, then the
-  rest), so a source that reads or computes one layer at a time holds no more
-  than that layer and the output shard being filled."""
+  rest), and each tensor is written before the next is asked for, so a source
+  that reads or computes one layer at a time holds no more than that layer
+  and one tensor."""
   dtype = _dtype_name(dtype or cfg.param_dtype)
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive; got {max_shard_bytes}")
