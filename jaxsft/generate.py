@@ -219,7 +219,7 @@ def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto
   path = pathlib.Path(path)
   if not path.exists():
     raise ValueError(f"model path {path} does not exist")
-  on_cpu = jax.default_backend() == "cpu"
+  on_cpu = sharding_lib.compute_platform() == "cpu"
   is_checkpoint = checkpoint.is_checkpoint(path)
   if is_checkpoint:
     tokenizer_dir = path / checkpoint.TOKENIZER_DIR

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft import sharding
+
 # Time steps per chunk. A chunk's logits are B × DEFAULT_CHUNK_SIZE × V fp32:
 # with a per-device batch of 8 and Qwen's 152k vocab that is 0.6 GB, instead of
 # 10 GB for the whole of a 2048-token row.
@@ -77,7 +79,7 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   c = -(-t // u)
   pad = c * u - t
   count = jnp.sum(weights)
-  skip = c > 1 and jax.default_backend() == "cpu"
+  skip = c > 1 and sharding.compute_platform() == "cpu"
   if skip:
     # Prompts, padding and the last slot carry weight 0, often a third or more
     # of a row. Each row's trained positions move to its front (a stable

@@ -121,7 +121,7 @@ def frozen_dtype(stage, compute_dtype, param_dtype):
   bf16 weights out of the layer loop.
   """
   choice = peft_methods.frozen_dtype_choice(stage.get("peft"))
-  if choice == "param" or (choice == "auto" and jax.default_backend() == "cpu"):
+  if choice == "param" or (choice == "auto" and sharding_lib.compute_platform() == "cpu"):
     return None
   dt, pdt = jnp.dtype(compute_dtype), jnp.dtype(param_dtype)
   return dt if dt.itemsize < pdt.itemsize else None

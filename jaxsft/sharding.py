@@ -64,6 +64,18 @@ def with_mesh(mesh: Mesh, fn: Callable) -> Callable:
   return call
 
 
+def compute_platform() -> str:
+  """The platform ("cpu", "gpu", "tpu") of the program being built: that of
+  the mesh set with ``jax.set_mesh`` when there is one, else JAX's default
+  backend. Model code picks its GPU/CPU paths by it, so a step traced under a
+  mesh of compile-only GPU devices (``jaxsft.aot``: planning an H100 run on a
+  laptop) or of host CPU devices on a GPU machine gets the paths of the
+  devices it will run on, not of the machine tracing it."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  platform = getattr(device, "platform", None)
+  return platform or jax.default_backend()
+
+
 def host_device():
   """The host's first CPU device, for work that must not take accelerator
   memory (exporting, weights parked between stages); None where JAX runs

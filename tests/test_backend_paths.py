@@ -3,6 +3,7 @@ GPU on this CPU, the step computes what the CPU branches compute."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -45,3 +46,42 @@ def test_the_gpu_code_paths_compute_the_cpu_step(monkeypatch):
   # 4096); a wrong branch moves thousands by ~lr.
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-3),
                          results["cpu"][0], results["gpu"][0])
+
+
+def _gpu_mesh():
+  """A one-device abstract mesh whose device is a GPU (what a mesh of
+  compile-only GPU devices looks like while a step is traced, jaxsft.aot)."""
+  from jax._src import mesh as mesh_lib  # noqa: PLC0415  (no public constructor)
+  device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                   platform="gpu")
+  return jax.sharding.AbstractMesh((1,), ("fsdp",), abstract_device=device)
+
+
+def test_the_mesh_decides_which_paths_a_step_takes():
+  """Model code picks its GPU or CPU paths by the platform of the mesh it is
+  traced under (``sharding.compute_platform``), not by the host tracing it: a
+  step built under a GPU mesh on this CPU (planning a GPU run, jaxsft.aot) is
+  the GPU's step. Each branch point is asked under both."""
+  from jaxsft import config as config_lib, optim, sharding  # noqa: PLC0415
+  from jaxsft.models import attention, dense, mixtral  # noqa: PLC0415
+
+  stage = config_lib.stage(method="lora", lr=1e-4)
+  moe = ModelConfig(**{**train_fixtures.TINY_MODEL, "num_experts": 4, "num_experts_per_tok": 2})
+  x, w = jnp.ones((1, 4, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16)
+
+  def paths():
+    grad = jax.make_jaxpr(jax.grad(lambda w: dense.project(x, w, 1).astype(jnp.float32).sum()))(w)
+    return {"platform": sharding.compute_platform(),
+            "attention": attention.resolve_impl("auto", jnp.bfloat16),
+            "frozen": optim.frozen_dtype(stage, "bfloat16", "float32"),
+            "moe": mixtral.resolve_dispatch(moe),
+            "hand-written backward": "custom_vjp" in str(grad)}
+
+  assert paths() == {"platform": "cpu", "attention": "xla", "frozen": None, "moe": "grouped",
+                     "hand-written backward": True}
+  with jax.sharding.use_abstract_mesh(_gpu_mesh()):
+    assert paths() == {"platform": "gpu", "attention": "cudnn", "frozen": jnp.bfloat16,
+                       "moe": "bucketed", "hand-written backward": False}
+  cpu_mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("fsdp",))
+  with jax.sharding.use_abstract_mesh(cpu_mesh.abstract_mesh):
+    assert paths()["platform"] == "cpu"

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft import sharding
 from jaxsft.models.model_config import ModelConfig
 
 # Finite, so fully masked rows (padding) give a uniform softmax instead of NaN.
@@ -185,7 +186,7 @@ def resolve_impl(requested: str, dtype=None) -> str:
   if requested != "auto":
     return requested
   sixteen_bit = dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else "xla"
+  return "cudnn" if sharding.compute_platform() == "gpu" and sixteen_bit else "xla"
 
 
 def _causal_blocks(t: int) -> int:

@@ -27,6 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxsft import sharding
+
 
 def project(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
   """``x`` [B, T, in…] times ``w`` [in…, out…] (``n_in`` input axes) → [B, T, out…].
@@ -35,7 +37,7 @@ def project(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
   compute dtype first).
   """
   assert x.shape[x.ndim - n_in:] == w.shape[:n_in], (x.shape, w.shape, n_in)
-  if jax.default_backend() != "cpu":
+  if sharding.compute_platform() != "cpu":
     return _einsum(x, w, n_in)
   return _project(x, w, n_in)
 

@@ -80,7 +80,7 @@ def resolve_dispatch(cfg: ModelConfig) -> str:
     return cfg.moe_dispatch
   # Only TPU lowers ragged_dot to a grouped matmul (see the module docstring);
   # grouped is measured faster than bucketed on CPU only (docs/BENCHMARKS.md).
-  return {"tpu": "dropless", "cpu": "grouped"}.get(jax.default_backend(), "bucketed")
+  return {"tpu": "dropless", "cpu": "grouped"}.get(sharding_lib.compute_platform(), "bucketed")
 
 
 class MoE(nn.Module):
