@@ -129,7 +129,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft import config as config_lib
-from jaxsft import hf, host_memory, losses, metrics, optim, trace_report, trainer
+from jaxsft import aot, hf, host_memory, losses, metrics, optim, trace_report, trainer
 from jaxsft import sharding as sharding_lib
 from jaxsft.data import packing
 from jaxsft.models import llama, mixtral
@@ -437,11 +437,22 @@ def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
 
 def bench_mesh(args) -> jax.sharding.Mesh:
   """The mesh the step runs on: ``--mesh`` over every device, else the first
-  device alone. Clear errors for a mesh the devices or the batch cannot fill."""
+  device alone; with ``--target NAME[:N]``, over N compile-only devices of
+  that GPU (fsdp over all of them without ``--mesh``). Clear errors for a mesh
+  the devices or the batch cannot fill."""
+  target = getattr(args, "target", None)
+  devices = None
+  if target:
+    try:
+      devices = aot.devices(target)
+    except ValueError as e:
+      _usage_error(f"--target: {e}")
   if not getattr(args, "mesh", None):
+    if devices:  # all of the target's devices, as --mesh fsdp=-1 takes all here
+      return sharding_lib.make_mesh({"fsdp": -1}, devices)
     return sharding_lib.make_mesh({"fsdp": 1}, jax.devices()[:1])
   try:
-    mesh = sharding_lib.make_mesh(args.mesh)
+    mesh = sharding_lib.make_mesh(args.mesh, devices)
   except ValueError as e:
     _usage_error(f"--mesh: {e} (XLA_FLAGS=--xla_force_host_platform_device_count=N "
                  "simulates N devices on a CPU)")
@@ -691,8 +702,18 @@ def compile_step(cfg: ModelConfig, batch: int, seq_len: int, stage, mesh, seed: 
 
 def run_compile_scaling(cfg: ModelConfig, args) -> dict:
   depths = args.compile_scaling
-  stage = make_stage(args)
   mesh = bench_mesh(args)
+  # Under the mesh's abstract form, so that the step is built for its devices'
+  # platform (sharding.compute_platform: a --target GPU's, not this host's)
+  # while eager work (the adapters' random init) stays on this host.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return _compile_scaling(cfg, args, depths, mesh)
+
+
+def _compile_scaling(cfg: ModelConfig, args, depths, mesh) -> dict:
+  stage = make_stage(args)
+  limit = (aot.device_limit(args.target) if args.target
+           else sharding_lib.device_bytes(mesh.devices.flat[0]))
   compile_at = lambda layers: compile_step(  # noqa: E731
       cfg.replace(num_layers=layers), args.batch, args.seq_len, stage, mesh, args.seed)
   # One throwaway compile first, so one-time costs (backend start-up, lowering
@@ -710,6 +731,7 @@ def run_compile_scaling(cfg: ModelConfig, args) -> dict:
     compiled, best, state_bytes = min(
         runs[layers], key=lambda r: r[1]["lower_s"] + r[1]["compile_s"])
     mem = compiled.memory_analysis()
+    need = sharding_lib.compiled_memory(compiled)
     rows.append({
         "layers": layers,
         "params": param_count(llama.abstract_params(cfg.replace(num_layers=layers))),
@@ -717,14 +739,18 @@ def run_compile_scaling(cfg: ModelConfig, args) -> dict:
         "total_s": best["lower_s"] + best["compile_s"],
         "cpu_s": min(t["cpu_s"] for _, t, _ in runs[layers]),
         # XLA's analysis of the partitioned program: one device's buffers.
-        "memory_bytes_per_device": sharding_lib.compiled_memory(compiled),
+        "memory_bytes_per_device": need,
         "argument_bytes": None if mem is None else int(mem.argument_size_in_bytes),
         "temp_bytes": None if mem is None else int(mem.temp_size_in_bytes),
         # What the shardings put on one device: weights, optimizer state, step.
         "state_bytes_per_device": state_bytes,
+        "device_bytes_limit": limit,
+        "fits": None if limit is None or need is None else need <= limit,
     })
   return {
       **mesh_fields(mesh),
+      # Resolved here, under the mesh: a --target GPU's dispatch.
+      "moe_dispatch": mixtral.resolve_dispatch(cfg) if cfg.is_moe else None,
       "step": f"train step ({args.method}, AdamW), compiled from abstract inputs",
       "compile_scaling": rows,
       "repeats": args.repeats,
@@ -801,6 +827,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--compile-scaling", type=_layer_list, metavar="L1,L2,...",
                  help="only compile (from abstract shapes, nothing allocated; with --mesh, "
                  "sharded) at each layer count: compile time (last/first) and memory per device")
+  p.add_argument("--target", metavar="h100|h200|a100|FILE[:N]",
+                 help="with --compile-scaling: compile for N (default 1) of that GPU on this "
+                 "host, no GPU needed (jaxsft.aot; FILE: a target config from `python -m "
+                 "jaxsft.aot --write-config`); memory per device against what JAX may use there")
   p.add_argument("--repeats", type=int, default=1,
                  help="compiles per layer count in --compile-scaling; the fastest is reported")
   p.add_argument("--peak-tflops", type=float,
@@ -819,6 +849,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.compile_scaling and (args.peer or args.packed_lengths):
     p.error("--compile-scaling only compiles jaxsft's step on unpacked rows; drop --peer and "
             "--packed-lengths")
+  if args.target and not args.compile_scaling:
+    p.error("--target compiles for a GPU that is not here, it cannot run steps: add "
+            "--compile-scaling LAYERS (e.g. the shape's own layer count)")
   for name in ("seq_len", "batch", "steps", "repeats", "profile_steps", "scan_unroll"):
     if getattr(args, name) <= 0:
       p.error(f"--{name.replace('_', '-')} must be positive")
@@ -862,13 +895,14 @@ def _print_table(result: dict) -> None:
   if rows:
     result["compile_scaling"] = rows
     print(f"\n{'layers':>6}  {'lower_s':>8}  {'compile_s':>9}  {'total_s':>8}  {'vs first':>8}"
-          f"  {'cpu_s':>7}  {'vs first':>8}  {'GiB/device':>10}")
+          f"  {'cpu_s':>7}  {'vs first':>8}  {'GiB/device':>10}  {'limit GiB':>9}  fits")
+    gib = lambda b: "?" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
     for r in rows:
-      mem = r["memory_bytes_per_device"]
       print(f"{r['layers']:>6}  {r['lower_s']:>8.2f}  {r['compile_s']:>9.2f}  "
             f"{r['total_s']:>8.2f}  {r['total_s'] / rows[0]['total_s']:>7.2f}x"
             f"  {r['cpu_s']:>7.2f}  {r['cpu_s'] / rows[0]['cpu_s']:>7.2f}x"
-            f"  {'?' if mem is None else f'{mem / 2**30:.2f}':>10}")
+            f"  {gib(r['memory_bytes_per_device']):>10}  {gib(r['device_bytes_limit']):>9}"
+            f"  {'?' if r['fits'] is None else ('yes' if r['fits'] else 'NO')}")
 
 
 def model_config(args) -> ModelConfig:
@@ -909,7 +943,7 @@ def main(argv=None) -> dict:
       "moe_dispatch": mixtral.resolve_dispatch(cfg) if cfg.is_moe else None,
   }
   if args.compile_scaling:
-    result.update(_platform())
+    result.update(_platform(args.target))
     result.update(run_compile_scaling(cfg, args))
   else:
     # Host data first, then the peer, and only then JAX's backend (module doc).
@@ -932,7 +966,10 @@ def main(argv=None) -> dict:
   return result
 
 
-def _platform() -> dict:
+def _platform(target: str | None = None) -> dict:
+  if target:  # compile only, for that GPU: this host's devices are beside the point
+    return {"backend": "gpu (compile-only)", "device": aot.label(target),
+            "jax_version": jax.__version__}
   device = jax.devices()[0]
   return {"backend": device.platform, "device": device.device_kind,
           "device_count": jax.device_count(), "cpu_count": os.cpu_count(),

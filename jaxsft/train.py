@@ -8,6 +8,8 @@ keys and ``jaxsft.trainer`` for what a run directory holds.
 shapes (``jaxsft.trainer.plan``; no weight is read, nothing is written) and
 prints, per stage, the memory one device needs for the state and for the
 whole step against what it has; exit status 1 if a stage would not fit.
+``--plan --target h100:8`` plans for eight H100s that are not here
+(``jaxsft.aot``: compiled for that GPU on this host, no GPU needed).
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a config file
                                           lock_config=False)
 _PLAN = flags.DEFINE_bool("plan", False, "train nothing: compile each stage's step from the "
                           "weights' shapes and print the memory per device it needs")
+_TARGET = flags.DEFINE_string("target", None, "with --plan: plan for GPUs that are not here, "
+                              "NAME[:COUNT] (h100, h200, a100 or a target config file; "
+                              "jaxsft.aot), e.g. h100:8; needs jax's CUDA plugin and cuDNN "
+                              "installed, no GPU")
 
 
 def _maybe_initialize_distributed() -> None:
@@ -62,8 +68,10 @@ def main(argv) -> None:
   _maybe_initialize_distributed()
   host_memory.reuse_freed_memory()  # CPU-only hosts: no page faults per step
   try:
+    if _TARGET.value and not _PLAN.value:
+      raise ValueError("--target plans for GPUs that are not here; it needs --plan")
     if _PLAN.value:
-      rows = trainer.plan(config)
+      rows = trainer.plan(config, target=_TARGET.value)
     else:
       out = trainer.train(config)
   except ValueError as e:

@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxsft import aot
 from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import config as config_lib
 from jaxsft import evaluate as evaluate_lib
@@ -240,45 +241,58 @@ def _state_shardings(abstract_state: TrainState, param_shardings, mesh):
   return jax.tree_util.tree_map_with_path(pick, abstract_state)
 
 
-def _check_state_fits(name: str, stage, ph, mesh) -> None:
+def _budget(target: str | None = None, mesh=None) -> tuple[int | None, str, str]:
+  """(bytes JAX may use on one device or None, the device's name, how many
+  devices there are, in words) for the fit checks: this process's first
+  device, or with ``target`` (``plan``'s, jaxsft.aot) one GPU of that kind on
+  ``mesh``."""
+  if target:
+    return (aot.device_limit(target), aot.label(target),
+            f"--target {target} gives {mesh.devices.size}")
+  device = jax.local_devices()[0]  # this process's: another's may not answer
+  return (sharding_lib.device_bytes(device), device.device_kind,
+          f"jax sees {jax.device_count()}")
+
+
+def _check_state_fits(name: str, stage, ph, mesh, budget=None) -> None:
   """A clear error, before the optimizer state is allocated, when the state
   alone (parameters, frozen weights, AdamW moments: one shard per device)
   exceeds a device's memory (devices that report a limit: GPU/TPU). The
   weights are on the devices by then, so this catches the usual mistake: full
   fine-tuning's 16 bytes a parameter (8B: 120 GiB) on a device that holds the
-  weights. Activations need room on top: passing this is no promise of fit."""
-  device = jax.local_devices()[0]  # this process's: another's may not answer
-  limit = sharding_lib.device_bytes(device)
+  weights. Activations need room on top: passing this is no promise of fit.
+  ``budget``: ``_budget``'s answer (default: this process's device)."""
+  limit, kind, devices = budget or _budget()
   if limit is None:
     return
   need = ph.state_bytes
   if need <= limit:
     return
-  gib, n = 2 ** 30, jax.device_count()
+  gib = 2 ** 30
   shape = sharding_lib.split_axes(mesh) or {"fsdp": 1}
   hints = []
   if stage.method in ("full", "full_then_lora", "freeze"):
     hints.append("train fewer parameters (method 'lora')")
   if stage.method != "full" and ph.frozen_dtype is None:
     hints.append("hold the frozen weights in the compute dtype (peft.frozen_dtype='compute')")
-  hints.append(f"split the state over more devices (config.mesh.fsdp; jax sees {n})")
+  hints.append(f"split the state over more devices (config.mesh.fsdp; {devices})")
   raise ValueError(
       f"config.stages.{name}: the training state (parameters, frozen weights and optimizer "
       f"moments) takes {need / gib:.3g} GiB per device on the mesh {shape}, more than the "
-      f"{limit / gib:.3g} GiB a {device.device_kind} has for JAX, before any "
+      f"{limit / gib:.3g} GiB a {kind} has for JAX, before any "
       f"activation; " + ", or ".join(hints))
 
 
-def _check_step_fits(name: str, stage, ph, mesh) -> None:
+def _check_step_fits(name: str, stage, ph, mesh, budget=None) -> None:
   """A clear error, before the first step runs, when the compiled train step
   needs more than a device has: XLA's buffer assignment of the step (state,
   batch, activations kept for the backward pass, the loss's logits, gradients
   and the update's temporaries; ``sharding.compiled_memory``) against the
   device's limit. The runtime allocates those temporaries in one block on top
   of the state, so a step over the limit cannot run: refusing it loses
-  nothing, and says what to change instead of XLA's RESOURCE_EXHAUSTED."""
-  device = jax.local_devices()[0]
-  limit = sharding_lib.device_bytes(device)
+  nothing, and says what to change instead of XLA's RESOURCE_EXHAUSTED.
+  ``budget``: ``_budget``'s answer (default: this process's device)."""
+  limit, kind, devices = budget or _budget()
   need = ph.step_bytes
   if limit is None or need is None or need <= limit:
     return
@@ -297,12 +311,12 @@ def _check_step_fits(name: str, stage, ph, mesh) -> None:
   hints.append(f"shorter rows (config.stages.{name}.seq_len={stage.seq_len})")
   if stage.method in ("full", "full_then_lora", "freeze"):
     hints.append("train fewer parameters (method 'lora')")
-  hints.append(f"split the work over more devices (config.mesh; jax sees {jax.device_count()})")
+  hints.append(f"split the work over more devices (config.mesh; {devices})")
   raise ValueError(
       f"config.stages.{name}: one training step needs {need / gib:.3g} GiB per device on the "
       f"mesh {shape} (the state {ph.state_bytes / gib:.3g} GiB, activations and other "
       f"temporaries {(need - ph.state_bytes) / gib:.3g} GiB, by XLA's compiled step), more than "
-      f"the {limit / gib:.3g} GiB a {device.device_kind} has for JAX; " + ", or ".join(hints))
+      f"the {limit / gib:.3g} GiB a {kind} has for JAX; " + ", or ".join(hints))
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -475,9 +489,10 @@ def train(config) -> pathlib.Path:
   return out
 
 
-def _new_run(config, out: pathlib.Path, write: bool) -> Run:
-  """The mesh, tokenizer and metrics writer (``write``: this process writes)."""
-  mesh = sharding_lib.make_mesh({k: v for k, v in config.mesh.items()})
+def _new_run(config, out: pathlib.Path, write: bool, devices=None) -> Run:
+  """The mesh (over ``devices``, default all), tokenizer and metrics writer
+  (``write``: this process writes)."""
+  mesh = sharding_lib.make_mesh({k: v for k, v in config.mesh.items()}, devices)
   tokenizer_dir = pathlib.Path(config.tokenizer or config.model.source)
   if checkpoint_lib.is_checkpoint(tokenizer_dir):
     tokenizer_dir = tokenizer_dir / checkpoint_lib.TOKENIZER_DIR
@@ -485,7 +500,7 @@ def _new_run(config, out: pathlib.Path, write: bool) -> Run:
   return Run(config, out, mesh, tokenizer, tokenizer_dir, metrics.MetricsWriter(out, enabled=write))
 
 
-def plan(config) -> list[dict]:
+def plan(config, target: str | None = None) -> list[dict]:
   """Every stage's train step compiled as ``train`` would run it, from the
   weights' shapes alone: no weight is read or allocated (the data is
   tokenized, as a run does first) and nothing is written. One row per
@@ -497,11 +512,25 @@ def plan(config) -> list[dict]:
   not fit without full rematerialization, ``step_bytes_remat_full`` is what it
   needs with it (compiled too). The answer to "does
   this config fit these devices?" before a 72B model is loaded. Every stage is
-  planned from the start, whatever the output directory holds."""
+  planned from the start, whatever the output directory holds.
+
+  ``target`` (``"h100:8"``, jaxsft.aot) plans for GPUs that are not here: the
+  mesh is made of that many compile-only devices of that GPU, the steps are
+  built and compiled for it, and the limit is what JAX may use on one."""
   config_lib.validate(config)
-  run = _new_run(config, pathlib.Path(config.output_dir), write=False)
-  device = jax.local_devices()[0]
-  limit = sharding_lib.device_bytes(device)
+  devices = aot.devices(target) if target else None
+  run = _new_run(config, pathlib.Path(config.output_dir), write=False, devices=devices)
+  budget = _budget(target, run.mesh)
+  # The mesh's abstract form makes model code pick the target's paths
+  # (sharding.compute_platform) while eager work stays on this host.
+  with (jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh) if target
+        else contextlib.nullcontext()):
+    return _plan_rows(config, run, budget)
+
+
+def _plan_rows(config, run, budget) -> list[dict]:
+  """``plan``'s rows, against ``budget`` (``_budget``)."""
+  limit, kind, _ = budget
   cfg = initial_config(config)
   params = llama.abstract_params(cfg)
   rows = []
@@ -521,7 +550,7 @@ def plan(config) -> list[dict]:
       problem = None
       for check in (_check_state_fits, _check_step_fits):
         try:
-          check(name, stage, ph, run.mesh)
+          check(name, stage, ph, run.mesh, budget)
         except ValueError as e:
           problem = str(e)
           break
@@ -541,7 +570,7 @@ def plan(config) -> list[dict]:
           "stage": name, "method": ("full" if phase == 0 else stage.method), "steps": steps,
           "params": sum(sizes), "trainable": sum(n for n, m in zip(sizes, mask) if m),
           "state_bytes_per_device": ph.state_bytes, "step_bytes_per_device": ph.step_bytes,
-          "device_bytes_limit": limit, "device": device.device_kind,
+          "device_bytes_limit": limit, "device": kind,
           "mesh": sharding_lib.split_axes(run.mesh) or {"fsdp": 1},
           "compile_s": ph.compile_s, "step_bytes_remat_full": remat_full,
           "fits": None if limit is None else problem is None,
