@@ -301,7 +301,11 @@ def _check_step_fits(name: str, stage, ph, mesh, budget=None) -> None:
   rows = config_lib.batch_size(stage) // (sharding_lib.data_parallel_size(mesh)
                                           * stage.grad_accum)
   hints = []
-  if cfg.remat != "full":
+  if cfg.remat in ("none", "save_attention_out", "dots"):
+    hints.append(f"recompute activations in the backward pass "
+                 f"(config.model.remat='projections_attention' recomputes the elementwise work, "
+                 f"config.model.remat='full' all of it; it is {cfg.remat!r})")
+  elif cfg.remat != "full":
     hints.append(f"recompute activations in the backward pass (config.model.remat='full'; "
                  f"it is {cfg.remat!r})")
   if rows > 1:

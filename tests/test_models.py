@@ -122,7 +122,8 @@ def _loss_fn(cfg):
   return loss
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "save_attention_out"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "save_attention_out",
+                                   "projections_attention"])
 def test_remat_policies_keep_gradients(remat):
   cfg = _tiny()
   params = llama.init_params(cfg, jax.random.key(0))
@@ -130,6 +131,39 @@ def test_remat_policies_keep_gradients(remat):
   ref = jax.grad(_loss_fn(cfg))(params, tokens)
   got = jax.grad(_loss_fn(cfg.replace(remat=remat)))(params, tokens)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, got)
+
+
+def test_projections_attention_keeps_the_projections_and_recomputes_the_rest():
+  """``remat="projections_attention"`` keeps what is costly to recompute (a
+  projection's output: a contraction over the model width; cuDNN attention's
+  outputs) and recomputes what is cheap (LoRA's rank-sized (x·A)·B, batched
+  attention scores, everything elementwise): same gradients as no remat at a
+  width where projections are kept, and a step whose buffers lie between
+  full remat's and none's."""
+  policy = llama._REMAT["projections_attention"]
+  bf16 = jnp.bfloat16
+  aval = lambda *shape: jax.core.ShapedArray(shape, bf16)  # noqa: E731
+  dot = lambda x, w, contract, batch=((), ()): policy(  # noqa: E731
+      jax.lax.dot_general_p, x, w, dimension_numbers=(contract, batch), precision=None,
+      preferred_element_type=None)
+  assert dot(aval(16384, 2048), aval(2048, 8192), ((1,), (0,)))      # x·W: kept
+  assert dot(aval(16384, 2048), aval(2048, 16), ((1,), (0,)))        # LoRA x·A: kept
+  assert not dot(aval(16384, 16), aval(16, 2048), ((1,), (0,)))      # LoRA (x·A)·B: redone
+  assert not dot(aval(8, 32, 2048, 64), aval(8, 32, 2048, 64), ((3,), (3,)),
+                 ((0, 1), (0, 1)))                                    # scores: redone
+  assert not policy(jax.lax.exp_p, aval(8, 2048))                     # elementwise: redone
+
+  cfg = _tiny(hidden_size=512, intermediate_size=1024, num_heads=8, num_kv_heads=4, head_dim=64)
+  params = llama.init_params(cfg, jax.random.key(0))
+  tokens = jnp.asarray(_tokens(seq=32) % 64)
+  ref = jax.grad(_loss_fn(cfg))(params, tokens)
+  temp = {}
+  for remat in ("none", "projections_attention", "full"):
+    grad = jax.jit(jax.grad(_loss_fn(cfg.replace(remat=remat))))
+    got = grad(params, tokens)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, got)
+    temp[remat] = grad.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+  assert temp["full"] < temp["projections_attention"] < temp["none"], temp
 
 
 def test_layer_scan_program_size_does_not_grow_with_depth():

@@ -523,6 +523,7 @@ def test_a_step_that_cannot_fit_a_device_is_refused_before_it_runs(tmp_path, mon
       f"per device on the mesh {{'fsdp': 1}} (the state "
       f"{cpt['state_bytes_per_device'] / gib:.3g} GiB"), message
   assert f"more than the {limit / gib:.3g} GiB a cpu has for JAX" in message, message
+  assert "config.model.remat='projections_attention'" in message, message
   assert "config.model.remat='full'" in message and "grad_accum=2" in message, message
   assert "4 -> 2 rows per device" in message and "method 'lora'" in message, message
   # Refused before the first step: no training row, no checkpoint.

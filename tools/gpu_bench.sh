@@ -12,12 +12,18 @@
 # item is logged and the next one runs:
 #   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings)
 #   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer
+#   1b_full_pa   1b_full without peer, --remat projections_attention (keep the projections'
+#                and cuDNN attention's outputs, recompute the elementwise rest): compiled
+#                for an H200 on a CPU it needs 33.2 GiB instead of 56.0 and a static
+#                roofline of its HLO says ~9% less time; this A/B says whether it is faster
 #   1b_full_profile  1b_full traced for 2 steps: where the time goes (jaxsft.trace_report:
 #                by category, by source line, top ops) in its log and NAME.summary.json
 #   8b_lora      llama3-8b, LoRA r=16, batch 4, remat full, vs PEFT + checkpointing;
 #                frozen base in bf16 on both sides (--frozen-dtype auto); XLA's
 #                memory-usage report of the step in 8b_lora.memory.txt
 #   1b_lora      llama3.2-1b LoRA vs PEFT
+#   1b_lora_pa   1b_lora without peer, --remat projections_attention (17.5 GiB vs 36.5
+#                compiled for an H200; roofline ~8% less time)
 #   1b_lora_profile  1b_lora traced, as 1b_full_profile
 #   1b_packed    1b_full on packed SFT lengths vs the padded peer (non-pad tokens/s)
 #   1b_full_chunk512  1b_full without peer, loss chunks of 512 time steps instead of
@@ -45,10 +51,11 @@
 # row of 2026-11-28, latency-hiding scheduler on / Triton GEMMs off, was slower
 # than the defaults and is no longer run.)
 #
-# OUT_DIR gets env.txt (versions, nvidia-smi -L), one .log per item, the
+# OUT_DIR gets env.txt (versions, nvidia-smi -L), target_config.pbtxt (the GPU's
+# XLA target config, for jaxsft.aot), one .log per item, the
 # profile items' NAME.summary.json, the 8B items' NAME.memory.txt and
 # results.jsonl (one JSON line per item: its name, exit code and the bench's
-# JSON line): 21 files. Raw traces stay
+# JSON line): 24 files (23 on a CPU: no target config). Raw traces stay
 # under $PROFILE_DIR (default /tmp/jaxsft_profiles). On a borrowed machine that
 # returns few files, tar OUT_DIR into one.
 set -u
@@ -86,6 +93,9 @@ except Exception as e:  # noqa: BLE001
 EOF
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+# This GPU's XLA target config: later compiles for it on a CPU host
+# (bench/train --target FILE, jaxsft.aot) then use its exact description.
+"$PY" -m jaxsft.aot --write-config "$OUT/target_config.pbtxt" >> "$OUT/env.txt" 2>&1 || true
 
 # run NAME TIMEOUT_S CMD...: run one item, log it, append its JSON line.
 run() {
@@ -167,10 +177,12 @@ memory() {
 
 run check 90 "$PY" tools/gpu_check.py $CHECK
 run 1b_full 150 $BENCH $SHAPE $B8 $STEPS --method full --peer hf
+run 1b_full_pa 90 $BENCH $SHAPE $B8 $STEPS --method full --remat projections_attention
 profile 1b_full_profile 90 $SHAPE $B8 --method full
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   memory 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
   run 1b_lora 120 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
+  run 1b_lora_pa 90 $BENCH $SHAPE $B8 $STEPS --method lora --remat projections_attention
   profile 1b_lora_profile 90 $SHAPE $B8 --method lora
 else
   echo "== 8b_lora, 1b_lora: SKIPPED (jaxsft.peft not in this checkout)"

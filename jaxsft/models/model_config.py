@@ -15,7 +15,8 @@ from typing import Any
 FAMILIES = ("llama", "mistral", "qwen2", "mixtral")
 
 # Remat policies for the scanned decoder layer, by name (see models/llama.py).
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out",
+                  "projections_attention")
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
