@@ -14,8 +14,9 @@ slower, at the memory rate for their operands; cuDNN attention at its
 measured rate (``--attention-tflops``, 300 on an H200); every other kernel at
 ``--bandwidth-efficiency`` of the memory bandwidth for the bytes it reads
 and writes (a parameter read only through dynamic slices counts its slices;
-an in-place dynamic-update-slice counts only its update). Prints the totals
-by kind of kernel and the costliest kernels with their loop.
+an in-place dynamic-update-slice counts only its update; a conditional costs
+its first branch: the MoE bucketed dispatch's first buckets, the common case).
+Prints the totals by kind of kernel and the costliest kernels with their loop.
 
 It is a model, not a measurement: no launch gaps, no overlap, one efficiency
 for every GEMM shape. Calibrated on the H200 run of docs/BENCHMARKS.md with
@@ -162,7 +163,12 @@ class Roofline:
         loop = re.search(r"body=%([\w.\-]+)", inst.line).group(1)
         self._walk(loop, times * (int(trips.group(1)) if trips else 1), loops + [inst.name])
         continue
-      if inst.op in ("call", "conditional", "async-start"):
+      if inst.op == "conditional":  # priced as its first branch (module doc)
+        branches = re.search(r"branch_computations=\{%([\w.\-]+)", inst.line)
+        if branches:
+          self._walk(branches.group(1), times, loops + [inst.name])
+        continue
+      if inst.op in ("call", "async-start"):
         for called in re.findall(r"(?:to_apply|calls)=%([\w.\-]+)", inst.line):
           self._walk(called, times, loops + [inst.name])
         continue
@@ -206,6 +212,8 @@ class Roofline:
         kind = "scatter"
       else:
         kind = "elementwise"
+    elif inst.op == "dot":  # unfused (CPU programs; rare on GPU)
+      kind, flops, rate = "matmul", _matmul_flops(inst, types), self.matmul_rate
     elif inst.op in ("dynamic-update-slice",):
       moved = 2 * nbytes(operand_types[1]) if len(operand_types) > 1 else 0
       kind = "stacked residual write (dynamic-update-slice)"
