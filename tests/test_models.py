@@ -142,7 +142,7 @@ def test_projections_attention_keeps_the_projections_and_recomputes_the_rest():
   full remat's and none's."""
   policy = llama._REMAT["projections_attention"]
   bf16 = jnp.bfloat16
-  aval = lambda *shape: jax.core.ShapedArray(shape, bf16)  # noqa: E731
+  aval = lambda *shape: jax.ShapeDtypeStruct(shape, bf16)  # noqa: E731
   dot = lambda x, w, contract, batch=((), ()): policy(  # noqa: E731
       jax.lax.dot_general_p, x, w, dimension_numbers=(contract, batch), precision=None,
       preferred_element_type=None)
