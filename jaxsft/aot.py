@@ -11,9 +11,10 @@ its devices compiles exactly as on the GPU, minus autotuning. The step's
 56.0 GiB for the Llama-3.2-1B full-SFT bench row that measured 56.5 GiB
 there, and 40.6 GiB for the LoRA row that measured 41.0 (docs/BENCHMARKS.md).
 
-What. ``devices("h100:8")`` gives 8 compile-only GPU devices of a named target (``TARGETS``: H100 SXM, H200, A100) or of a target config file
-written on a real GPU (``python -m jaxsft.aot --write-config FILE`` there);
-model code traced under a mesh of them takes its GPU paths
+What. ``devices("h100:8")`` gives 8 compile-only GPU devices of a named
+target (``TARGETS``: H100 SXM, H200, A100) or of a target config file written
+on a real GPU (``python -m jaxsft.aot --write-config FILE`` there); model
+code traced under a mesh of them takes its GPU paths
 (``sharding.compute_platform``). ``device_limit`` is the memory JAX's
 allocator lets a process use on one of them.
 
@@ -100,6 +101,7 @@ DEFAULT_MEM_FRACTION = 0.75
 
 
 def requirements_message() -> str:
+  """What to install for ``devices``: the CUDA plugin matching this jaxlib, and cuDNN."""
   import jaxlib  # noqa: PLC0415
   v = jaxlib.__version__
   return (f"compiling for a GPU that is not here needs jax's CUDA plugin for this jaxlib and "
@@ -154,12 +156,12 @@ def devices(spec: str) -> list:
   from jax.experimental import topologies  # noqa: PLC0415
 
   target, count = parse(spec)
-  config, label = target_config(target)
+  config, name = target_config(target)
   try:
     topo = topologies.get_topology_desc(platform="cuda", target_config=config,
                                         topology=f"1x1x{count}")
   except Exception as e:  # noqa: BLE001  (plugin missing: several error types)
-    raise ValueError(f"cannot make compile-only {label} devices ({type(e).__name__}: "
+    raise ValueError(f"cannot make compile-only {name} devices ({type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}); "
                      f"{requirements_message()}") from None
   try:  # cuDNN's fused attention asks for its version while being traced
