@@ -56,9 +56,10 @@
 #
 # OUT_DIR gets env.txt (versions, nvidia-smi -L), target_config.pbtxt (the GPU's
 # XLA target config, for jaxsft.aot), one .log per item, the
-# profile items' NAME.summary.json, the 8B items' NAME.memory.txt and
-# results.jsonl (one JSON line per item: its name, exit code and the bench's
-# JSON line): 25 files (24 on a CPU: no target config). Raw traces stay
+# profile items' NAME.summary.json, the 1B and 8B step items' NAME.memory.txt
+# and NAME.roofline.txt (XLA's memory report of the step; the static roofline
+# of its HLO) and results.jsonl (one JSON line per item: its name, exit code
+# and the bench's JSON line): 39 files (38 on a CPU: no target config). Raw traces stay
 # under $PROFILE_DIR (default /tmp/jaxsft_profiles). On a borrowed machine that
 # returns few files, tar OUT_DIR into one.
 set -u
@@ -161,33 +162,40 @@ profile() {
   [ -f "$PROF/$name/summary.json" ] && cp "$PROF/$name/summary.json" "$OUT/$name.summary.json"
 }
 
-# memory NAME TIMEOUT_S CMD...: run NAME with XLA dumping its train step, and
-# keep XLA's memory-usage report of that step (every buffer of the step's peak
-# allocation by size, with the shapes sharing it) as OUT/NAME.memory.txt: where
-# the step's memory goes, read beside the row's peak_mem_gib and the peer's.
-memory() {
+# dumped NAME TIMEOUT_S CMD...: run NAME with XLA dumping its train step, and
+# keep (1) XLA's memory-usage report of that step (every buffer of the step's
+# peak allocation by size, with the shapes sharing it) as OUT/NAME.memory.txt:
+# where the step's memory goes, read beside the row's peak_mem_gib and the
+# peer's; (2) tools/hlo_roofline.py's static estimate of the same program as
+# OUT/NAME.roofline.txt, to set the model (calibrated on 2026-11-28's three
+# steps only) against this row's measured step_s.
+dumped() {
   local name=$1 dump=/tmp/xla_dump_$1 saved=${XLA_FLAGS-}
   shift
   rm -rf "$dump"
   export XLA_FLAGS="$saved --xla_dump_to=$dump --xla_dump_hlo_module_re=.*train_step.*"
   run "$name" "$@"
   export XLA_FLAGS="$saved"
-  local report
+  local report hlo
   report=$(ls "$dump"/*train_step*memory-usage-report.txt 2>/dev/null | head -n 1)
   if [ -n "$report" ]; then head -c 30000 "$report" > "$OUT/$name.memory.txt"; fi
+  hlo=$(ls -S "$dump"/*train_step*after_optimizations.txt 2>/dev/null | head -n 1)
+  if [ -n "$hlo" ]; then
+    "$PY" tools/hlo_roofline.py "$hlo" --top 15 > "$OUT/$name.roofline.txt" 2>&1 || true
+  fi
   rm -rf "$dump"
 }
 
 run check 90 "$PY" tools/gpu_check.py $CHECK
-run 1b_full 150 $BENCH $SHAPE $B8 $STEPS --method full --peer hf
-run 1b_full_pa 90 $BENCH $SHAPE $B8 $STEPS --method full --remat projections_attention
-run 1b_full_unroll 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 16
+dumped 1b_full 150 $BENCH $SHAPE $B8 $STEPS --method full --peer hf
+dumped 1b_full_pa 90 $BENCH $SHAPE $B8 $STEPS --method full --remat projections_attention
+dumped 1b_full_unroll 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 16
 profile 1b_full_profile 90 $SHAPE $B8 --method full
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
-  memory 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
-  run 1b_lora 120 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
-  run 1b_lora_pa 90 $BENCH $SHAPE $B8 $STEPS --method lora --remat projections_attention
-  run 1b_lora_unroll 90 $BENCH $SHAPE $B8 $STEPS --method lora --scan-unroll 16
+  dumped 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
+  dumped 1b_lora 120 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
+  dumped 1b_lora_pa 90 $BENCH $SHAPE $B8 $STEPS --method lora --remat projections_attention
+  dumped 1b_lora_unroll 90 $BENCH $SHAPE $B8 $STEPS --method lora --scan-unroll 16
   profile 1b_lora_profile 90 $SHAPE $B8 --method lora
 else
   echo "== 8b_lora, 1b_lora: SKIPPED (jaxsft.peft not in this checkout)"
@@ -197,7 +205,7 @@ fi
 run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --peer hf
 run 1b_full_chunk512 90 $BENCH $SHAPE $B8 $STEPS --method full --loss-chunk 512
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
-  memory 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
+  dumped 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
 fi
 run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
 run moe_check 120 "$PY" tools/moe_dispatch_check.py
