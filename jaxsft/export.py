@@ -115,9 +115,9 @@ def _export_streamed(source: pathlib.Path, out: pathlib.Path, dtype, max_shard_b
   time (stored before layers were stored one by one, or freeze tuning's split
   stack): the caller reads it whole."""
   cfg = checkpoint_lib.model_config(source)
-  stored = checkpoint_lib.stored_params(source)
   if cfg.adapters is not None and cfg.adapters.frozen_layers:
     return None
+  stored = checkpoint_lib.stored_params(source)
   if not all(a.sliceable for path, a in stored.items() if path.startswith("layers/")):
     return None
   tokenizer_src = _checked_tokenizer(source / checkpoint_lib.TOKENIZER_DIR, trust_remote_code)

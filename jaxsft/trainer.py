@@ -301,13 +301,12 @@ def _check_step_fits(name: str, stage, ph, mesh, budget=None) -> None:
   rows = config_lib.batch_size(stage) // (sharding_lib.data_parallel_size(mesh)
                                           * stage.grad_accum)
   hints = []
-  if cfg.remat in ("none", "save_attention_out", "dots"):
-    hints.append(f"recompute activations in the backward pass "
-                 f"(config.model.remat='projections_attention' recomputes the elementwise work, "
-                 f"config.model.remat='full' all of it; it is {cfg.remat!r})")
-  elif cfg.remat != "full":
-    hints.append(f"recompute activations in the backward pass (config.model.remat='full'; "
-                 f"it is {cfg.remat!r})")
+  if cfg.remat != "full":
+    remedy = "config.model.remat='full'"
+    if cfg.remat in ("none", "save_attention_out", "dots"):  # policies keeping more than it
+      remedy = (f"config.model.remat='projections_attention' recomputes the elementwise work, "
+                f"{remedy} all of it")
+    hints.append(f"recompute activations in the backward pass ({remedy}; it is {cfg.remat!r})")
   if rows > 1:
     hints.append(f"split the batch into smaller micro-batches (config.stages.{name}.grad_accum="
                  f"{2 * stage.grad_accum}: the same batch, {rows} -> {rows // 2 or 1} rows per "

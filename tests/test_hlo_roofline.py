@@ -29,14 +29,14 @@ def test_a_layer_loop_is_priced_once_per_trip():
   text = jax.jit(f).lower(x, ws).compile().as_text()
   r = hlo_roofline.Roofline(text, peak_tflops=100.0, matmul_efficiency=0.5,
                             attention_tflops=300.0, bandwidth=1e12, bandwidth_efficiency=0.5)
-  matmuls = [kernel for kernel in r.kernels if kernel[1] == "matmul"]
-  assert sum(kernel[6] for kernel in matmuls) == layers * 2 * m * k * n
-  assert {kernel[4] for kernel in matmuls} == {layers}
-  assert any(kernel[1] != "matmul" for kernel in r.kernels)
-  for seconds, kind, _, _, times, _, flops, moved in r.kernels:
-    floor = moved / 0.5e12
-    expected = max(floor, flops / 50e12) if kind == "matmul" else floor
-    assert seconds == pytest.approx(expected)
+  matmuls = [kernel for kernel in r.kernels if kernel.kind == "matmul"]
+  assert sum(kernel.flops for kernel in matmuls) == layers * 2 * m * k * n
+  assert {kernel.times for kernel in matmuls} == {layers}
+  assert any(kernel.kind != "matmul" for kernel in r.kernels)
+  for kernel in r.kernels:
+    floor = kernel.moved / 0.5e12
+    expected = max(floor, kernel.flops / 50e12) if kernel.kind == "matmul" else floor
+    assert kernel.seconds == pytest.approx(expected)
   report = r.report(top=3)
   assert report.splitlines()[0].split()[:2] == ["kind", "kernels"]
   assert "the 3 costliest kernels" in report

@@ -33,6 +33,7 @@ import dataclasses
 import math
 import re
 import sys
+from typing import NamedTuple
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
           "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -115,6 +116,18 @@ def _attention_flops(inst: Instruction, types: dict[str, str], target: str) -> f
   return forward * (2.5 if "Backward" in target else 1.0)
 
 
+class Kernel(NamedTuple):
+  """One kernel's estimate, over all trips of the loops around it."""
+  seconds: float
+  kind: str
+  name: str
+  type: str
+  times: int  # loop trips
+  loops: str  # the enclosing while loops, outermost first
+  flops: float
+  moved: int  # bytes read and written
+
+
 class Roofline:
   """Per-kernel time estimates of one module (module docstring)."""
 
@@ -124,7 +137,7 @@ class Roofline:
     self.matmul_rate = peak_tflops * 1e12 * matmul_efficiency
     self.attention_rate = attention_tflops * 1e12
     self.memory_rate = bandwidth * bandwidth_efficiency
-    self.kernels: list[tuple[float, str, str, str, int, str]] = []
+    self.kernels: list[Kernel] = []
     self._walk(self.entry, 1, [])
 
   def _fusion_bytes(self, called: str, out_type: str, operand_types: list[str]) -> int:
@@ -214,7 +227,7 @@ class Roofline:
         kind = "elementwise"
     elif inst.op == "dot":  # unfused (CPU programs; rare on GPU)
       kind, flops, rate = "matmul", _matmul_flops(inst, types), self.matmul_rate
-    elif inst.op in ("dynamic-update-slice",):
+    elif inst.op == "dynamic-update-slice":
       moved = 2 * nbytes(operand_types[1]) if len(operand_types) > 1 else 0
       kind = "stacked residual write (dynamic-update-slice)"
     elif inst.op == "copy":
@@ -222,17 +235,17 @@ class Roofline:
     seconds = moved / self.memory_rate
     if flops and rate:
       seconds = max(seconds, flops / rate)
-    self.kernels.append((seconds * times, kind, inst.name, inst.type, times, "/".join(loops),
-                         flops * times, moved * times))
+    self.kernels.append(Kernel(seconds * times, kind, inst.name, inst.type, times,
+                               "/".join(loops), flops * times, moved * times))
 
   def report(self, top: int) -> str:
     by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0])
-    for seconds, kind, _, _, times, _, flops, moved in self.kernels:
-      row = by_kind[kind]
-      row[0] += seconds
-      row[1] += flops
-      row[2] += moved
-      row[3] += times
+    for k in self.kernels:
+      row = by_kind[k.kind]
+      row[0] += k.seconds
+      row[1] += k.flops
+      row[2] += k.moved
+      row[3] += k.times
     total = sum(r[0] for r in by_kind.values())
     lines = [f"{'kind':46s} {'kernels':>8s} {'TFLOP':>8s} {'GB':>8s} {'est ms':>8s} {'share':>6s}"]
     for kind, (seconds, flops, moved, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
@@ -241,9 +254,9 @@ class Roofline:
     lines.append(f"{'total':46s} {'':8s} {'':8s} {'':8s} {total * 1e3:8.2f}")
     if top:
       lines.append(f"\nthe {top} costliest kernels (ms over all loop trips):")
-      for seconds, kind, name, typ, times, loops, _, _ in sorted(self.kernels, reverse=True)[:top]:
-        lines.append(f"{seconds * 1e3:8.2f}  x{times:<4d} {kind[:28]:28s} {name[:34]:34s} "
-                     f"{typ[:70]}  [{loops or 'entry'}]")
+      for k in sorted(self.kernels, reverse=True)[:top]:
+        lines.append(f"{k.seconds * 1e3:8.2f}  x{k.times:<4d} {k.kind[:28]:28s} "
+                     f"{k.name[:34]:34s} {k.type[:70]}  [{k.loops or 'entry'}]")
     return "\n".join(lines)
 
 
