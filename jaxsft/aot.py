@@ -9,7 +9,8 @@ reads: compute capability, SM count, memory), and a step jitted over a mesh of
 its devices compiles exactly as on the GPU, minus autotuning. The step's
 ``memory_analysis`` then gives what the GPU will hold: on an H200 this read
 56.0 GiB for the Llama-3.2-1B full-SFT bench row that measured 56.5 GiB
-there, and 40.6 GiB for the LoRA row that measured 41.0 (docs/BENCHMARKS.md).
+there, and 40.6 GiB for the LoRA row that measured 41.0 (the code of that
+run; docs/BENCHMARKS.md).
 
 What. ``devices("h100:8")`` gives 8 compile-only GPU devices of a named
 target (``TARGETS``: H100 SXM, H200, A100) or of a target config file written

@@ -12,29 +12,29 @@
 # item is logged and the next one runs:
 #   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings)
 #   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer
+#   1b_full_unroll  1b_full without peer, the 16 layers unrolled (--scan-unroll 16)
+#                instead of a layer scan: does the scan cost time on a GPU (its
+#                stacked residuals, zero-filled, written and read back)? Compiled for
+#                an H200 the static roofline of its HLO says 7% less (244 vs 264 ms),
+#                36.6 GiB vs 35.5. If it holds, make unrolling the GPU default
 #   1b_full_pa   1b_full without peer, --remat projections_attention (keep the projections'
-#                and cuDNN attention's outputs, recompute the elementwise rest): compiled
-#                for an H200 on a CPU it needs 33.2 GiB instead of 56.0 and a static
-#                roofline of its HLO says ~9% less time; this A/B says whether it is faster
+#                and cuDNN attention's outputs, recompute the elementwise rest):
+#                compiled for an H200, 33.2 GiB vs 35.5 and the same roofline time
 #   1b_full_profile  1b_full traced for 2 steps: where the time goes (jaxsft.trace_report:
 #                by category, by source line, top ops) in its log and NAME.summary.json
 #   8b_lora      llama3-8b, LoRA r=16, batch 4, remat full, vs PEFT + checkpointing;
 #                frozen base in bf16 on both sides (--frozen-dtype auto); XLA's
 #                memory-usage report of the step in 8b_lora.memory.txt
 #   1b_lora      llama3.2-1b LoRA vs PEFT
-#   1b_lora_pa   1b_lora without peer, --remat projections_attention (17.5 GiB vs 36.5
-#                compiled for an H200; roofline ~8% less time)
 #   1b_lora_unroll  1b_lora without peer, the 16 layers unrolled: compiled for an H200 the
-#                roofline puts it 17% under 1b_lora (198 vs 240 ms; 26 GiB vs 36)
+#                roofline puts it 9% under 1b_lora (198 vs 218 ms; 26.4 GiB vs 18.7)
+#   1b_lora_pa   1b_lora without peer, --remat projections_attention (17.5 GiB vs 18.7
+#                compiled for an H200; roofline 1% slower)
 #   1b_lora_profile  1b_lora traced, as 1b_full_profile
 #   1b_packed    1b_full on packed SFT lengths vs the padded peer (non-pad tokens/s)
 #   1b_full_chunk512  1b_full without peer, loss chunks of 512 time steps instead of
 #                128 (4 x fewer accumulations of the 128k x 2048 fp32 output-layer
 #                gradient, 4 x bigger logits blocks): compare its tokens/s with 1b_full's
-#   1b_full_unroll  1b_full without peer, the 16 layers unrolled (--scan-unroll 16)
-#                instead of a layer scan: does the scan cost time on a GPU (its
-#                per-layer weight slices and stacked residuals)? Compiled for an H200
-#                the roofline says 15% less (244 vs 288 ms) and 36.6 GiB vs 56
 #   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides (and its
 #                8b_lora_fp32base.memory.txt: where the +8.8 GiB over the peer of
 #                2026-11-28 go)
@@ -188,14 +188,14 @@ dumped() {
 
 run check 90 "$PY" tools/gpu_check.py $CHECK
 dumped 1b_full 150 $BENCH $SHAPE $B8 $STEPS --method full --peer hf
-dumped 1b_full_pa 90 $BENCH $SHAPE $B8 $STEPS --method full --remat projections_attention
 dumped 1b_full_unroll 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 16
+dumped 1b_full_pa 90 $BENCH $SHAPE $B8 $STEPS --method full --remat projections_attention
 profile 1b_full_profile 90 $SHAPE $B8 --method full
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   dumped 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
   dumped 1b_lora 120 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
-  dumped 1b_lora_pa 90 $BENCH $SHAPE $B8 $STEPS --method lora --remat projections_attention
   dumped 1b_lora_unroll 90 $BENCH $SHAPE $B8 $STEPS --method lora --scan-unroll 16
+  dumped 1b_lora_pa 90 $BENCH $SHAPE $B8 $STEPS --method lora --remat projections_attention
   profile 1b_lora_profile 90 $SHAPE $B8 --method lora
 else
   echo "== 8b_lora, 1b_lora: SKIPPED (jaxsft.peft not in this checkout)"

@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxsft import sharding as sharding_lib
 from jaxsft.models import attention as attn_lib
+from jaxsft.models import elementwise
 from jaxsft.models import mixtral
 from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import adapters as adapters_lib
@@ -40,12 +41,12 @@ def _save_projections_and_attention(prim, *avals, **params) -> bool:
   everything elementwise (norms, RoPE, SwiGLU, residual adds) and LoRA's
   (x·A)·B, whose rank-sized contraction costs less to redo than to keep.
 
-  Without remat a layer keeps about twice this (Llama-3.2-1B, batch 8, seq
-  2048, compiled for an H200: 42.2 GiB of temporaries vs 19.4), mostly
-  elementwise intermediates (six [B,T,F] per MLP, fp32 copies of the norms'
-  inputs), each written into the stacked residuals in the forward pass and
-  read back in the backward: memory traffic that recomputing them from the
-  kept matmul outputs saves, at no matmul cost (docs/BENCHMARKS.md)."""
+  Without remat a layer keeps the norms' outputs and its residual stream
+  too (Llama-3.2-1B, batch 8, seq 2048, compiled for an H200: 35.5 GiB in
+  all vs 33.2; before models/elementwise.py, with six [B,T,F] per MLP and
+  fp32 copies of the norms' inputs, 56.0), each written into the stacked
+  residuals in the forward pass and read back in the backward
+  (docs/BENCHMARKS.md)."""
   if prim is jax.lax.dot_general_p:
     (contract, _), (batch, _) = params["dimension_numbers"]
     if batch:  # attention's scores on XLA's path: T x T
@@ -77,9 +78,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale_d", nn.initializers.ones, (self.cfg.hidden_size,),
                        jnp.dtype(self.cfg.param_dtype))
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-    return scale.astype(x.dtype) * x32.astype(x.dtype)
+    return elementwise.rms_norm(x, scale, self.cfg.rms_norm_eps)
 
 
 def _proj(mdl: nn.Module, x, name: str, shape, init):
@@ -152,7 +151,17 @@ class MLP(nn.Module):
     if cfg.mlp_bias:
       gate = gate + self.param("gate_bias_f", nn.initializers.zeros, (f,), pdt).astype(dt)
       up = up + self.param("up_bias_f", nn.initializers.zeros, (f,), pdt).astype(dt)
-    y = _proj(self, jax.nn.silu(gate) * up, "down_fd", (f, d), init)
+    down = lambda mdl, g, u: _proj(mdl, elementwise.swiglu(g, u), "down_fd", (f, d), init)  # noqa: E731
+    if cfg.scan_unroll == 1:
+      # In the rolled layer scan, the down projection's input (SwiGLU's
+      # output) would be one more stacked [L,B,T,F] residual; it is
+      # recomputed from gate and up (kept anyway) in the backward pass.
+      # Llama-3.2-1B full SFT compiled for an H200: 39.9 -> 35.5 GiB and ~2%
+      # less time by the roofline (docs/BENCHMARKS.md). Unrolled, XLA fuses
+      # it as it likes, and the fence this remat would need there (no
+      # merging with the forward pass) cost 2-4%.
+      down = nn.remat(down, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    y = down(self, gate, up)
     if cfg.mlp_bias:
       y = y + self.param("down_bias_d", nn.initializers.zeros, (d,), pdt).astype(dt)
     return y

@@ -70,6 +70,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxsft import sharding as sharding_lib
+from jaxsft.models import elementwise
 from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import lora as lora_lib
 
@@ -159,7 +160,7 @@ def _swiglu_hidden(x, w_gate, w_up, lora, scale, x_axes: str, h_axes: str):
     xa = jnp.einsum(f"{x_axes},EDR->{xa_axes}", x, lora["gate_up_lora_a_edr"])
     gate = gate + scale * jnp.einsum(f"{xa_axes},ERF->{h_axes}", xa, lora["gate_lora_b_erf"])
     up = up + scale * jnp.einsum(f"{xa_axes},ERF->{h_axes}", xa, lora["up_lora_b_erf"])
-  return jax.nn.silu(gate) * up
+  return elementwise.swiglu(gate, up)
 
 
 def _expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, lora=None, scale=0.0):
@@ -175,7 +176,7 @@ def _expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, lora=None, scale=0.
     xa = rd(x_sorted, lora["gate_up_lora_a_edr"])
     gate = gate + scale * rd(xa, lora["gate_lora_b_erf"])
     up = up + scale * rd(xa, lora["up_lora_b_erf"])
-  h = jax.nn.silu(gate) * up
+  h = elementwise.swiglu(gate, up)
   y = rd(h, w_down)
   if "down_lora_a_efr" in lora:
     y = y + scale * rd(rd(h, lora["down_lora_a_efr"]), lora["down_lora_b_erd"])
