@@ -123,18 +123,16 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_the_step_compiles_once_per_stage(tmp_path):
   compiles = []
 
-  # A program is compiled, or loaded from the persistent compilation cache
-  # (tests/conftest.py turns it on): both count.
+  # One event per program compiled or loaded from the persistent compilation
+  # cache (tests/conftest.py turns it on): jax times both under this name.
+  # (Counting the cache's own hit events too counted a loaded program twice
+  # and a compiled one once, and whether a program is in the cache depends on
+  # its compile time against conftest's 0.2 s threshold: a flaky count.)
   def listener(event, duration, **kw):
     if event == "/jax/core/compile/backend_compile_duration":
       compiles.append(event)
 
-  def hit_listener(event, **kw):
-    if event == "/jax/compilation_cache/cache_hits":
-      compiles.append(event)
-
   jax.monitoring.register_event_duration_secs_listener(listener)
-  jax.monitoring.register_event_listener(hit_listener)
   try:
     counts = []
     # The first run also compiles one-off programs that later runs find in
@@ -149,7 +147,6 @@ def test_the_step_compiles_once_per_stage(tmp_path):
       counts.append(len(compiles))
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-    jax.monitoring.unregister_event_listener(hit_listener)
   assert counts[1] == counts[2], f"more steps compiled more programs: {counts}"
 
 
