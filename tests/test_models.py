@@ -197,6 +197,27 @@ def test_projections_attention_keeps_the_projections_and_recomputes_the_rest():
   assert temp["full"] < temp["projections_attention"] < temp["none"], temp
 
 
+@pytest.mark.parametrize("remat", ["save_attention_out", "projections_attention"])
+def test_attention_policies_keep_the_cudnn_forward_outputs(remat):
+  """Both policies that keep attention's output keep every output of jax's
+  cuDNN attention forward primitive (its backward kernel reads the softmax
+  statistics too; keeping the named output alone saved nothing over 'full'
+  for Llama-3-8B LoRA compiled for an H200). The primitive is matched by
+  name; if jax renames it, this fails rather than the policy silently
+  recomputing attention."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415
+  policy = llama._REMAT[remat]
+  bf16 = jax.ShapeDtypeStruct((8, 2048, 32, 64), jnp.bfloat16)
+  assert policy(cudnn._dot_product_attention_fwd_p, bf16, bf16, bf16)
+  assert not policy(cudnn._dot_product_attention_bwd_p, bf16, bf16, bf16)
+  assert not policy(jax.lax.exp_p, bf16)
+  if remat == "save_attention_out":  # projections are recomputed
+    assert not policy(jax.lax.dot_general_p, jax.ShapeDtypeStruct((16384, 2048), jnp.bfloat16),
+                      jax.ShapeDtypeStruct((2048, 8192), jnp.bfloat16),
+                      dimension_numbers=(((1,), (0,)), ((), ())), precision=None,
+                      preferred_element_type=None)
+
+
 def test_unrolled_layers_keep_their_remat():
   """Unrolled (``scan_unroll`` > 1), the forward pass and the backward pass's
   recomputation meet in one program, where XLA's CSE would merge them and

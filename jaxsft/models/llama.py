@@ -29,7 +29,18 @@ from jaxsft.peft import adapters as adapters_lib
 from jaxsft.peft import lora as lora_lib
 from jaxsft.peft import prompts as prompts_lib
 
-_SAVE_ATTENTION_OUT = jax.checkpoint_policies.save_only_these_names("attention_out")
+_SAVE_NAMED_ATTENTION_OUT = jax.checkpoint_policies.save_only_these_names("attention_out")
+
+
+def _save_attention_out(prim, *avals, **params) -> bool:
+  """Keep attention's output and recompute everything else. On XLA's path
+  that is the named output; cuDNN's backward kernel also reads the forward's
+  softmax statistics, so there all outputs of jax's cuDNN attention
+  primitive (matched by name: no public handle) are kept, or the forward
+  kernel would run again for them (Llama-3-8B LoRA, batch 4, compiled for an
+  H200: the named output alone saved nothing over 'full', docs/BENCHMARKS.md)."""
+  return (prim.name.startswith("dot_product_attention_fwd")
+          or bool(_SAVE_NAMED_ATTENTION_OUT(prim, *avals, **params)))
 # A dot contracting at most this many elements (a LoRA rank) is recomputed.
 _RECOMPUTE_CONTRACTION = 256
 
@@ -52,16 +63,14 @@ def _save_projections_and_attention(prim, *avals, **params) -> bool:
     if batch:  # attention's scores on XLA's path: T x T
       return False
     return math.prod(avals[0].shape[d] for d in contract) > _RECOMPUTE_CONTRACTION
-  # jax's cuDNN attention primitive (and its wrapper), by name: no public handle.
-  return (prim.name.startswith("dot_product_attention_fwd")
-          or bool(_SAVE_ATTENTION_OUT(prim, *avals, **params)))
+  return _save_attention_out(prim, *avals, **params)
 
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention_out": _SAVE_ATTENTION_OUT,
+    "save_attention_out": _save_attention_out,
     "projections_attention": _save_projections_and_attention,
 }
 
