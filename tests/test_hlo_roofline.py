@@ -42,6 +42,47 @@ def test_a_layer_loop_is_priced_once_per_trip():
   assert "the 3 costliest kernels" in report
 
 
+_GATHER_HLO = """HloModule m
+
+%fused_pick (param_0: f32[1024,4096], param_1: s32[1024,1]) -> f32[1024,1] {
+  %param_0 = f32[1024,4096]{1,0} parameter(0)
+  %bitcast.1 = f32[1024,4096,1]{2,1,0} bitcast(%param_0)
+  %param_1 = s32[1024,1]{1,0} parameter(1)
+  %gather.1 = f32[1024,1]{1,0} gather(%bitcast.1, %param_1), offset_dims={1}, slice_sizes={1,1,1}
+  ROOT %negate.1 = f32[1024,1]{1,0} negate(%gather.1)
+}
+
+%fused_whole (param_0: f32[1024,4096], param_1: s32[1024,1]) -> f32[1024,1] {
+  %param_0 = f32[1024,4096]{1,0} parameter(0)
+  %param_1 = s32[1024,1]{1,0} parameter(1)
+  %gather.2 = f32[1024,1]{1,0} gather(%param_0, %param_1), offset_dims={1}, slice_sizes={1,1}
+  %exp.2 = f32[1024,4096]{1,0} exponential(%param_0)
+  ROOT %add.2 = f32[1024,1]{1,0} add(%gather.2, %gather.2)
+}
+
+ENTRY %main (p0: f32[1024,4096], p1: s32[1024,1]) -> (f32[1024,1], f32[1024,1]) {
+  %p0 = f32[1024,4096]{1,0} parameter(0)
+  %p1 = s32[1024,1]{1,0} parameter(1)
+  %loop_pick_fusion = f32[1024,1]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%fused_pick
+  %loop_whole_fusion = f32[1024,1]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%fused_whole
+  ROOT %t = (f32[1024,1]{1,0}, f32[1024,1]{1,0}) tuple(%loop_pick_fusion, %loop_whole_fusion)
+}
+"""
+
+
+def test_a_gathered_operand_counts_what_is_picked():
+  """A kernel that only gathers from an operand (through a bitcast: how a
+  loss picks each row's target logit out of [tokens, vocab] logits) reads
+  what it picks, not the whole operand; one that also uses it whole reads
+  it whole."""
+  r = hlo_roofline.Roofline(_GATHER_HLO, peak_tflops=100.0, matmul_efficiency=0.5,
+                            attention_tflops=300.0, bandwidth=1e12, bandwidth_efficiency=0.5)
+  moved = {kernel.name: kernel.moved for kernel in r.kernels}
+  column = 1024 * 4  # one f32 per row: the picked logits, the indices, the output
+  assert moved["loop_pick_fusion"] == 3 * column
+  assert moved["loop_whole_fusion"] == 1024 * 4096 * 4 + 2 * column
+
+
 def test_not_hlo_is_refused(tmp_path, capsys):
   junk = tmp_path / "junk.txt"
   junk.write_text("hello")

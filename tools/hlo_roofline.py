@@ -13,15 +13,17 @@ Triton GEMM fusions) at ``--matmul-efficiency`` of the dense peak or, if
 slower, at the memory rate for their operands; cuDNN attention at its
 measured rate (``--attention-tflops``, 300 on an H200); every other kernel at
 ``--bandwidth-efficiency`` of the memory bandwidth for the bytes it reads
-and writes (a parameter read only through dynamic slices counts its slices;
+and writes (a parameter read only through dynamic slices or gathers counts
+what they pick;
 an in-place dynamic-update-slice counts only its update; a conditional costs
 its first branch: the MoE bucketed dispatch's first buckets, the common case).
 Prints the totals by kind of kernel and the costliest kernels with their loop.
 
 It is a model, not a measurement: no launch gaps, no overlap, one efficiency
 for every GEMM shape. Calibrated on the H200 run of docs/BENCHMARKS.md with
-the defaults: Llama-3.2-1B full SFT (batch 8, seq 2048) estimated 288.5 ms vs
-276.7 measured; Llama-3-8B LoRA with remat full (batch 4) 674 ms vs 664.
+the defaults (the code of that run): Llama-3.2-1B full SFT (batch 8, seq
+2048) estimated 286.0 ms vs 276.7 measured, LoRA 239.9 vs 228.0; Llama-3-8B
+LoRA with remat full (batch 4) 680.4 vs 664.5.
 Use it to compare variants of one step (a remat policy, a loss chunk), not
 as a throughput figure, which only a GPU gives (``python -m jaxsft.bench``).
 """
@@ -154,13 +156,26 @@ class Roofline:
       if i.op == "dynamic-update-slice" and i.operands and i.operands[0] in params:
         in_place.add(i.operands[0])
         updates += nbytes(types.get(i.operands[1], ""))
+    def sliced(name: str) -> int | None:
+      """Bytes read from ``name`` if every use (through bitcasts) only picks
+      parts of it (a dynamic slice, a gather: a loss's target logits, a
+      stacked residual's layer), else None: it is read whole."""
+      uses, total = users.get(name, []), 0
+      for u, k in uses:
+        part = sliced(u.name) if u.op == "bitcast" else (
+            nbytes(u.type) if u.op in ("dynamic-slice", "gather") and k == 0 else None)
+        if part is None:
+          return None
+        total += part
+      return total if uses else None
+
     read = 0
     for p, index in params.items():
       if p in in_place:
         continue
-      uses = users.get(p, [])
-      if uses and all(u.op == "dynamic-slice" and k == 0 for u, k in uses):
-        read += sum(nbytes(u.type) for u, _ in uses)
+      part = sliced(p)
+      if part is not None:
+        read += part
       elif index < len(operand_types):
         read += nbytes(operand_types[index])
     return read + (updates if in_place else nbytes(out_type))

@@ -11,7 +11,7 @@ the layer scan each kept value becomes a stacked residual: written into an
 [L,B,T,…] buffer (first zero-filled) in the forward loop and read back in
 the backward one. For Llama-3.2-1B (batch 8, seq 2048, full SFT, compiled
 for an H200) the writes and fills alone were 12% of the step's estimated time
-(33 of 288 ms) and the stacked buffers ~35 GiB of its 56 (docs/BENCHMARKS.md;
+(33 of 286 ms) and the stacked buffers ~35 GiB of its 56 (docs/BENCHMARKS.md;
 now 17 ms and 35.5 GiB in all). Here each op keeps only what
 it was given (SwiGLU: ``gate`` and ``up``; RMSNorm: ``x`` and one fp32
 scalar per row) and recomputes the rest in its backward pass, inside the
