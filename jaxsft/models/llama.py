@@ -41,6 +41,8 @@ def _save_attention_out(prim, *avals, **params) -> bool:
   H200: the named output alone saved nothing over 'full', docs/BENCHMARKS.md)."""
   return (prim.name.startswith("dot_product_attention_fwd")
           or bool(_SAVE_NAMED_ATTENTION_OUT(prim, *avals, **params)))
+
+
 # A dot contracting at most this many elements (a LoRA rank) is recomputed.
 _RECOMPUTE_CONTRACTION = 256
 
