@@ -79,7 +79,7 @@ assert set(_ROPE_KEYS) == set(ROPE_TYPES)
 # Fields of ModelConfig that are numeric/execution policy rather than architecture.
 # The router loss coefficients count as policy: they only shape training, and a
 # run may override the one config.json carries.
-_POLICY_FIELDS = ("param_dtype", "dtype", "remat", "attention", "moe_dispatch",
+_POLICY_FIELDS = ("param_dtype", "dtype", "remat", "scan_unroll", "attention", "moe_dispatch",
                   "moe_capacity_factor", "loss_chunk",
                   "router_aux_loss_coef", "router_z_loss_coef")
 _PARAM_DTYPES = ("float32", "bfloat16", "float16")
@@ -170,7 +170,7 @@ def stored_dtype(model_dir: PathLike) -> str | None:
 def config_from_hf(source: PathLike | Mapping[str, Any], **policy) -> ModelConfig:
   """A ModelConfig from a Hugging Face ``config.json`` (a dict, or a model directory).
 
-  ``policy`` sets the non-architectural fields (param_dtype, dtype, remat,
+  ``policy`` sets the non-architectural fields (param_dtype, dtype, remat, scan_unroll,
   attention). From a directory, the token ids of
   ``generation_config.json`` are merged in (chat models often list their extra
   end-of-turn ids only there).

@@ -350,7 +350,8 @@ class Run:
 
 def _policy(config) -> dict:
   m = config.model
-  policy = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
+  policy = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                scan_unroll=int(m.scan_unroll), attention=m.attention,
                 moe_dispatch=m.moe_dispatch, moe_capacity_factor=float(m.moe_capacity_factor),
                 loss_chunk=int(m.loss_chunk))
   # Router loss coefficients: the model's own (config.json) unless the run sets them.
