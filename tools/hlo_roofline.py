@@ -162,8 +162,12 @@ class Roofline:
       stacked residual's layer), else None: it is read whole."""
       uses, total = users.get(name, []), 0
       for u, k in uses:
-        part = sliced(u.name) if u.op == "bitcast" else (
-            nbytes(u.type) if u.op in ("dynamic-slice", "gather") and k == 0 else None)
+        if u.op == "bitcast":
+          part = sliced(u.name)
+        elif u.op in ("dynamic-slice", "gather") and k == 0:
+          part = nbytes(u.type)
+        else:
+          return None
         if part is None:
           return None
         total += part
