@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft import sharding
 
 # Time steps per chunk. A chunk's logits are B × DEFAULT_CHUNK_SIZE × V fp32:
 # with a per-device batch of 8 and Qwen's 152k vocab that is 0.6 GB, instead of
@@ -79,15 +78,16 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   c = -(-t // u)
   pad = c * u - t
   count = jnp.sum(weights)
-  skip = c > 1 and sharding.compute_platform() == "cpu"
+  skip = c > 1
   if skip:
-    # Prompts, padding and the last slot carry weight 0, often a third or more
-    # of a row. Each row's trained positions move to its front (a stable
-    # reordering; the loss is a sum, so order does not matter), and chunks in
-    # which no row has a trained position left skip their vocab matmuls
-    # (``lax.cond`` in the scan). CPU only: on GPU a conditional per chunk
-    # would wait for the device each time, for a loss that is a small part of
-    # a big model's step.
+    # Prompts, padding and the last slot carry weight 0, often a quarter to
+    # a half of an SFT row. Each row's trained positions move to its front (a
+    # stable reordering; the loss is a sum, so order does not matter), and the
+    # chunk loop stops after the last chunk in which any row still has a
+    # trained position (a while loop over that prefix): the chunks after it
+    # run no vocab matmuls at all. On a GPU the loop's trip count is read back
+    # by the host once per chunk, a few microseconds against a chunk's
+    # milliseconds of matmuls.
     order = jnp.argsort(weights == 0, axis=1, stable=True)
     hidden = _permute_time(hidden, order)
     targets = jnp.take_along_axis(targets, order, axis=1)
@@ -132,24 +132,55 @@ def _chunk_nll(h, w, tgt):
   return logits, logz, logz - target_logit
 
 
-def _if_trained(skip, wt, compute, skipped, *operands):
-  """``compute(*operands)``, or with ``skip`` and no weight in the chunk,
-  ``skipped(*operands)`` without running ``compute``."""
+def _trained_chunks(weights_c, skip):
+  """How many leading chunks [C,B,U] to compute: with ``skip`` (each row's
+  trained positions reordered to its front), those up to the last one that
+  any row still trains in; otherwise None, meaning all of them."""
   if not skip:
-    return compute(*operands)
-  return jax.lax.cond(jnp.any(wt != 0), compute, skipped, *operands)
+    return None
+  return jnp.sum(jnp.any(weights_c != 0, axis=(1, 2)), dtype=jnp.int32)
+
+
+def _scan_prefix(body, init, xs, n):
+  """``lax.scan(body, init, xs)`` over only the first ``n`` (traced) entries
+  of ``xs``' leading axis, or over all of them if ``n`` is None. The stacked
+  outputs of the entries not run are zeros.
+
+  A while loop rather than a ``lax.cond`` per entry: a conditional's branches
+  take the carry (the loss's fp32 [D,V] output-layer gradient) as operands,
+  and XLA copies it into and out of the conditional on every trip, 1 GB per
+  chunk for a 128k vocabulary. The loop updates it in place.
+  """
+  if n is None:
+    return jax.lax.scan(body, init, xs)
+  first = jax.tree.map(lambda a: a[0], xs)
+  out_shapes = jax.eval_shape(lambda carry, x: body(carry, x)[1], init, first)
+  size = jax.tree.leaves(xs)[0].shape[0]
+  outs = jax.tree.map(lambda o: jnp.zeros((size, *o.shape), o.dtype), out_shapes)
+
+  def step(state):
+    i, carry, outs = state
+    x = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), xs)
+    carry, out = body(carry, x)
+    outs = jax.tree.map(lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0),
+                        outs, out)
+    return i + 1, carry, outs
+
+  _, carry, outs = jax.lax.while_loop(lambda state: state[0] < n, step,
+                                      (jnp.zeros((), jnp.int32), init, outs))
+  return carry, outs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked_loss(hidden_c, w, targets_c, weights_c, skip):
   """Σ weight·nll over chunks [C,B,U,...]; the forward-only path (evaluation).
-  ``skip``: chunks whose weights are all zero are not computed."""
+  ``skip``: the chunks after the last trained one are not computed."""
   def body(total, chunk):
     h, tgt, wt = chunk
-    return _if_trained(skip, wt, lambda: total + jnp.sum(wt * _chunk_nll(h, w, tgt)[2]),
-                       lambda: total), None
+    return total + jnp.sum(wt * _chunk_nll(h, w, tgt)[2]), None
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_c, targets_c, weights_c))
+  total, _ = _scan_prefix(body, jnp.zeros((), jnp.float32), (hidden_c, targets_c, weights_c),
+                          _trained_chunks(weights_c, skip))
   return total
 
 
@@ -161,7 +192,7 @@ def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c, skip):
   this is exactly what autodiff computes): d hidden = g·Wᵀ per chunk, and
   d W = Σ_chunks hᵀ·g accumulated in fp32. d W is computed only when W is being
   differentiated (not for a frozen output layer, e.g. under LoRA); d weights
-  (the per-token nll) only when they are.
+  (the per-token nll) only when they are, and then for every chunk.
   """
   need_w, need_wt = w.perturbed, weights_c.perturbed
   hidden_c, w, targets_c, weights_c = (x.value for x in (hidden_c, w, targets_c, weights_c))
@@ -169,7 +200,9 @@ def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c, skip):
   wc = w.astype(dt)
   v = w.shape[1]
 
-  def chunk_grads(total, dw, h, tgt, wt):
+  def body(carry, chunk):
+    total, dw = carry
+    h, tgt, wt = chunk
     logits, logz, nll = _chunk_nll(h, wc, tgt)
     probs = jnp.exp(logits - logz[..., None])
     hit = jnp.arange(v, dtype=jnp.int32) == tgt[..., None]
@@ -179,18 +212,11 @@ def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c, skip):
       dw = dw + jnp.einsum("BUD,BUV->DV", h, g, preferred_element_type=jnp.float32)
     return (total + jnp.sum(wt * nll), dw), (dh, nll if need_wt else None)
 
-  def untrained(total, dw, h, tgt, wt):
-    # Weight 0 everywhere: no loss, no gradient; the nll (only wanted when the
-    # weights are differentiated) is computed as usual.
-    nll = _chunk_nll(h, wc, tgt)[2] if need_wt else None
-    return (total, dw), (jnp.zeros_like(h), nll)
-
-  def body(carry, chunk):
-    return _if_trained(skip, chunk[2], chunk_grads, untrained, *carry, *chunk)
-
   dw0 = jnp.zeros(w.shape if need_w else (), jnp.float32)
-  (total, dw), (dh_c, nll_c) = jax.lax.scan(
-      body, (jnp.zeros((), jnp.float32), dw0), (hidden_c, targets_c, weights_c))
+  # The per-token nll of every chunk is d loss/d weights: none can be skipped.
+  n = None if need_wt else _trained_chunks(weights_c, skip)
+  (total, dw), (dh_c, nll_c) = _scan_prefix(
+      body, (jnp.zeros((), jnp.float32), dw0), (hidden_c, targets_c, weights_c), n)
   return total, (dh_c, dw.astype(w.dtype) if need_w else None, nll_c, targets_c)
 
 

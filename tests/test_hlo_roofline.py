@@ -42,6 +42,31 @@ def test_a_layer_loop_is_priced_once_per_trip():
   assert "the 3 costliest kernels" in report
 
 
+
+def test_a_loop_of_unknown_length_is_priced_at_unknown_trips():
+  """The loss's chunk loop stops at a count read from the data, so XLA knows
+  no trip count for it: the roofline prices its body ``unknown_trips`` times
+  and names the loop in the report."""
+  m, k, n = 64, 256, 512
+
+  def f(x, w, stop):
+    def body(state):
+      i, h = state
+      return i + 1, jnp.tanh(h @ w)[:, :k]
+    return jax.lax.while_loop(lambda state: state[0] < stop, body, (0, x))[1].sum()
+
+  text = jax.jit(f).lower(jax.ShapeDtypeStruct((m, k), jnp.float32),
+                          jax.ShapeDtypeStruct((k, n), jnp.float32),
+                          jax.ShapeDtypeStruct((), jnp.int32)).compile().as_text()
+  for trips in (1, 5):
+    r = hlo_roofline.Roofline(text, peak_tflops=100.0, matmul_efficiency=0.5,
+                              attention_tflops=300.0, bandwidth=1e12, bandwidth_efficiency=0.5,
+                              unknown_trips=trips)
+    matmuls = [kernel for kernel in r.kernels if kernel.kind == "matmul"]
+    assert sum(kernel.flops for kernel in matmuls) == trips * 2 * m * k * n
+    assert len(r.unknown_loops) == 1
+    assert f"priced at {trips} trips (--unknown-trips): {r.unknown_loops[0]}" in r.report(top=0)
+
 _GATHER_HLO = """HloModule m
 
 %fused_pick (param_0: f32[1024,4096], param_1: s32[1024,1]) -> f32[1024,1] {

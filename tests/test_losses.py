@@ -62,8 +62,9 @@ def test_gradient_matches_unchunked():
 
 def test_chunks_without_trained_positions_are_skipped_and_change_nothing():
   """Prompt-masked rows: each row's trained positions move to its front, and
-  chunks no row trains in are skipped (CPU). Values and gradients (hidden, W
-  and the weights themselves) still equal the full-logits reference."""
+  the chunk loop stops after the last chunk any row trains in. Values and
+  gradients (hidden, W and the weights themselves) still equal the
+  full-logits reference."""
   hidden, w, targets, _ = _inputs(2)
   starts = jnp.array([[2], [7], [9]])  # rows train from these positions on
   weights = (jnp.arange(T)[None, :] >= starts).astype(jnp.float32)
@@ -77,9 +78,42 @@ def test_chunks_without_trained_positions_are_skipped_and_change_nothing():
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for g, r in zip(got[1], want[1]):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
-  jaxpr = str(jax.make_jaxpr(
-      lambda h: losses.masked_cross_entropy(h, w, targets, weights, chunk_size=3))(hidden))
-  assert ("cond" in jaxpr) == (jax.default_backend() == "cpu")
+  # Only the gradient (W and hidden): the chunk loop is the while loop.
+  for argnums in ((0,), (0, 1)):
+    jaxpr = str(jax.make_jaxpr(jax.grad(
+        lambda h, w: losses.masked_cross_entropy(h, w, targets, weights, chunk_size=3)[0],
+        argnums=argnums))(hidden, w))
+    assert "while" in jaxpr and "scan" not in jaxpr, jaxpr
+  sorted_weights = -jnp.sort(-weights, axis=1)
+  chunks = jnp.pad(sorted_weights, ((0, 0), (0, 1))).reshape(3, 4, 3).swapaxes(0, 1)
+  assert int(losses._trained_chunks(chunks, True)) == 3
+
+
+def test_scan_prefix_runs_only_the_first_n_entries():
+  """``_scan_prefix`` is ``lax.scan`` over the first n entries: the body runs
+  n times (counted by a host callback), the carry is the prefix's, and the
+  outputs of the entries not run are zeros, although the body would give
+  them non-zero values."""
+  xs = (jnp.arange(1.0, 6.0), jnp.arange(10, 15))
+  body_runs = []
+
+  def body(carry, x):
+    jax.debug.callback(lambda: body_runs.append(1))
+    return carry + x[0] * x[1], (x[0] * 2, x[1] + 1)
+
+  for n in (0, 2, 5):
+    body_runs.clear()
+    carry, outs = jax.jit(lambda xs, n: losses._scan_prefix(body, jnp.zeros(()), xs, n))(
+        xs, jnp.int32(n))
+    jax.effects_barrier()
+    assert len(body_runs) == n
+    want_carry, want_outs = jax.lax.scan(body, jnp.zeros(()), jax.tree.map(lambda a: a[:n], xs))
+    np.testing.assert_allclose(carry, want_carry)
+    for got, want in zip(outs, want_outs):
+      np.testing.assert_array_equal(got[:n], want)
+      np.testing.assert_array_equal(got[n:], 0)
+  carry, _ = losses._scan_prefix(body, jnp.zeros(()), xs, None)  # None: all of them
+  np.testing.assert_allclose(carry, jax.lax.scan(body, jnp.zeros(()), xs)[0])
 
 
 def _vocab_sized(jaxpr, v=V, d=D):
@@ -90,8 +124,7 @@ def _vocab_sized(jaxpr, v=V, d=D):
       if shape and shape[-1] == v and shape != (d, v):  # (D, V) is the weight
         yield int(np.prod(shape[:-1]))
     for param in eqn.params.values():
-      # cond keeps its branches as a tuple of jaxprs (the CPU path skips
-      # untrained chunks with a cond).
+      # cond keeps its branches as a tuple of jaxprs.
       for p in param if isinstance(param, (tuple, list)) else (param,):
         inner = getattr(p, "jaxpr", p)  # ClosedJaxpr -> Jaxpr
         if hasattr(inner, "eqns"):

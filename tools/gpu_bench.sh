@@ -15,19 +15,22 @@
 #   1b_full_unroll  1b_full without peer, the 16 layers unrolled (--scan-unroll 16)
 #                instead of a layer scan: does the scan cost time on a GPU (its
 #                stacked residuals, zero-filled, written and read back)? Compiled for
-#                an H200 the static roofline of its HLO says 7% less (242 vs 262 ms),
+#                an H200 the static roofline of its HLO says 8% less (231 vs 250 ms),
 #                36.6 GiB vs 35.5. If it holds, make unrolling the GPU default
 #   1b_full_pa   1b_full without peer, --remat projections_attention (keep the projections'
 #                and cuDNN attention's outputs, recompute the elementwise rest):
 #                compiled for an H200, 33.2 GiB vs 35.5 and the same roofline time
 #   1b_full_profile  1b_full traced for 2 steps: where the time goes (jaxsft.trace_report:
-#                by category, by source line, top ops) in its log and NAME.summary.json
+#                by category, by source line, top ops) in its log and NAME.summary.json;
+#                the loss's while loop runs 12 of its 16 chunks here (the rows' first
+#                quarter is prompt): look for gaps between its trips (the host reads
+#                the loop's condition each trip)
 #   8b_lora      llama3-8b, LoRA r=16, batch 4, remat full, vs PEFT + checkpointing;
 #                frozen base in bf16 on both sides (--frozen-dtype auto); XLA's
 #                memory-usage report of the step in 8b_lora.memory.txt
 #   1b_lora      llama3.2-1b LoRA vs PEFT
 #   1b_lora_unroll  1b_lora without peer, the 16 layers unrolled: compiled for an H200 the
-#                roofline puts it 9% under 1b_lora (196 vs 216 ms; 26.4 GiB vs 18.7)
+#                roofline puts it 10% under 1b_lora (188 vs 208 ms; 26.4 GiB vs 18.7)
 #   1b_lora_pa   1b_lora without peer, --remat projections_attention (17.5 GiB vs 18.7
 #                compiled for an H200; roofline 1% slower)
 #   1b_lora_profile  1b_lora traced, as 1b_full_profile

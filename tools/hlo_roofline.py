@@ -16,7 +16,9 @@ measured rate (``--attention-tflops``, 300 on an H200); every other kernel at
 and writes (a parameter read only through dynamic slices or gathers counts
 what they pick;
 an in-place dynamic-update-slice counts only its update; a conditional costs
-its first branch: the MoE bucketed dispatch's first buckets, the common case).
+its first branch: the MoE bucketed dispatch's first buckets, the common case;
+a loop whose trip count XLA does not know, such as the loss's loop over
+its trained chunks, runs ``--unknown-trips`` times).
 Prints the totals by kind of kernel and the costliest kernels with their loop.
 
 It is a model, not a measurement: no launch gaps, no overlap, one efficiency
@@ -134,8 +136,11 @@ class Roofline:
   """Per-kernel time estimates of one module (module docstring)."""
 
   def __init__(self, text: str, peak_tflops: float, matmul_efficiency: float,
-               attention_tflops: float, bandwidth: float, bandwidth_efficiency: float):
+               attention_tflops: float, bandwidth: float, bandwidth_efficiency: float,
+               unknown_trips: int = 1):
     self.computations, self.entry = parse_module(text)
+    self.unknown_trips = unknown_trips
+    self.unknown_loops: list[str] = []  # loops priced at ``unknown_trips``
     self.matmul_rate = peak_tflops * 1e12 * matmul_efficiency
     self.attention_rate = attention_tflops * 1e12
     self.memory_rate = bandwidth * bandwidth_efficiency
@@ -193,7 +198,10 @@ class Roofline:
       if inst.op == "while":
         trips = re.search(r'known_trip_count":\{"n":"(\d+)"', inst.line)
         loop = re.search(r"body=%([\w.\-]+)", inst.line).group(1)
-        self._walk(loop, times * (int(trips.group(1)) if trips else 1), loops + [inst.name])
+        if not trips:
+          self.unknown_loops.append(inst.name)
+        n = int(trips.group(1)) if trips else self.unknown_trips
+        self._walk(loop, times * n, loops + [inst.name])
         continue
       if inst.op == "conditional":  # priced as its first branch (module doc)
         branches = re.search(r"branch_computations=\{%([\w.\-]+)", inst.line)
@@ -271,6 +279,9 @@ class Roofline:
       lines.append(f"{kind:46s} {count:8d} {flops / 1e12:8.2f} {moved / 1e9:8.2f} "
                    f"{seconds * 1e3:8.2f} {seconds / total:6.1%}")
     lines.append(f"{'total':46s} {'':8s} {'':8s} {'':8s} {total * 1e3:8.2f}")
+    if self.unknown_loops:
+      lines.append(f"loops without a known trip count, priced at {self.unknown_trips} trips "
+                   f"(--unknown-trips): {', '.join(self.unknown_loops)}")
     if top:
       lines.append(f"\nthe {top} costliest kernels (ms over all loop trips):")
       for k in sorted(self.kernels, reverse=True)[:top]:
@@ -289,12 +300,16 @@ def main(argv=None) -> int:
                  help="cuDNN fused attention, causal bf16 (measured on an H200)")
   p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s (H200; H100 3.35e12)")
   p.add_argument("--bandwidth-efficiency", type=float, default=0.80)
+  p.add_argument("--unknown-trips", type=int, default=1,
+                 help="trips of a loop whose count XLA does not know (the loss's loop over "
+                      "the chunks that have trained positions: e.g. 12 of 16 for the "
+                      "bench's rows, whose first quarter is the prompt)")
   p.add_argument("--top", type=int, default=25)
   args = p.parse_args(argv)
   try:
     text = open(args.hlo).read()
     roofline = Roofline(text, args.peak_tflops, args.matmul_efficiency, args.attention_tflops,
-                        args.bandwidth, args.bandwidth_efficiency)
+                        args.bandwidth, args.bandwidth_efficiency, args.unknown_trips)
   except (OSError, ValueError) as e:
     print(f"error: {args.hlo}: {e}", file=sys.stderr)
     return 2
