@@ -803,9 +803,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="compute dtype of matmuls and activations (the peer: bf16 autocast or not)")
   p.add_argument("--param-dtype", default="float32", choices=("bfloat16", "float32"))
   p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
-  p.add_argument("--scan-unroll", type=int, default=1,
-                 help="model.scan_unroll: layers per iteration of the layer scan (default 1; "
-                 "the layer count unrolls it fully, compile time then grows with depth)")
+  p.add_argument("--scan-unroll", type=int, default=0,
+                 help="model.scan_unroll: layers per iteration of the layer scan (default 0: "
+                 "auto, every layer unrolled with --remat none, else 1, a rolled loop; the "
+                 "layer count unrolls it fully, compile time then grows with depth)")
   p.add_argument("--loss-chunk", type=int, default=0,
                  help="model.loss_chunk: time steps per vocab chunk of the loss "
                  "(default 0 = losses.DEFAULT_CHUNK_SIZE)")
@@ -852,9 +853,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.target and not args.compile_scaling:
     p.error("--target compiles for a GPU that is not here, it cannot run steps: add "
             "--compile-scaling LAYERS (e.g. the shape's own layer count)")
-  for name in ("seq_len", "batch", "steps", "repeats", "profile_steps", "scan_unroll"):
+  for name in ("seq_len", "batch", "steps", "repeats", "profile_steps"):
     if getattr(args, name) <= 0:
       p.error(f"--{name.replace('_', '-')} must be positive")
+  if args.scan_unroll < 0:
+    p.error("--scan-unroll must be 0 (auto) or more")
   if args.warmup < 0:
     p.error("--warmup must be 0 or more")
   if args.mesh and args.peer:
@@ -938,7 +941,8 @@ def main(argv=None) -> dict:
       "dtype": args.dtype,
       "param_dtype": args.param_dtype,
       "remat": args.remat,
-      "scan_unroll": args.scan_unroll,
+      # As run (auto resolved); compiles at several depths report the setting.
+      "scan_unroll": args.scan_unroll if args.compile_scaling else cfg.layer_unroll,
       "loss_chunk": args.loss_chunk or losses.DEFAULT_CHUNK_SIZE,
       "moe_dispatch": mixtral.resolve_dispatch(cfg) if cfg.is_moe else None,
   }

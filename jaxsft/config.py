@@ -11,9 +11,12 @@ A config file defines ``get_config()`` returning a ConfigDict built from
   model.dtype       compute dtype (bfloat16: bf16 matmuls, fp32 master weights)
   model.param_dtype parameter dtype (bfloat16 here = pure-bf16 training)
   model.remat       rematerialization policy of each layer (models/model_config.py)
-  model.scan_unroll layers per iteration of the layer scan (1; num_layers: no loop,
-              each layer its own code: faster on GPU by a static roofline,
-              compiles ~2x slower; docs/BENCHMARKS.md)
+  model.scan_unroll layers per iteration of the layer scan (0: auto, every layer
+              unrolled with remat 'none', a rolled loop with any other policy;
+              1: a loop over layers, the least memory, compile time flat in
+              depth; num_layers: no loop, each layer its own code: ~8-10%
+              faster, more memory, compile time grows with depth;
+              docs/BENCHMARKS.md)
   model.attention   auto | xla | cudnn
   model.trust_remote_code   never true unless you trust the model's own code
   model.moe_dispatch        MoE models: auto | dense | bucketed | dropless | grouped
@@ -115,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
       source=placeholder(str), init=placeholder(dict), dtype="bfloat16",
-      param_dtype="float32", remat="none", scan_unroll=1, attention="auto",
+      param_dtype="float32", remat="none", scan_unroll=0, attention="auto",
       trust_remote_code=False,
       moe_dispatch="auto", moe_capacity_factor=2.0, loss_chunk=0,
       router_aux_loss_coef=placeholder(float), router_z_loss_coef=placeholder(float)))
@@ -197,10 +200,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(m.moe_capacity_factor, (int, float)) or not m.moe_capacity_factor > 0:
     raise ValueError(f"config.model.moe_capacity_factor={m.moe_capacity_factor!r} must be a "
                      "number > 0 (2.0: each expert's bucket holds twice an even share)")
-  if not isinstance(m.scan_unroll, int) or m.scan_unroll < 1:
-    raise ValueError(f"config.model.scan_unroll={m.scan_unroll!r} must be an integer >= 1 "
-                     "(layers per iteration of the layer scan; the model's num_layers "
-                     "unrolls them all)")
+  if not isinstance(m.scan_unroll, int) or m.scan_unroll < 0:
+    raise ValueError(f"config.model.scan_unroll={m.scan_unroll!r} must be an integer >= 0 "
+                     "(layers per iteration of the layer scan; 0: auto, 1: a loop over "
+                     "layers, the model's num_layers unrolls them all)")
   if not isinstance(m.loss_chunk, int) or m.loss_chunk < 0:
     raise ValueError(f"config.model.loss_chunk={m.loss_chunk!r} must be an integer >= 0 "
                      "(time steps per vocab chunk of the loss; 0: the default, 128)")

@@ -301,6 +301,11 @@ def _check_step_fits(name: str, stage, ph, mesh, budget=None) -> None:
   rows = config_lib.batch_size(stage) // (sharding_lib.data_parallel_size(mesh)
                                           * stage.grad_accum)
   hints = []
+  if cfg.layer_unroll > 1:
+    auto = " (auto: remat 'none' unrolls every layer)" if not cfg.scan_unroll else ""
+    hints.append(f"run the layers in a rolled loop, which keeps fewer activations at once "
+                 f"(config.model.scan_unroll=1; it runs {cfg.layer_unroll} layers per loop "
+                 f"step{auto})")
   if cfg.remat != "full":
     remedy = "config.model.remat='full'"
     if cfg.remat in ("none", "save_attention_out", "dots"):  # policies keeping more than it
@@ -560,7 +565,8 @@ def _plan_rows(config, run, budget) -> list[dict]:
           break
       remat_full = None
       if problem and ph.state_bytes <= limit and cfg.remat != "full":
-        # The first remedy the message offers, measured: one more compile.
+        # The remedy that saves the most short of a smaller batch, measured:
+        # one more compile (with remat 'full' the auto scan_unroll rolls too).
         alt = _Phase(cfg.replace(remat="full"), params, stage, steps, run.mesh, config.seed)
         alt.compile(spec)
         remat_full = alt.step_bytes

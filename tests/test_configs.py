@@ -160,16 +160,19 @@ def test_a_negative_loss_chunk_is_refused_with_its_key():
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 def test_scan_unroll_is_a_run_setting_that_reaches_the_model():
   """``--config.model.scan_unroll`` (the layers a loop step runs; the model's
-  num_layers: no loop) reaches the model built for training, like remat; a
-  count under 1 is refused naming the key (ConfigDict itself refuses a
-  float for this int field)."""
+  num_layers: no loop; 0: auto) reaches the model built for training, like
+  remat; a negative count is refused naming the key (ConfigDict itself
+  refuses a float for this int field)."""
   from jaxsft import trainer  # noqa: PLC0415
   config = parse_cli(["train", "--config", str(ROOT / "configs" / "demo.py"),
                       "--config.model.scan_unroll=4"])
   config_lib.validate(config)
   assert trainer.initial_config(config).scan_unroll == 4
-  assert trainer.initial_config(load(ROOT / "configs" / "demo.py").get_config()).scan_unroll == 1
-  for bad in (0, -2):
+  assert trainer.initial_config(config).layer_unroll == 4
+  demo = trainer.initial_config(load(ROOT / "configs" / "demo.py").get_config())
+  assert demo.scan_unroll == 0 and demo.remat == "none"  # auto: every layer unrolled
+  assert demo.layer_unroll == demo.num_layers > 1
+  for bad in (-1, -2):
     config.model.scan_unroll = bad
     with pytest.raises(ValueError, match=rf"config\.model\.scan_unroll={bad!r} must be an integer"):
       config_lib.validate(config)

@@ -238,12 +238,29 @@ def test_unrolled_layers_keep_their_remat():
                            grad(params, tokens))
 
 
+def test_auto_scan_unroll_unrolls_only_without_remat():
+  """``scan_unroll`` 0 (the default, auto): with remat "none" every layer is
+  unrolled (no loop in the program), with a remat policy the layers run in a
+  rolled loop; a set count is kept as it is."""
+  assert _tiny().scan_unroll == 0
+  for remat, unroll, loop in (("none", 2, False), ("full", 1, True),
+                              ("projections_attention", 1, True)):
+    cfg = _tiny(remat=remat)
+    assert cfg.layer_unroll == unroll
+    params = llama.init_params(cfg, jax.random.key(0))
+    tokens = jnp.asarray(_tokens(seq=12) % 64)
+    lowered = jax.jit(jax.grad(_loss_fn(cfg))).lower(params, tokens).as_text()
+    assert ("stablehlo.while" in lowered) == loop, remat
+  assert _tiny(scan_unroll=1).layer_unroll == 1
+  assert _tiny(remat="full", scan_unroll=2).layer_unroll == 2
+
+
 def test_layer_scan_keeps_only_gate_and_up_of_each_mlp():
   """Of the MLP's [B,T,F] values the rolled layer scan keeps for the backward
   pass only gate's and up's outputs (SwiGLU's product is recomputed; autodiff
   of silu(gate)·up kept six), and RMSNorm keeps no second copy of its input:
   the stacked residuals models/elementwise.py is about."""
-  cfg = _tiny()  # L=2, F=48, D=32
+  cfg = _tiny(scan_unroll=1)  # L=2, F=48, D=32
   params = llama.init_params(cfg, jax.random.key(0))
   tokens = jnp.asarray(_tokens(seq=12) % 64)  # B=2, T=12
   out = io.StringIO()
@@ -296,12 +313,13 @@ def test_elementwise_backward_passes_match_autodiff(dtype):
 
 
 def test_layer_scan_program_size_does_not_grow_with_depth():
-  """The lowered forward+backward of 32 layers is the same program as for 2:
-  the layer loop is a scan, not unrolled (compile *time* is benchmarked in
-  docs/BENCHMARKS.md; this is its deterministic cause)."""
+  """Rolled (``scan_unroll`` 1, and auto with a remat policy), the lowered
+  forward+backward of 32 layers is the same program as for 2: the layer loop
+  is a scan (compile *time* is benchmarked in docs/BENCHMARKS.md; this is its
+  deterministic cause)."""
   sizes = {}
   for layers in (2, 32):
-    cfg = _tiny(num_layers=layers)
+    cfg = _tiny(num_layers=layers, scan_unroll=1)
     abstract = llama.abstract_params(cfg)
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
     text = jax.jit(jax.grad(_loss_fn(cfg))).lower(abstract, tokens).as_text()

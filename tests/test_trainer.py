@@ -522,6 +522,9 @@ def test_a_step_that_cannot_fit_a_device_is_refused_before_it_runs(tmp_path, mon
   assert f"more than the {limit / gib:.3g} GiB a cpu has for JAX" in message, message
   assert "config.model.remat='projections_attention'" in message, message
   assert "config.model.remat='full'" in message and "grad_accum=2" in message, message
+  # remat 'none' unrolls the 2 layers (auto); rolling them is the first remedy named.
+  assert message.index("config.model.scan_unroll=1; it runs 2 layers per loop step (auto") \
+      < message.index("config.model.remat="), message
   assert "4 -> 2 rows per device" in message and "method 'lora'" in message, message
   # Refused before the first step: no training row, no checkpoint.
   assert not (tmp_path / "out2" / "stages" / "cpt" / "checkpoints").exists() or not any(

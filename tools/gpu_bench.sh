@@ -11,15 +11,17 @@
 # under its own `timeout` and skipped when the 460 s budget is spent; a failed
 # item is logged and the next one runs:
 #   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings)
-#   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer
-#   1b_full_unroll  1b_full without peer, the 16 layers unrolled (--scan-unroll 16)
-#                instead of a layer scan: does the scan cost time on a GPU (its
-#                stacked residuals, zero-filled, written and read back)? Compiled for
-#                an H200 the static roofline of its HLO says 8% less (231 vs 250 ms),
-#                36.6 GiB vs 35.5. If it holds, make unrolling the GPU default
+#   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer; remat
+#                none, so the 16 layers run unrolled (scan_unroll 0, auto)
+#   1b_full_rolled  1b_full without peer, the layers in a rolled scan (--scan-unroll 1),
+#                the default before 2026-11-29: compiled for an H200, the static roofline
+#                of its HLO puts it 8% slower than unrolled (250 vs 231 ms; 35.5 GiB vs
+#                36.6); on CPU unrolling measured ~10% faster. If rolled wins here,
+#                make auto roll on GPUs (ModelConfig.layer_unroll)
 #   1b_full_pa   1b_full without peer, --remat projections_attention (keep the projections'
-#                and cuDNN attention's outputs, recompute the elementwise rest):
-#                compiled for an H200, 33.2 GiB vs 35.5 and the same roofline time
+#                and cuDNN attention's outputs, recompute the elementwise rest; rolled,
+#                as under any remat policy): compiled for an H200, 33.2 GiB vs
+#                1b_full_rolled's 35.5 and about its roofline time
 #   1b_full_profile  1b_full traced for 2 steps: where the time goes (jaxsft.trace_report:
 #                by category, by source line, top ops) in its log and NAME.summary.json;
 #                the loss's while loop runs 12 of its 16 chunks here (the rows' first
@@ -29,10 +31,10 @@
 #                frozen base in bf16 on both sides (--frozen-dtype auto); XLA's
 #                memory-usage report of the step in 8b_lora.memory.txt
 #   1b_lora      llama3.2-1b LoRA vs PEFT
-#   1b_lora_unroll  1b_lora without peer, the 16 layers unrolled: compiled for an H200 the
-#                roofline puts it 10% under 1b_lora (188 vs 208 ms; 26.4 GiB vs 18.7)
-#   1b_lora_pa   1b_lora without peer, --remat projections_attention (17.5 GiB vs 18.7
-#                compiled for an H200; roofline 1% slower)
+#   1b_lora_rolled  1b_lora without peer, the layers in a rolled scan: compiled for an
+#                H200 the roofline puts it 10% over 1b_lora (208 vs 188 ms; 18.7 GiB vs 26.4)
+#   1b_lora_pa   1b_lora without peer, --remat projections_attention (rolled: 17.5 GiB vs
+#                1b_lora_rolled's 18.7 compiled for an H200; roofline 1% slower)
 #   1b_lora_profile  1b_lora traced, as 1b_full_profile
 #   1b_packed    1b_full on packed SFT lengths vs the padded peer (non-pad tokens/s)
 #   1b_full_chunk512  1b_full without peer, loss chunks of 512 time steps instead of
@@ -184,20 +186,22 @@ dumped() {
   if [ -n "$report" ]; then head -c 30000 "$report" > "$OUT/$name.memory.txt"; fi
   hlo=$(ls -S "$dump"/*train_step*after_optimizations.txt 2>/dev/null | head -n 1)
   if [ -n "$hlo" ]; then
-    "$PY" tools/hlo_roofline.py "$hlo" --top 15 > "$OUT/$name.roofline.txt" 2>&1 || true
+    # The loss's loop runs the chunks with a trained position: 12 of 16 in
+    # the bench's 2048-token rows, whose first quarter is the prompt.
+    "$PY" tools/hlo_roofline.py "$hlo" --top 15 --unknown-trips 12 > "$OUT/$name.roofline.txt" 2>&1 || true
   fi
   rm -rf "$dump"
 }
 
 run check 90 "$PY" tools/gpu_check.py $CHECK
 dumped 1b_full 150 $BENCH $SHAPE $B8 $STEPS --method full --peer hf
-dumped 1b_full_unroll 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 16
+dumped 1b_full_rolled 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 1
 dumped 1b_full_pa 90 $BENCH $SHAPE $B8 $STEPS --method full --remat projections_attention
 profile 1b_full_profile 90 $SHAPE $B8 --method full
 if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
   dumped 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
   dumped 1b_lora 120 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
-  dumped 1b_lora_unroll 90 $BENCH $SHAPE $B8 $STEPS --method lora --scan-unroll 16
+  dumped 1b_lora_rolled 90 $BENCH $SHAPE $B8 $STEPS --method lora --scan-unroll 1
   dumped 1b_lora_pa 90 $BENCH $SHAPE $B8 $STEPS --method lora --remat projections_attention
   profile 1b_lora_profile 90 $SHAPE $B8 --method lora
 else

@@ -163,7 +163,7 @@ class MLP(nn.Module):
       gate = gate + self.param("gate_bias_f", nn.initializers.zeros, (f,), pdt).astype(dt)
       up = up + self.param("up_bias_f", nn.initializers.zeros, (f,), pdt).astype(dt)
     down = lambda mdl, g, u: _proj(mdl, elementwise.swiglu(g, u), "down_fd", (f, d), init)  # noqa: E731
-    if cfg.scan_unroll == 1:
+    if cfg.layer_unroll == 1:
       # In the rolled layer scan, the down projection's input (SwiGLU's
       # output) would be one more stacked [L,B,T,F] residual; it is
       # recomputed from gate and up (kept anyway) in the backward pass.
@@ -285,13 +285,13 @@ class Transformer(nn.Module):
       # are unrolled, XLA sees both in one program and CSE would undo the
       # remat (Llama-3.2-1B, remat full, unrolled, compiled for an H200: 36.6
       # GiB, i.e. no remat, instead of 20.8).
-      layer = nn.remat(layer, policy=_REMAT[cfg.remat], prevent_cse=cfg.scan_unroll > 1)
+      layer = nn.remat(layer, policy=_REMAT[cfg.remat], prevent_cse=cfg.layer_unroll > 1)
 
     def stack(length):
       return nn.scan(
           layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast,) * 5 + (0, 0), length=length,
-          unroll=min(cfg.scan_unroll, length))(cfg)
+          unroll=min(cfg.layer_unroll, length))(cfg)
 
     # Freeze tuning keeps the first F layers in their own stack, a constant of the step.
     frozen = a.frozen_layers if a is not None else 0
