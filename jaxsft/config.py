@@ -12,7 +12,7 @@ A config file defines ``get_config()`` returning a ConfigDict built from
   model.param_dtype parameter dtype (bfloat16 here = pure-bf16 training)
   model.remat       rematerialization policy of each layer (models/model_config.py)
   model.scan_unroll layers per iteration of the layer scan (0: auto, every layer
-              unrolled with remat 'none', a rolled loop with any other policy;
+              unrolled with remat 'none' up to 32 layers, else a rolled loop;
               1: a loop over layers, the least memory, compile time flat in
               depth; num_layers: no loop, each layer its own code: ~8-10%
               faster, more memory, compile time grows with depth;

@@ -14,7 +14,7 @@ import torch
 
 import hf_builders
 from jaxsft import hf
-from jaxsft.models import ModelConfig, llama
+from jaxsft.models import ModelConfig, llama, model_config
 
 ALL_VARIANTS = sorted(hf_builders.VARIANTS)
 SEQ = 24  # longer than mistral's window (8) and llama_dynamic's max positions (16)
@@ -240,8 +240,9 @@ def test_unrolled_layers_keep_their_remat():
 
 def test_auto_scan_unroll_unrolls_only_without_remat():
   """``scan_unroll`` 0 (the default, auto): with remat "none" every layer is
-  unrolled (no loop in the program), with a remat policy the layers run in a
-  rolled loop; a set count is kept as it is."""
+  unrolled (no loop in the program), with a remat policy or beyond
+  AUTO_UNROLL_MAX_LAYERS the layers run in a rolled loop; a set count is
+  kept as it is."""
   assert _tiny().scan_unroll == 0
   for remat, unroll, loop in (("none", 2, False), ("full", 1, True),
                               ("projections_attention", 1, True)):
@@ -253,6 +254,10 @@ def test_auto_scan_unroll_unrolls_only_without_remat():
     assert ("stablehlo.while" in lowered) == loop, remat
   assert _tiny(scan_unroll=1).layer_unroll == 1
   assert _tiny(remat="full", scan_unroll=2).layer_unroll == 2
+  # Deeper than AUTO_UNROLL_MAX_LAYERS: rolled, as its unrolled compile would take long.
+  deep = model_config.AUTO_UNROLL_MAX_LAYERS
+  assert _tiny(num_layers=deep).layer_unroll == deep
+  assert _tiny(num_layers=deep + 1).layer_unroll == 1
 
 
 def test_layer_scan_keeps_only_gate_and_up_of_each_mlp():
