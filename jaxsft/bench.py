@@ -805,8 +805,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
   p.add_argument("--scan-unroll", type=int, default=0,
                  help="model.scan_unroll: layers per iteration of the layer scan (default 0: "
-                 "auto, every layer unrolled with --remat none up to 32 layers, else 1, a rolled loop; the "
-                 "layer count unrolls it fully, compile time then grows with depth)")
+                 "auto, every layer unrolled with --remat none up to 32 layers, else 1, a "
+                 "rolled loop; the layer count unrolls it fully, compile time then grows "
+                 "with depth)")
   p.add_argument("--loss-chunk", type=int, default=0,
                  help="model.loss_chunk: time steps per vocab chunk of the loss "
                  "(default 0 = losses.DEFAULT_CHUNK_SIZE)")
