@@ -116,6 +116,45 @@ def test_scan_prefix_runs_only_the_first_n_entries():
   np.testing.assert_allclose(carry, jax.lax.scan(body, jnp.zeros(()), xs)[0])
 
 
+_SHARDED_SKIP = """
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxsft import losses
+b, t, d, v = 8, 20, 16, 37
+k = jax.random.split(jax.random.key(0), 3)
+hidden = jax.random.normal(k[0], (b, t, d))
+w = jax.random.normal(k[1], (d, v)) * 0.3
+targets = jax.random.randint(k[2], (b, t), 0, v)
+starts = jnp.arange(b)[:, None] + 4  # rows train from positions 4..11 on
+weights = (jnp.arange(t)[None, :] >= starts).astype(jnp.float32)
+f = jax.jit(jax.value_and_grad(
+    lambda h, w: losses.masked_cross_entropy(h, w, targets, weights, chunk_size=3)[0],
+    argnums=(0, 1)))
+one = f(hidden, w)
+mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
+rows = NamedSharding(mesh, P("fsdp"))
+eight = f(jax.device_put(hidden, rows), jax.device_put(w, NamedSharding(mesh, P())))
+assert "while" in f.lower(hidden, w).as_text()
+for a, r in zip(jax.tree.leaves(eight), jax.tree.leaves(one)):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+def test_chunk_skipping_on_rows_sharded_over_8_devices_matches_one_device():
+  """The trained-chunk count comes from every device's rows: on a batch
+  sharded over 8 simulated devices (each row trains from a different
+  position, so the devices' own counts differ) the loss and its gradients
+  equal one device's."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  result = subprocess.run([sys.executable, "-c", _SHARDED_SKIP], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def _vocab_sized(jaxpr, v=V, d=D):
   """Row counts of every [..., V] value, inside scan/remat/cond bodies too."""
   for eqn in jaxpr.eqns:
