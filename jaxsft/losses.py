@@ -9,7 +9,6 @@ true global token count instead of averaging per-batch means.
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +77,7 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   c = -(-t // u)
   pad = c * u - t
   count = jnp.sum(weights)
-  skip = c > 1
-  if skip:
+  if c > 1:
     # Prompts, padding and the last slot carry weight 0, often a quarter to
     # a half of an SFT row. Each row's trained positions move to its front (a
     # stable reordering; the loss is a sum, so order does not matter), and the
@@ -99,7 +97,7 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   hidden_c = hidden.reshape(b, c, u, d).swapaxes(0, 1)  # [C,B,U,D]
   targets_c = targets.reshape(b, c, u).swapaxes(0, 1)
   weights_c = weights.reshape(b, c, u).swapaxes(0, 1)
-  loss_sum = _chunked_loss(hidden_c, unembedding, targets_c, weights_c, skip)
+  loss_sum = _chunked_loss(hidden_c, unembedding, targets_c, weights_c)
   return loss_sum, count
 
 
@@ -132,11 +130,12 @@ def _chunk_nll(h, w, tgt):
   return logits, logz, logz - target_logit
 
 
-def _trained_chunks(weights_c, skip):
-  """How many leading chunks [C,B,U] to compute: with ``skip`` (each row's
-  trained positions reordered to its front), those up to the last one that
-  any row still trains in; otherwise None, meaning all of them."""
-  if not skip:
+def _trained_chunks(weights_c):
+  """How many leading chunks [C,B,U] to compute (each row's trained positions
+  reordered to its front by ``masked_cross_entropy``): those up to the last
+  one that any row still trains in; None, meaning all of them, for a single
+  chunk (no loop to stop early)."""
+  if weights_c.shape[0] == 1:
     return None
   return jnp.sum(jnp.any(weights_c != 0, axis=(1, 2)), dtype=jnp.int32)
 
@@ -171,20 +170,20 @@ def _scan_prefix(body, init, xs, n):
   return carry, outs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_loss(hidden_c, w, targets_c, weights_c, skip):
+@jax.custom_vjp
+def _chunked_loss(hidden_c, w, targets_c, weights_c):
   """Σ weight·nll over chunks [C,B,U,...]; the forward-only path (evaluation).
-  ``skip``: the chunks after the last trained one are not computed."""
+  The chunks after the last trained one are not computed."""
   def body(total, chunk):
     h, tgt, wt = chunk
     return total + jnp.sum(wt * _chunk_nll(h, w, tgt)[2]), None
 
   total, _ = _scan_prefix(body, jnp.zeros((), jnp.float32), (hidden_c, targets_c, weights_c),
-                          _trained_chunks(weights_c, skip))
+                          _trained_chunks(weights_c))
   return total
 
 
-def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c, skip):
+def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c):
   """The loss and, in the same scan, its gradients (the residuals).
 
   d loss/d logits = weight · (softmax − onehot(target)), cast to the compute
@@ -214,13 +213,13 @@ def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c, skip):
 
   dw0 = jnp.zeros(w.shape if need_w else (), jnp.float32)
   # The per-token nll of every chunk is d loss/d weights: none can be skipped.
-  n = None if need_wt else _trained_chunks(weights_c, skip)
+  n = None if need_wt else _trained_chunks(weights_c)
   (total, dw), (dh_c, nll_c) = _scan_prefix(
       body, (jnp.zeros((), jnp.float32), dw0), (hidden_c, targets_c, weights_c), n)
   return total, (dh_c, dw.astype(w.dtype) if need_w else None, nll_c, targets_c)
 
 
-def _chunked_loss_bwd(skip, residuals, ct):
+def _chunked_loss_bwd(residuals, ct):
   dh_c, dw, nll_c, targets_c = residuals
   if isinstance(ct, jax.custom_derivatives.SymbolicZero):
     ct = jnp.zeros((), jnp.float32)

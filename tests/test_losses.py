@@ -86,7 +86,7 @@ def test_chunks_without_trained_positions_are_skipped_and_change_nothing():
     assert "while" in jaxpr and "scan" not in jaxpr, jaxpr
   sorted_weights = -jnp.sort(-weights, axis=1)
   chunks = jnp.pad(sorted_weights, ((0, 0), (0, 1))).reshape(3, 4, 3).swapaxes(0, 1)
-  assert int(losses._trained_chunks(chunks, True)) == 3
+  assert int(losses._trained_chunks(chunks)) == 3
 
 
 def test_scan_prefix_runs_only_the_first_n_entries():
