@@ -441,12 +441,17 @@ def _sharded(mesh, local_fn, x, valid, top_i, top_w, w_gate, w_up, w_down, lora,
       y = jax.lax.psum(y, expert_axes)
     if ffn_axes:
       y = jax.lax.psum(y, ffn_axes)
-    return y, jax.lax.pmax(overflow, tuple(mesh.axis_names))
+    # Each device's own overflow, maxed outside: a pmax over every mesh axis
+    # is refused by newer JAX (0.11) where the value is already invariant
+    # (e.g. over tensor), and which axes those are depends on the specs.
+    return y, overflow[None]
 
-  return jax.shard_map(
+  y, overflow = jax.shard_map(
       body, mesh=mesh,
       in_specs=(row_spec, P(*row_spec[:2])) + (row_spec,) * 2 + tuple(specs) + (lora_specs,),
-      out_specs=(row_spec, P()))(x, valid, top_i, top_w, w_gate, w_up, w_down, lora)
+      out_specs=(row_spec, P(tuple(mesh.axis_names))))(
+          x, valid, top_i, top_w, w_gate, w_up, w_down, lora)
+  return y, jnp.max(overflow)
 
 
 def _size(mesh, axes) -> int:
