@@ -108,6 +108,44 @@ def test_a_gathered_operand_counts_what_is_picked():
   assert moved["loop_whole_fusion"] == 1024 * 4096 * 4 + 2 * column
 
 
+# How XLA 0.11 (jax 0.11, the GPU machine's stack) prints a while loop body:
+# a tuple element is an operand "%name#i", with no get-tuple-element.
+_TUPLE_ELEMENT_HLO = """HloModule jit_train_step, is_scheduled=true
+
+%wrapped_add_computation (param_0: f32[], param_1: f32[]) -> f32[] {
+  %param_0 = f32[] parameter(0)
+  %param_1 = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%param_0, %param_1)
+}
+
+%fused_convert (param_0.1: f32[8,128]) -> bf16[8,128] {
+  %param_0.1 = f32[8,128]{1,0} parameter(0)
+  ROOT %convert.1 = bf16[8,128]{1,0} convert(%param_0.1)
+}
+
+ENTRY %main (arg_tuple.1: (s32[], f32[], f32[2048,128256], bf16[16,8], (f32[8,128], s32[]))) -> (f32[], bf16[8,128]) {
+  %arg_tuple.1 = (s32[], f32[], f32[2048,128256]{1,0}, /*index=3*/bf16[16,8]{1,0}, (f32[8,128]{1,0}, s32[])) parameter(0), metadata={scheduling_name="arg_tuple.1"}
+  %wrapped_add = f32[] fusion(%arg_tuple.1#1, %arg_tuple.1#1), kind=kLoop, calls=%wrapped_add_computation
+  %loop_convert_fusion = bf16[8,128]{1,0} fusion(%arg_tuple.1#4#0), kind=kLoop, calls=%fused_convert
+  ROOT %tuple.2 = (f32[], bf16[8,128]{1,0}) tuple(%wrapped_add, %loop_convert_fusion)
+}
+"""
+
+
+def test_a_tuple_element_operand_is_priced_as_that_element():
+  """A kernel reading one element of a tuple (the loss loop's scalar total,
+  beside the 1 GB fp32 output-layer gradient in the loop's carry) moves that
+  element's bytes, not the whole tuple's."""
+  r = hlo_roofline.Roofline(_TUPLE_ELEMENT_HLO, peak_tflops=100.0, matmul_efficiency=0.5,
+                            attention_tflops=300.0, bandwidth=1e12, bandwidth_efficiency=0.5)
+  moved = {kernel.name: kernel.moved for kernel in r.kernels}
+  assert moved == {"wrapped_add": 3 * 4, "loop_convert_fusion": 8 * 128 * (4 + 2)}
+  types = {"t": "(s32[], (f32[8,128]{1,0}, /*index=1*/bf16[2,3]{1,0}), f32[4])"}
+  assert hlo_roofline.operand_type(types, "t#2") == "f32[4]"
+  assert hlo_roofline.operand_type(types, "t#1#1") == "/*index=1*/bf16[2,3]{1,0}"
+  assert hlo_roofline.nbytes(hlo_roofline.operand_type(types, "t#1")) == 8 * 128 * 4 + 12
+
+
 def test_not_hlo_is_refused(tmp_path, capsys):
   junk = tmp_path / "junk.txt"
   junk.write_text("hello")

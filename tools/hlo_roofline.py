@@ -18,7 +18,9 @@ what they pick;
 an in-place dynamic-update-slice counts only its update; a conditional costs
 its first branch: the MoE bucketed dispatch's first buckets, the common case;
 a loop whose trip count XLA does not know, such as the loss's loop over
-its trained chunks, runs ``--unknown-trips`` times).
+its trained chunks, runs ``--unknown-trips`` times). Both HLO printers are
+read: up to XLA 0.10 a tuple's element is a get-tuple-element instruction;
+from 0.11 (jax 0.11, the GPU machine's) it is the operand ``%name#i``.
 Prints the totals by kind of kernel and the costliest kernels with their loop.
 
 It is a model, not a measurement: no launch gaps, no overlap, one efficiency
@@ -44,7 +46,9 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u1
 _SHAPE = re.compile(r"\b(\w+)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%([\w.\-]+) \(")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
-_NAME = re.compile(r"%([\w.\-]+)")
+# An operand: an instruction's name, or (XLA 0.11's printer) one element of
+# its tuple result, "%name#i", without a get-tuple-element instruction.
+_NAME = re.compile(r"%([\w.\-]+(?:#\d+)*)")
 _SKIP = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
          "partition-id", "replica-id", "opt-barrier"}
 
@@ -57,6 +61,37 @@ def shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
 
 def nbytes(text: str) -> int:
   return sum(math.prod(dims) * _BYTES[dt] for dt, dims in shapes(text))
+
+
+def tuple_elements(text: str) -> list[str]:
+  """The element types of a tuple type "(t0, t1, ...)" (nesting kept)."""
+  inner = text.strip()
+  if not inner.startswith("("):
+    return [inner]
+  inner = inner[1:inner.rindex(")")]
+  out, depth, start = [], 0, 0
+  for i, ch in enumerate(inner):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      out.append(inner[start:i].strip())
+      start = i + 1
+  if inner[start:].strip():
+    out.append(inner[start:].strip())
+  return out
+
+
+def operand_type(types: dict[str, str], name: str) -> str:
+  """The type of operand ``name`` (an instruction, or "name#i" for element i
+  of its tuple result) in a computation whose instructions have ``types``."""
+  base, *indices = name.split("#")
+  typ = types.get(base, "")
+  for i in indices:
+    elements = tuple_elements(typ) if typ else []
+    typ = elements[int(i)] if int(i) < len(elements) else ""
+  return typ
 
 
 @dataclasses.dataclass
@@ -106,11 +141,12 @@ def _matmul_flops(inst: Instruction, types: dict[str, str]) -> float:
   out = shapes(inst.type)
   if not out or not inst.operands:
     return 0.0
-  return 2.0 * math.prod(out[0][1]) * _contraction(inst.line, types.get(inst.operands[0], ""))
+  return 2.0 * math.prod(out[0][1]) * _contraction(inst.line,
+                                                   operand_type(types, inst.operands[0]))
 
 
 def _attention_flops(inst: Instruction, types: dict[str, str], target: str) -> float:
-  q = shapes(types.get(inst.operands[0], "")) if inst.operands else []
+  q = shapes(operand_type(types, inst.operands[0])) if inst.operands else []
   if not q or len(q[0][1]) != 4:
     return 0.0
   b, n, t, h = q[0][1]  # cuDNN's layout: [B, N, T, H]
@@ -160,7 +196,7 @@ class Roofline:
     for i in body:
       if i.op == "dynamic-update-slice" and i.operands and i.operands[0] in params:
         in_place.add(i.operands[0])
-        updates += nbytes(types.get(i.operands[1], ""))
+        updates += nbytes(operand_type(types, i.operands[1]))
     def sliced(name: str) -> int | None:
       """Bytes read from ``name`` if every use (through bitcasts) only picks
       parts of it (a dynamic slice, a gather: a loss's target logits, a
@@ -216,7 +252,7 @@ class Roofline:
 
   def _kernel(self, inst: Instruction, types: dict[str, str], times: int,
               loops: list[str]) -> None:
-    operand_types = [types.get(o, "") for o in inst.operands]
+    operand_types = [operand_type(types, o) for o in inst.operands]
     moved = nbytes(inst.type) + sum(nbytes(t) for t in operand_types)
     flops, rate, kind = 0.0, None, inst.op
     if inst.op == "custom-call":
