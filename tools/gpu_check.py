@@ -24,6 +24,12 @@ Then, unless --no-timing, forward+backward time at the Llama-3.2-1B attention
 shape (B 8, T 2048, 32 heads over 8, head dim 64, bf16) of: XLA, cuDNN causal,
 cuDNN with an SFT-like packed mask, and the packed-offsets variant.
 
+Last, whether an array that JAX has copied to the host (as a checkpoint save
+does) can still be donated to a jitted function (as the train step donates its
+state): on a CPU, JAX 0.11 keeps such an array and copies it instead, so the
+step after each checkpoint holds the state twice. ``donated_after_host_copy``
+in the summary says whether this GPU does the same.
+
 Prints PASS/FAIL/ERROR/SKIP per case, then one JSON line (the summary).
 ``--cpu-smoke`` runs the XLA parts only, so the script itself is checked on a
 machine without a GPU (every cuDNN case then reports SKIP).
@@ -198,6 +204,20 @@ def timings(on_gpu: bool, smoke: bool) -> dict:
   return out
 
 
+def donation_after_host_copy() -> dict:
+  """Whether a device array still donates after ``jax.device_get`` (what
+  orbax's save does to every leaf), and after a plain host copy of a fresh one."""
+  step = jax.jit(lambda x: x + 1, donate_argnums=0)
+  out = {}
+  for name, touch in (("fresh", lambda x: None), ("after_device_get", jax.device_get)):
+    x = jnp.zeros((1024, 1024), jnp.float32) + 1
+    touch(x)
+    step(x).block_until_ready()
+    out[name] = x.is_deleted()
+  print(f"donate fresh={out['fresh']} after_device_get={out['after_device_get']}", flush=True)
+  return out
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--cpu-smoke", action="store_true", help="XLA parts only, small shapes")
@@ -223,6 +243,9 @@ def main(argv=None) -> dict:
              "failed": [c["case"] for c in cases if c["status"] in ("FAIL", "ERROR")]}
   if not args.no_timing:
     summary["timing"] = timings(on_gpu, args.cpu_smoke)
+  donation = donation_after_host_copy()
+  summary["donated_fresh"] = donation["fresh"]
+  summary["donated_after_host_copy"] = donation["after_device_get"]
   print(json.dumps(summary))
   return summary
 
