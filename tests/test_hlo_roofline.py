@@ -146,6 +146,45 @@ def test_a_tuple_element_operand_is_priced_as_that_element():
   assert hlo_roofline.nbytes(hlo_roofline.operand_type(types, "t#1")) == 8 * 128 * 4 + 12
 
 
+# XLA 0.11's async fusion in a layer loop: a stacked residual's in-place
+# write started by async-start, awaited by async-done.
+_ASYNC_FUSION_HLO = """HloModule jit_train_step, is_scheduled=true
+
+%fused_dynamic_update_slice.clone (param_0: bf16[32,4,2048,512], param_1: s32[], param_2: bf16[4,2048,512]) -> bf16[32,4,2048,512] {
+  %param_0 = bf16[32,4,2048,512]{3,2,1,0} parameter(0)
+  %param_2 = bf16[4,2048,512]{2,1,0} parameter(2)
+  %bitcast.1 = bf16[1,4,2048,512]{3,2,1,0} bitcast(%param_2)
+  %param_1 = s32[] parameter(1)
+  %constant.1 = s32[] constant(0)
+  ROOT %dynamic-update-slice.1 = bf16[32,4,2048,512]{3,2,1,0} dynamic-update-slice(%param_0, %bitcast.1, %param_1, %constant.1, %constant.1, /*index=5*/%constant.1)
+}
+
+%async_computation.6 (param_0.1: bf16[32,4,2048,512], param_1.1: s32[], param_2.1: bf16[4,2048,512]) -> bf16[32,4,2048,512] {
+  %param_0.1 = bf16[32,4,2048,512]{3,2,1,0} parameter(0)
+  %param_1.1 = s32[] parameter(1)
+  %param_2.1 = bf16[4,2048,512]{2,1,0} parameter(2)
+  ROOT %loop_dynamic_update_slice_fusion.16 = bf16[32,4,2048,512]{3,2,1,0} fusion(%param_0.1, %param_1.1, %param_2.1), kind=kLoop, calls=%fused_dynamic_update_slice.clone
+}
+
+ENTRY %main (arg_tuple.2: (s32[], bf16[4,2048,512], bf16[32,4,2048,512])) -> bf16[32,4,2048,512] {
+  %arg_tuple.2 = (s32[], bf16[4,2048,512]{2,1,0}, bf16[32,4,2048,512]{3,2,1,0}) parameter(0)
+  %fusion-start.6 = ((bf16[32,4,2048,512]{3,2,1,0}, s32[], bf16[4,2048,512]{2,1,0}), bf16[32,4,2048,512]{3,2,1,0}, u32[]) async-start(%arg_tuple.2#2, %arg_tuple.2#0, %arg_tuple.2#1), calls=%async_computation.6
+  ROOT %fusion-done.6 = bf16[32,4,2048,512]{3,2,1,0} async-done(%fusion-start.6)
+}
+"""
+
+
+def test_an_async_fusion_is_priced_once_as_the_fusion_it_starts():
+  """XLA 0.11 runs a layer loop's stacked-residual write as async-start /
+  async-done: the write is priced as the in-place update it is, once, and
+  the wait for it costs nothing."""
+  r = hlo_roofline.Roofline(_ASYNC_FUSION_HLO, peak_tflops=100.0, matmul_efficiency=0.5,
+                            attention_tflops=300.0, bandwidth=1e12, bandwidth_efficiency=0.5)
+  assert [(k.name, k.kind, k.moved) for k in r.kernels] == [
+      ("loop_dynamic_update_slice_fusion.16", "stacked residual write (dynamic-update-slice)",
+       2 * 4 * 2048 * 512 * 2 + 4)]
+
+
 def test_not_hlo_is_refused(tmp_path, capsys):
   junk = tmp_path / "junk.txt"
   junk.write_text("hello")

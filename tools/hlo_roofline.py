@@ -20,7 +20,9 @@ its first branch: the MoE bucketed dispatch's first buckets, the common case;
 a loop whose trip count XLA does not know, such as the loss's loop over
 its trained chunks, runs ``--unknown-trips`` times). Both HLO printers are
 read: up to XLA 0.10 a tuple's element is a get-tuple-element instruction;
-from 0.11 (jax 0.11, the GPU machine's) it is the operand ``%name#i``.
+from 0.11 (jax 0.11, the GPU machine's) it is the operand ``%name#i``, and
+some fusions run as ``async-start`` (priced as the fusion it calls) and
+``async-done`` (free).
 Prints the totals by kind of kernel and the costliest kernels with their loop.
 
 It is a model, not a measurement: no launch gaps, no overlap, one efficiency
@@ -49,8 +51,11 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
 # An operand: an instruction's name, or (XLA 0.11's printer) one element of
 # its tuple result, "%name#i", without a get-tuple-element instruction.
 _NAME = re.compile(r"%([\w.\-]+(?:#\d+)*)")
+# async-done (and -update) only wait for an async-start's computation, priced
+# where it starts (XLA 0.11 runs some fusions, e.g. a layer loop's dynamic
+# slices, as async-start/async-done pairs).
 _SKIP = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
-         "partition-id", "replica-id", "opt-barrier"}
+         "partition-id", "replica-id", "opt-barrier", "async-done", "async-update"}
 
 
 def shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
