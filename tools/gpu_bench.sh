@@ -10,7 +10,8 @@
 # transformers, peft; PYTHON=... overrides). Items, in priority order, each
 # under its own `timeout` and skipped when the 460 s budget is spent; a failed
 # item is logged and the next one runs:
-#   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings)
+#   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings), and
+#                whether an array donates after a host copy (checkpoint saves copy the state)
 #   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer; remat
 #                none, so the 16 layers run unrolled (scan_unroll 0, auto)
 #   1b_full_rolled  1b_full without peer, the layers in a rolled scan (--scan-unroll 1),
@@ -236,6 +237,7 @@ for line in open(sys.argv[1]):
   r = json.loads(line)
   if r.get("gpu_check"):
     print(f"{r['item']:10s} passed {r['passed']}/{len(r['cases'])} failed {r['failed']} "
+          f"donated after a host copy {r.get('donated_after_host_copy')} "
           f"timing {r.get('timing')}")
     continue
   vals = " ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r.get(k)}"
