@@ -7,7 +7,8 @@
 #   tools/gpu_bench.sh --cpu-smoke [OUT_DIR]   # the same items on tiny shapes, on a CPU
 #
 # Run from the repository root (python = the environment with jax, torch,
-# transformers, peft; PYTHON=... overrides). Items, in priority order, each
+# transformers, peft; PYTHON=... overrides; wheels in .whl/, from
+# tools/gpu_wheels.sh, are installed first if datasets or ml_collections is missing). Items, in priority order, each
 # under its own `timeout` and skipped when the 460 s budget is spent; a failed
 # item is logged and the next one runs:
 #   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings), and
@@ -79,6 +80,13 @@ RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
 START=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The GPU machine's image lacks datasets and ml-collections: wheels carried in
+# .whl/ (tools/gpu_wheels.sh) are installed beside it when an import fails.
+if ls .whl/*.whl > /dev/null 2>&1 && ! "$PY" -c "import datasets, ml_collections" 2>/dev/null; then
+  SITE=${WHEEL_SITE:-/tmp/jaxsft_site}
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" .whl/*.whl && export PYTHONPATH="$PYTHONPATH:$SITE"
+fi
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
