@@ -205,8 +205,9 @@ def timings(on_gpu: bool, smoke: bool) -> dict:
 
 
 def donation_after_host_copy() -> dict:
-  """Whether a device array still donates after ``jax.device_get`` (what
-  orbax's save does to every leaf), and after a plain host copy of a fresh one."""
+  """Whether a fresh device array donates to a jitted function, and whether
+  one still does after ``jax.device_get`` (what orbax's save does to every
+  leaf of the state)."""
   step = jax.jit(lambda x: x + 1, donate_argnums=0)
   out = {}
   for name, touch in (("fresh", lambda x: None), ("after_device_get", jax.device_get)):
