@@ -9,7 +9,6 @@ true global token count instead of averaging per-batch means.
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

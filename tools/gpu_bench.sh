@@ -8,9 +8,9 @@
 #
 # Run from the repository root (python = the environment with jax, torch,
 # transformers, peft; PYTHON=... overrides; wheels in .whl/, from
-# tools/gpu_wheels.sh, are installed first if datasets or ml_collections is missing). Items, in priority order, each
-# under its own `timeout` and skipped when the 460 s budget is spent; a failed
-# item is logged and the next one runs:
+# tools/gpu_wheels.sh, are installed first if datasets or ml_collections is
+# missing). Items, in priority order, each under its own `timeout` and skipped
+# when the 460 s budget is spent; a failed item is logged and the next one runs:
 #   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings), and
 #                whether an array donates after a host copy (checkpoint saves copy the state)
 #   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer; remat
