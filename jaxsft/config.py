@@ -79,6 +79,9 @@ A stage (``stage(**overrides)``):
   weight_decay, b1, b2, eps, grad_clip   AdamW and global-norm clipping
   log_every, eval_every, eval_batches, checkpoint_every, keep_checkpoints
   freeze_router  MoE: keep the router weights fixed (experts and the rest train)
+  neftune_noise_alpha  NEFTune: uniform noise of magnitude alpha/sqrt(seq_len x width)
+              on the input embeddings of training steps (0 = off; the paper uses
+              5-15), as transformers' and LLaMA-Factory's neftune_noise_alpha
   generate_eval  generative evaluation during an lm/sft stage (``jaxsft.evaluate``,
               metric json-labels): every N steps (and at the end) answer the
               rows of ``path`` greedily and score the JSON in the answers;
@@ -139,7 +142,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
       batch_size=8, batch_tokens=placeholder(int), grad_accum=1, seq_len=2048,
       weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
       log_every=10, eval_every=0, eval_batches=placeholder(int),
-      checkpoint_every=500, keep_checkpoints=2, freeze_router=False,
+      checkpoint_every=500, keep_checkpoints=2, freeze_router=False, neftune_noise_alpha=0.0,
       generate_eval=ml_collections.ConfigDict(dict(
           every=0, path=placeholder(str), format="auto", system_prompt=placeholder(str),
           examples=placeholder(int), max_new_tokens=64, batch_size=32)),
@@ -290,6 +293,10 @@ def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
     raise ValueError(f"{where}.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
   if not 0 <= s.min_lr_ratio <= 1:
     raise ValueError(f"{where}.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+  alpha = s.neftune_noise_alpha
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+    raise ValueError(f"{where}.neftune_noise_alpha={alpha!r} must be a number >= 0 (0: off; "
+                     "NEFTune's paper uses 5-15)")
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "seq_len"):
     if s[key] < 1:
       raise ValueError(f"{where}.{key}={s[key]} must be at least 1")

@@ -128,8 +128,10 @@ def _head_metrics(objective: str, sums) -> dict:
           for name, (num, den) in heads.METRICS.get(objective, {}).items()}
 
 
-def _uses_dropout(cfg: ModelConfig) -> bool:
-  return cfg.adapters is not None and cfg.adapters.lora_dropout > 0
+def _uses_rng(cfg: ModelConfig) -> bool:
+  """Whether the step draws randomness: adapter dropout or NEFTune noise."""
+  return (cfg.adapters is not None and cfg.adapters.lora_dropout > 0
+          or cfg.neftune_noise_alpha > 0)
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, grad_accum: int,
@@ -146,11 +148,11 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
   autodiff computes no weight gradient for them, and ``tx`` sees (and keeps
   state for) the trainable part alone.
   """
-  dropout = _uses_dropout(cfg)
+  random = _uses_rng(cfg)
 
   def loss_of(train, frozen, batch, rng):
     params = train if trainable is None else optim.combine(train, frozen)
-    return stage_loss(cfg, params, batch, objective, dropout_rng=rng if dropout else None)
+    return stage_loss(cfg, params, batch, objective, dropout_rng=rng if random else None)
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -858,8 +860,11 @@ class _Phase:
     self.state_bytes = sharding_lib.bytes_per_device(self.abstract_state, self.state_shardings)
     self.mesh = mesh
     bsh = batch_sharding(mesh)
+    # NEFTune is the train step's alone: evaluation, generation and every
+    # saved config see the model without it.
+    step_cfg = cfg.replace(neftune_noise_alpha=float(stage.neftune_noise_alpha))
     self._step = jax.jit(
-        make_train_step(cfg, self.tx, self.lr_fn, stage.grad_accum, self.mask, objective),
+        make_train_step(step_cfg, self.tx, self.lr_fn, stage.grad_accum, self.mask, objective),
         in_shardings=(self.state_shardings, bsh), out_shardings=(self.state_shardings, None),
         donate_argnums=0)
     self.step_fn = self.step_bytes = self.compile_s = None  # set by compile()

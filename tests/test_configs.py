@@ -100,8 +100,10 @@ def parse_cli(argv: list[str]):
 def test_cli_overrides_reach_the_config():
   config = parse_cli(["train", "--config", str(ROOT / "configs" / "demo.py"),
                       "--config.stages.sft.lr=2e-5", "--config.stages.cpt.steps=7",
-                      "--config.model.init.hidden_size=64"])
+                      "--config.model.init.hidden_size=64",
+                      "--config.stages.sft.neftune_noise_alpha=5"])
   assert config.stages.sft.lr == 2e-5
+  assert config.stages.sft.neftune_noise_alpha == 5.0
   assert config.stages.cpt.steps == 7
   assert config.model.init["hidden_size"] == 64
   config_lib.validate(config)

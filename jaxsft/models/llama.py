@@ -223,7 +223,9 @@ class Embed(nn.Module):
 
   def __call__(self, tokens, virtual=None):
     """Embeddings [B,T,D] of ``tokens``; with ``virtual`` [P, D] (prompt tuning),
-    the slots marked -(1 + j) get the j-th virtual embedding."""
+    the slots marked -(1 + j) get the j-th virtual embedding. In a training
+    step (a "dropout" rng) with ``cfg.neftune_noise_alpha``, NEFTune's noise is
+    added (``neftune_noise``)."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     ids = jnp.maximum(tokens, 0)
@@ -234,7 +236,28 @@ class Embed(nn.Module):
     if virtual is not None:
       slot = jnp.clip(-tokens - 1, 0, virtual.shape[0] - 1)
       x = jnp.where((tokens < 0)[..., None], virtual[slot].astype(dt), x)
+    if cfg.neftune_noise_alpha and self.has_rng("dropout"):
+      x = neftune_noise(self.make_rng("dropout"), tokens, x, cfg.neftune_noise_alpha)
     return x
+
+
+def neftune_noise(key: jax.Array, tokens: jax.Array, x: jax.Array, alpha: float) -> jax.Array:
+  """NEFTune (Jain et al. 2023, "NEFTune: Noisy Embeddings Improve Instruction
+  Finetuning"): the input embeddings ``x`` [B,T,D] plus noise drawn uniformly
+  from [-m, m], m = alpha / sqrt(T·D), as transformers' ``neftune_post_forward_hook``
+  (the Trainer's and TRL's ``neftune_noise_alpha``; LLaMA-Factory's too).
+
+  T is the row's length, as the hook's ``output.size(1)``: with packed rows the
+  packed length (TRL's packing gives the same), with prompt tuning including
+  the virtual slots. Those slots (``tokens`` < 0) keep their embeddings
+  exactly: PEFT adds its prompt after the hook has run. The noise is drawn in
+  fp32 and added before the cast back to the compute dtype.
+  """
+  t, d = x.shape[-2:]
+  mag = alpha / math.sqrt(t * d)
+  noisy = (x.astype(jnp.float32)
+           + jax.random.uniform(key, x.shape, jnp.float32, -mag, mag)).astype(x.dtype)
+  return jnp.where((tokens >= 0)[..., None], noisy, x)
 
 
 class LMHead(nn.Module):
@@ -434,8 +457,9 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions=None, segment_ids=
 
   ``segment_ids`` [B,T] mark packed examples (0 = padding); ``positions``
   restart at 0 in each segment. Defaults: one segment, positions 0..T-1.
-  ``dropout_rng`` turns on adapter dropout (training); without it the model
-  is deterministic.
+  ``dropout_rng`` turns on what only training does: adapter dropout and
+  NEFTune's embedding noise (``cfg.neftune_noise_alpha``); without it the
+  model is deterministic.
   """
   positions, segment_ids = _defaults(tokens, positions, segment_ids)
   hidden, _, stats = Transformer(cfg).apply({"params": params}, tokens,

@@ -183,6 +183,10 @@ class ModelConfig:
   # accumulate the output layer's gradient fewer times.
   loss_chunk: int = 0
   attention: str = "auto"  # "auto": cuDNN fused attention on GPU, XLA elsewhere
+  # NEFTune: uniform noise added to the input embeddings in training steps
+  # (llama.neftune_noise; 0 = off). Set per stage by the trainer on the train
+  # step's config only, so no saved or exported config carries it.
+  neftune_noise_alpha: float = 0.0
   # Parameter-efficient additions (LoRA, DoRA, adapters, prompts); None: none.
   adapters: Adapters | None = None
   moe_dispatch: str = "auto"  # one of MOE_DISPATCHES
@@ -205,6 +209,8 @@ class ModelConfig:
       problems.append(f"scan_unroll={self.scan_unroll} must be >= 0 (0: auto)")
     if self.loss_chunk < 0:
       problems.append(f"loss_chunk={self.loss_chunk} must be >= 0 (0: the default)")
+    if not self.neftune_noise_alpha >= 0:
+      problems.append(f"neftune_noise_alpha={self.neftune_noise_alpha} must be >= 0 (0: off)")
     if self.remat not in REMAT_POLICIES:
       problems.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:
