@@ -31,6 +31,11 @@ A config file defines ``get_config()`` returning a ConfigDict built from
               config.json (Mixtral-8x7B: 0.02). Always added in training, unlike
               transformers' output_router_logits=False default; 0 turns it off
   model.router_z_loss_coef     ST-MoE router z-loss weight (default 0: off; ~1e-3)
+  model.rope_scaling  train past the model's context (hf.extend_context): "linear",
+              "yarn" or "llama3" scale RoPE by ceil(longest seq_len / context), as
+              LLaMA-Factory's rope_scaling; or transformers' rope_scaling dict, e.g.
+              {"rope_type": "yarn", "factor": 4.0}. The context grows by the factor,
+              and the export's config.json carries both
   tokenizer         tokenizer directory (default: model.source)
   mesh              sizes of the data / fsdp / tensor / expert mesh axes (-1: the rest)
   stages            name -> stage (``stage()``), run in the order written
@@ -101,6 +106,7 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from jaxsft import hf
 from jaxsft.data import pipeline as data_pipeline
 from jaxsft.data import sources as data_sources
 from jaxsft.models.model_config import ATTENTION_IMPLS, MOE_DISPATCHES, REMAT_POLICIES
@@ -124,7 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32", remat="none", scan_unroll=0, attention="auto",
       trust_remote_code=False,
       moe_dispatch="auto", moe_capacity_factor=2.0, loss_chunk=0,
-      router_aux_loss_coef=placeholder(float), router_z_loss_coef=placeholder(float)))
+      router_aux_loss_coef=placeholder(float), router_z_loss_coef=placeholder(float),
+      rope_scaling=ml_collections.FieldReference(None, field_type=object)))
   c.tokenizer = placeholder(str)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   # Stages run in the order written; a ConfigDict sorts its keys unless told not to.
@@ -210,6 +217,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(m.loss_chunk, int) or m.loss_chunk < 0:
     raise ValueError(f"config.model.loss_chunk={m.loss_chunk!r} must be an integer >= 0 "
                      "(time steps per vocab chunk of the loss; 0: the default, 128)")
+  if m.rope_scaling is not None:
+    hf.check_rope_scaling(m.rope_scaling)
   for key in ("router_aux_loss_coef", "router_z_loss_coef"):
     if m[key] is not None and not m[key] >= 0:
       raise ValueError(f"config.model.{key}={m[key]} must be >= 0")

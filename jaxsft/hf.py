@@ -158,6 +158,72 @@ def _rope_from_hf(hf: dict, family: str, max_pos: int, where: str):
   return float(theta), scaling
 
 
+# Context extension by a run's model.rope_scaling (``extend_context``): the
+# types that scale every position the same way in training and inference.
+CONTEXT_EXTENSIONS = ("linear", "yarn", "llama3")
+
+
+def check_rope_scaling(spec, where: str = "config.model.rope_scaling") -> None:
+  """Refuse a ``model.rope_scaling`` that ``extend_context`` cannot apply,
+  before any model is read: a type name of CONTEXT_EXTENSIONS, or a dict whose
+  ``rope_type`` is one, with a ``factor`` >= 1. Dynamic NTK scaling changes
+  RoPE's base with the longest position of each call, so packed training rows
+  would each see a different one: refused, with why."""
+  if hasattr(spec, "to_dict"):
+    spec = spec.to_dict()
+  kind = spec.get("rope_type", spec.get("type")) if isinstance(spec, Mapping) else spec
+  if kind not in CONTEXT_EXTENSIONS or not isinstance(spec, (str, Mapping)):
+    raise ValueError(
+        f"{where}={spec!r}: give one of {CONTEXT_EXTENSIONS} or transformers' rope_scaling "
+        "dict with one of them as its rope_type"
+        + (" (dynamic NTK scaling changes RoPE's base with the longest position of each "
+           "call, so packed training rows would each see a different one; fine-tune with "
+           "linear, yarn or llama3)" if kind == "dynamic" else ""))
+  if isinstance(spec, Mapping):
+    factor = spec.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+      raise ValueError(f"{where}: 'factor' must be a number >= 1, got {factor!r}")
+
+
+def extend_context(cfg: ModelConfig, spec, seq_len: int,
+                   where: str = "config.model.rope_scaling") -> ModelConfig:
+  """``cfg`` with RoPE scaling for training at ``seq_len`` tokens, past the
+  model's context (``max_position_embeddings``), as LLaMA-Factory's
+  ``rope_scaling`` does it (``check_rope_scaling`` says what ``spec`` may be).
+
+  A type name: factor = ceil(seq_len / context); yarn and llama3 get the old
+  context as their original_max_position_embeddings, llama3 low/high
+  frequency factors 1 and 4; where seq_len fits the context already, ``cfg``
+  is returned unchanged (also when ``cfg`` scales RoPE so already, as the
+  checkpoint of an earlier such run does). A dict (transformers' ``rope_scaling``) is applied as
+  given. Either way the context becomes the old one times the factor, and the
+  exported config.json carries both, so transformers computes what was trained.
+  """
+  check_rope_scaling(spec, where)
+  if hasattr(spec, "to_dict"):
+    spec = spec.to_dict()
+  old = cfg.max_position_embeddings
+  if isinstance(spec, str):
+    if cfg.rope_dict().get("rope_type") == spec and seq_len <= old:
+      return cfg  # scaled so already, e.g. a checkpoint of an earlier such run
+    if cfg.rope_scaling:
+      raise ValueError(
+          f"{where}={spec!r}: the model already scales RoPE ({cfg.rope_dict()}); drop "
+          f"{where} to keep that, or give transformers' rope_scaling dict with every "
+          "parameter to replace it, e.g. {'rope_type': 'linear', 'factor': 4.0}")
+    if seq_len <= old:
+      return cfg
+    rope: dict[str, Any] = {"rope_type": spec, "factor": float(math.ceil(seq_len / old))}
+    if spec == "llama3":
+      rope.update(low_freq_factor=1.0, high_freq_factor=4.0)
+  else:
+    rope = dict(spec)
+  # yarn's and llama3's original_max_position_embeddings default to the old context.
+  _, scaling = _rope_from_hf({"rope_scaling": rope}, cfg.family, old, where)
+  return cfg.replace(rope_scaling=scaling,
+                     max_position_embeddings=int(old * dict(scaling)["factor"]))
+
+
 def stored_dtype(model_dir: PathLike) -> str | None:
   """The dtype a Hugging Face model directory's config.json says its weights
   are stored in (``dtype``, or ``torch_dtype`` before transformers 5), if it

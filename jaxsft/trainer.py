@@ -368,8 +368,27 @@ def _policy(config) -> dict:
 
 
 def _checkpoint_config(path: pathlib.Path, config) -> ModelConfig:
-  return ModelConfig.from_json(
-      (path / checkpoint_lib.CONFIG_FILE).read_text()).replace(**_policy(config))
+  return _extended_context(ModelConfig.from_json(
+      (path / checkpoint_lib.CONFIG_FILE).read_text()).replace(**_policy(config)), config)
+
+
+def _extended_context(cfg: ModelConfig, config) -> ModelConfig:
+  """``cfg`` with the run's ``model.rope_scaling`` for its longest stage
+  (``hf.extend_context``)."""
+  spec = config.model.rope_scaling
+  if spec is None:
+    return cfg
+  spec = spec.to_dict() if hasattr(spec, "to_dict") else spec
+  longest = max(s.seq_len for s in config.stages.values())
+  out = hf.extend_context(cfg, spec, longest)
+  if out is cfg:
+    log.warning("config.model.rope_scaling=%r: the longest stage (seq_len %d) fits the model's "
+                "context of %d tokens; RoPE stays unscaled", spec, longest,
+                cfg.max_position_embeddings)
+  else:
+    log.info("RoPE scaling %s: the model's context grows from %d to %d tokens",
+             out.rope_dict(), cfg.max_position_embeddings, out.max_position_embeddings)
+  return out
 
 
 def _checkpoint_model(path: pathlib.Path, config, mesh, stage) -> tuple[ModelConfig, Any]:
@@ -393,13 +412,13 @@ def initial_config(config) -> ModelConfig:
   m = config.model
   if m.init is not None:
     try:
-      return ModelConfig(**{**dict(m.init), **_policy(config)})
+      return _extended_context(ModelConfig(**{**dict(m.init), **_policy(config)}), config)
     except TypeError as e:
       raise ValueError(f"config.model.init: {e}") from None
   source = pathlib.Path(m.source)
   if checkpoint_lib.is_checkpoint(source):
     return _checkpoint_config(source, config)
-  return hf.config_from_hf(source, **_policy(config))
+  return _extended_context(hf.config_from_hf(source, **_policy(config)), config)
 
 
 def initial_model(config, mesh) -> tuple[ModelConfig, Any]:
@@ -427,9 +446,14 @@ def _has_step_checkpoint(stage_dir: pathlib.Path) -> bool:
 
 
 def _check_run_dir(out: pathlib.Path, config) -> None:
-  """Refuse an output dir that holds a different run (model or stages differ)."""
+  """Refuse an output dir that holds a different run (model or stages differ)
+  with something trained: a run refused before its first checkpoint (a bad
+  seq_len, say) can be fixed and started again in the same place."""
   previous = out / "config.json"
-  if not previous.is_file():
+  stages = out / "stages"
+  trained = stages.is_dir() and any(
+      _has_step_checkpoint(d) or (d / "final").is_dir() for d in stages.iterdir())
+  if not previous.is_file() or not trained:
     return
   old = json.loads(previous.read_text())
   new = json.loads(config.to_json_best_effort())
@@ -643,7 +667,9 @@ def _stage_pipeline(run: Run, name: str, stage, cfg: ModelConfig):
         f"divisible by {data_shards * stage.grad_accum}")
   if stage.seq_len > cfg.max_position_embeddings:
     raise ValueError(f"config.stages.{name}.seq_len={stage.seq_len} exceeds the model's "
-                     f"context of {cfg.max_position_embeddings} tokens (max_position_embeddings)")
+                     f"context of {cfg.max_position_embeddings} tokens (max_position_embeddings); "
+                     "to train past it, set config.model.rope_scaling='linear' (or 'yarn', "
+                     "'llama3'): RoPE is scaled by ceil(seq_len / context)")
   return data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len,
                              seed=run.config.seed, objective=stage.objective,
                              label_names=cfg.label_names or None,
