@@ -83,6 +83,14 @@ A stage (``stage(**overrides)``):
   seq_len     packed row length
   weight_decay, b1, b2, eps, grad_clip   AdamW and global-norm clipping
   log_every, eval_every, eval_batches, checkpoint_every, keep_checkpoints
+  best_metric  end the stage with the weights of its best evaluation, as transformers'
+              load_best_model_at_end + metric_for_best_model (jaxsft/selection.py):
+              loss, accuracy (cls), pairwise_accuracy or margin (reward), from
+              eval_every's evaluations; exact_match, micro_f1, macro_f1 or
+              parse_failure_rate, from generate_eval's. Each new best is written
+              to stages/NAME/best (None = off: the stage ends with its last weights)
+  early_stopping_patience  with best_metric: stop after this many evaluations in a
+              row without a better value (0 = never), as EarlyStoppingCallback
   freeze_router  MoE: keep the router weights fixed (experts and the rest train)
   neftune_noise_alpha  NEFTune: uniform noise of magnitude alpha/sqrt(seq_len x width)
               on the input embeddings of training steps (0 = off; the paper uses
@@ -107,6 +115,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from jaxsft import hf
+from jaxsft import selection
 from jaxsft.data import pipeline as data_pipeline
 from jaxsft.data import sources as data_sources
 from jaxsft.models.model_config import ATTENTION_IMPLS, MOE_DISPATCHES, REMAT_POLICIES
@@ -149,6 +158,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
       batch_size=8, batch_tokens=placeholder(int), grad_accum=1, seq_len=2048,
       weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
       log_every=10, eval_every=0, eval_batches=placeholder(int),
+      best_metric=placeholder(str), early_stopping_patience=0,
       checkpoint_every=500, keep_checkpoints=2, freeze_router=False, neftune_noise_alpha=0.0,
       generate_eval=ml_collections.ConfigDict(dict(
           every=0, path=placeholder(str), format="auto", system_prompt=placeholder(str),
@@ -310,6 +320,7 @@ def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
     if s[key] < 1:
       raise ValueError(f"{where}.{key}={s[key]} must be at least 1")
   _validate_generate_eval(where, s)
+  selection.validate(s, where)
   if s.eval_every and not (s.data.eval_fraction or s.data.eval_datasets):
     raise ValueError(f"{where}.eval_every={s.eval_every} needs evaluation data: set "
                      "data.eval_fraction or data.eval_datasets")

@@ -40,6 +40,7 @@ from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import config as config_lib
 from jaxsft import evaluate as evaluate_lib
 from jaxsft import hf, losses, metrics, optim
+from jaxsft import selection as selection_lib
 from jaxsft import sharding as sharding_lib
 from jaxsft.data import pipeline as data_pipeline
 from jaxsft.data import templates as data_templates
@@ -52,6 +53,7 @@ log = logging.getLogger("jaxsft")
 
 BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
 GENERATIONS_DIR = "generations"  # per stage: generate_eval's answers, one file per evaluation
+BEST_DIR = "best"  # per stage with best_metric: the weights of its best evaluation
 # Task heads score whole sequences: no loss mask, the scored tokens instead.
 HEAD_BATCH_KEYS = {"cls": ("tokens", "segment_ids", "positions", "pool_index", "labels"),
                    "reward": ("tokens", "segment_ids", "positions", "pool_index")}
@@ -750,6 +752,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                                 spec)
     phase = 1
   run.writer.write(ph.compile_row(name, start))
+  selection = _selection(stage, stage_dir, start)
   flops_per_step = metrics.train_flops(cfg, batch, stage.seq_len)
   peak = metrics.peak_tflops(jax.devices()[0], cfg.dtype)
   progress = metrics.Progress(name, steps, start)
@@ -795,15 +798,18 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
         progress.update(done, row)
         timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
       paused = False
+      evaluations = []
       if stage.eval_every and (done % stage.eval_every == 0 or done == steps):
-        run.writer.write(evaluate(ph.eval_fn, state.params, pipe, batch, bsh, stage, name, done,
-                                  keys))
-        run.writer.plot()
-        paused = True
+        evaluations.append(evaluate(ph.eval_fn, state.params, pipe, batch, bsh, stage, name,
+                                    done, keys))
       if generation_eval and (done % generation_eval.every == 0 or done == steps):
-        run.writer.write(generation_eval(state.params, done))
+        evaluations.append(generation_eval(state.params, done))
+      for row in evaluations:
+        run.writer.write(row)
         run.writer.plot()
         paused = True
+        if selection is not None and selection.observe(row):
+          _save_best(run, name, ph, state.params, selection)
       if save_now:
         # A failed asynchronous write surfaces at the next save (or the final wait).
         with _reporting_save_failure(name, (last_saved, done), manager, stage_dir):
@@ -820,6 +826,13 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
         log.info("stage %s: switched to LoRA after step %d", name, done)
       if paused:  # throughput counts training steps only
         timer_start, timer_step, seen_tokens = time.perf_counter(), done, 0
+      if selection is not None and selection.stop:
+        log.info("stage %s: stopping early at step %d: %d evaluations without a better %s "
+                 "than step %d's %.6g", name, done, selection.since, selection.metric,
+                 selection.step, selection.value)
+        run.writer.write({"stage": name, "step": done, "split": "early_stop",
+                          **selection.row()})
+        break
   finally:
     progress.close()
     with _reporting_save_failure(name, (last_saved,), manager, stage_dir):
@@ -829,8 +842,15 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   if hint:
     log.warning("stage %s: %s", name, hint)
 
-  # The final model is in the canonical layout (freeze tuning's split stack joined).
-  final_cfg, final_params = peft_methods.canonical(ph.cfg, ph.final(state.params))
+  if selection is not None and selection.step not in (None, int(state.step)):
+    # The best evaluation's weights, as transformers' load_best_model_at_end.
+    del state
+    final_cfg, final_params = checkpoint_lib.load_model(selection.best_dir, mesh)
+    log.info("stage %s: ends with the weights of step %d (%s %.6g)", name, selection.step,
+             selection.metric, selection.value)
+  else:
+    # The final model is in the canonical layout (freeze tuning's split stack joined).
+    final_cfg, final_params = peft_methods.canonical(ph.cfg, ph.final(state.params))
   checkpoint_lib.save_model(stage_dir / "final", final_params, final_cfg,
                             tokenizer_src=run.tokenizer_dir, overwrite=True)
   if (final_cfg.adapters is not None and base_model is not None and incoming_adapters is None
@@ -838,6 +858,27 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     (stage_dir / "final" / peft_export.BASE_FILE).write_text(
         json.dumps({"base_model_name_or_path": base_model}) + "\n")
   return final_cfg, final_params
+
+
+def _selection(stage, stage_dir: pathlib.Path, start: int):
+  """The stage's ``selection.Selection`` (None without ``best_metric``)."""
+  if stage.best_metric is None:
+    return None
+  split = selection_lib.METRICS[stage.best_metric][0]
+  every = stage.eval_every if split == "eval" else config_lib.generate_eval(stage).every
+  return selection_lib.Selection(stage.best_metric, stage.early_stopping_patience, every,
+                                 stage_dir / BEST_DIR, start)
+
+
+def _save_best(run: Run, name: str, ph: "_Phase", params, selection) -> None:
+  """Write the weights of a new best evaluation to ``selection.best_dir``
+  (a model checkpoint, as ``final``), then its record."""
+  cfg, params = peft_methods.canonical(ph.cfg, ph.final(params))
+  checkpoint_lib.save_model(selection.best_dir, params, cfg, tokenizer_src=run.tokenizer_dir,
+                            overwrite=True)
+  if jax.process_index() == 0:
+    selection.write()
+  run.writer.write({"stage": name, "step": selection.step, "split": "best", **selection.row()})
 
 
 def _stable_hash(text: str) -> int:
