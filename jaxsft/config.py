@@ -83,6 +83,8 @@ A stage (``stage(**overrides)``):
   seq_len     packed row length
   weight_decay, b1, b2, eps, grad_clip   AdamW and global-norm clipping
   log_every, eval_every, eval_batches, checkpoint_every, keep_checkpoints
+              (with several eval datasets each is scored on its own, as LLaMA-Factory's
+              eval_on_each_dataset, and eval_batches caps the batches of each)
   best_metric  end the stage with the weights of its best evaluation, as transformers'
               load_best_model_at_end + metric_for_best_model (jaxsft/selection.py):
               loss, accuracy (cls), pairwise_accuracy or margin (reward), from

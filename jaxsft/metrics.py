@@ -143,10 +143,15 @@ class MetricsWriter:
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
+      prefix = f"{row['stage']}/{row.get('split', 'train')}"
       for key, value in row.items():
         if isinstance(value, (int, float)) and key != "step":
-          self._tb.add_scalar(f"{row['stage']}/{row.get('split', 'train')}/{key}", value,
-                              row["step"])
+          self._tb.add_scalar(f"{prefix}/{key}", value, row["step"])
+        elif key == "datasets":  # an eval row's per-dataset metrics
+          for name, metrics in value.items():
+            for k, v in metrics.items():
+              if isinstance(v, (int, float)):
+                self._tb.add_scalar(f"{prefix}/{name}/{k}", v, row["step"])
 
   def rows(self) -> list[dict[str, Any]]:
     if not self.path.is_file():
@@ -186,6 +191,17 @@ def plot_loss(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
         steps, loss = zip(*pts)
         ax.plot([offset + s for s in steps], loss, style, color=color, label=f"{stage} {split}")
         last = max(last, max(steps))
+    # Each eval dataset's own loss, when a stage has several (trainer.evaluate).
+    datasets = [n for r in rows if r["stage"] == stage and r.get("split") == "eval"
+                for n in r.get("datasets", {})]
+    for j, dataset in enumerate(dict.fromkeys(datasets)):
+      pts = [(r["step"], r["datasets"][dataset]["loss"]) for r in rows
+             if r["stage"] == stage and r.get("split") == "eval"
+             and r.get("datasets", {}).get(dataset, {}).get("loss") is not None]
+      if pts:
+        steps, loss = zip(*pts)
+        ax.plot([offset + s for s in steps], loss, ":", marker="v^<>sdph"[j % 8], markersize=3,
+                color=color, alpha=0.7, lw=1, label=f"{stage} eval {dataset}")
     # Generative exact match (stage.generate_eval) and head accuracies (eval rows).
     for split, key, style in (("generate", "exact_match", "s:"), ("eval", "accuracy", "^:"),
                               ("eval", "pairwise_accuracy", "^:")):

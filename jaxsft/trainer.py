@@ -1086,17 +1086,34 @@ def _generation_eval(run: Run, name: str, stage, cfg: ModelConfig, stage_dir: pa
 
 def evaluate(eval_fn, params, pipe, batch: int, bsh, stage, name: str, step: int,
              keys: tuple[str, ...] = BATCH_KEYS) -> dict:
-  total = count = 0.0
-  sums: dict[str, float] = {}
-  for i, b in enumerate(pipe.eval_batches(batch)):
-    if stage.eval_batches is not None and i >= stage.eval_batches:
-      break
-    s, c, more = jax.device_get(eval_fn(params, put_batch(b, bsh, keys)))
-    total, count = total + float(s), count + float(c)
-    for k, v in more.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-  row = {"stage": name, "step": step, "split": "eval",
-         "loss": total / count if count else None, "trained_tokens": int(count)}
-  for metric, (num, den) in heads.METRICS.get(stage.objective, {}).items():
-    row[metric] = sums[num] / sums[den] if sums.get(den) else None
+  """The eval row of ``step``: loss over every eval token (a head's metrics
+  over every eval example) and, with several eval datasets, the same for each
+  under ``datasets`` (as LLaMA-Factory's eval_on_each_dataset), each packed on
+  its own. ``stage.eval_batches`` caps the batches of each dataset."""
+  names = pipe.eval_names()
+  groups = names if len(names) > 1 else [None]
+  sums_by = {}
+  for group in groups:
+    sums = {"loss": 0.0, "count": 0.0}
+    for i, b in enumerate(pipe.eval_batches(batch, dataset=group)):
+      if stage.eval_batches is not None and i >= stage.eval_batches:
+        break
+      s, c, more = jax.device_get(eval_fn(params, put_batch(b, bsh, keys)))
+      for k, v in (("loss", s), ("count", c), *more.items()):
+        sums[k] = sums.get(k, 0.0) + float(v)
+    sums_by[group] = sums
+  total = {k: sum(s.get(k, 0.0) for s in sums_by.values())
+           for k in {k for s in sums_by.values() for k in s}}
+  row = {"stage": name, "step": step, "split": "eval", **_eval_metrics(total, stage.objective)}
+  if len(groups) > 1:
+    row["datasets"] = {g: _eval_metrics(sums_by[g], stage.objective) for g in groups}
   return row
+
+
+def _eval_metrics(sums: dict, objective: str) -> dict:
+  """loss, trained_tokens and a head's metrics from summed numerators and denominators."""
+  count = sums["count"]
+  out = {"loss": sums["loss"] / count if count else None, "trained_tokens": int(count)}
+  for metric, (num, den) in heads.METRICS.get(objective, {}).items():
+    out[metric] = sums[num] / sums[den] if sums.get(den) else None
+  return out

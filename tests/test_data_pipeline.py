@@ -180,6 +180,16 @@ def test_eval_split_and_eval_datasets(tok, files, tmp_path):
                                      + _expected(tok, {"path": held}))
   assert train + evals == all_examples
   assert list(pipeline.build(_cfg(files), tok, 64).eval_batches(4)) == []
+  # Each eval dataset on its own: its examples, and together all of them.
+  names = pipe.eval_names()
+  assert names == ["chat", "text", "held"]
+  each = {n: collections.Counter(s for b in pipe.eval_batches(4, dataset=n) for s in _segments(b))
+          for n in names}
+  assert each["held"] == collections.Counter(_expected(tok, {"path": held}))
+  assert [sum(c.values()) for c in each.values()] == [6, 2, 5]
+  assert sum(each.values(), collections.Counter()) == evals
+  with pytest.raises(ValueError, match="no eval dataset named 'nope'; eval datasets: "):
+    next(pipe.eval_batches(4, dataset="nope"))
 
 
 def test_tokenized_cache_is_reused_and_keyed_by_content(tok, files, monkeypatch):

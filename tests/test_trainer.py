@@ -17,7 +17,8 @@ import pytest
 import transformers
 
 import train_fixtures
-from jaxsft import checkpoint, config as config_lib, evaluate, optim, trainer
+from jaxsft import checkpoint, config as config_lib, evaluate, optim, sharding, trainer
+from jaxsft.data import pipeline as data_pipeline
 from jaxsft.data import templates
 from jaxsft.models import ModelConfig, llama
 
@@ -118,6 +119,37 @@ def test_gradient_accumulation_equals_one_big_batch():
     _assert_trees_equal(results[1][0], results[k][0], atol=1e-6)
     assert results[k][1] == pytest.approx(results[1][1], abs=1e-6)
     assert results[k][2] == results[1][2]
+
+
+def test_each_eval_dataset_is_scored_on_its_own(tmp_path):
+  """With several eval datasets the eval row carries each one's loss, equal to
+  evaluating that dataset alone, and the overall loss weighs them by tokens."""
+  files = train_fixtures.write_data(tmp_path / "data")
+  tok = transformers.AutoTokenizer.from_pretrained(files["tokenizer"])
+  cfg = ModelConfig(**train_fixtures.TINY_MODEL)
+  params = llama.init_params(cfg, jax.random.key(0))
+  eval_fn = jax.jit(trainer.make_eval_step(cfg, "sft"))
+  stage = config_lib.stage(objective="sft", data=dict(datasets=[str(files["chat"])]))
+  bsh = trainer.batch_sharding(sharding.make_mesh())
+
+  def row(eval_files):
+    data = dict(datasets=[str(files["chat"])], eval_datasets=[str(f) for f in eval_files],
+                template="chatml", cache_dir=str(tmp_path / "cache"))
+    pipe = data_pipeline.build(data, tok, seq_len=64, seed=0, objective="sft")
+    return trainer.evaluate(eval_fn, params, pipe, 4, bsh, stage, "sft", 1)
+
+  both = row([files["text"], files["chat"]])
+  assert len(both["datasets"]) == 2
+  alone = [row([files["text"]]), row([files["chat"]])]
+  assert "datasets" not in alone[0]
+  for got, want in zip(both["datasets"].values(), alone):
+    assert got["trained_tokens"] == want["trained_tokens"] > 0
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+  tokens = sum(r["trained_tokens"] for r in alone)
+  assert both["trained_tokens"] == tokens
+  np.testing.assert_allclose(
+      both["loss"], sum(r["loss"] * r["trained_tokens"] for r in alone) / tokens, rtol=1e-6)
+  assert abs(alone[0]["loss"] - alone[1]["loss"]) > 1e-3  # two different numbers to tell apart
 
 
 def test_the_step_compiles_once_per_stage(tmp_path):

@@ -45,6 +45,9 @@ def _losses(rows, indent="  "):
       line += f", eval loss {evals[0]['loss']:.3f} -> {evals[-1]['loss']:.3f}"
       if evals[-1].get("accuracy") is not None:
         line += f", eval accuracy {evals[-1]['accuracy']:.1%}"
+      if evals[-1].get("datasets"):
+        line += " (" + ", ".join(f"{name} {d['loss']:.3f}" for name, d in
+                                 evals[-1]["datasets"].items() if d["loss"] is not None) + ")"
     generated = [r for r in rows if r["stage"] == stage and r["split"] == "generate"]
     if generated:
       line += ", intent exact match during training " + " -> ".join(

@@ -7,7 +7,7 @@
       ...
       checkpoint(..., data_state=batches.state())  # {"epoch": e, "row": r}
     pipe.stats()              # examples, tokens, trained tokens, drops, packing efficiency
-    for batch in pipe.eval_batches(batch_size): ...
+    for batch in pipe.eval_batches(batch_size): ...          # or (…, dataset=name)
 
 The ``data`` config of a stage (``default_config()`` holds these defaults;
 unknown keys are an error, so a typo cannot be silently ignored):
@@ -580,12 +580,21 @@ class Pipeline:
     """Batches in the first epoch, the last one partial."""
     return -(-self.rows_per_epoch(0) // batch_size)
 
-  def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every eval example once, packed, in a fixed order; the last batch is
-    padded with empty rows. Nothing when there is no eval data."""
+  def eval_names(self) -> list[str]:
+    """The datasets that hold evaluation examples, in order: their held-out
+    shares (``eval_fraction``), then the ``eval_datasets``."""
+    if self.eval is None:
+      return []
+    return [p.name for p, picks in zip(self.eval.parts, self.eval.picks) if len(picks)]
+
+  def eval_batches(self, batch_size: int,
+                   dataset: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Every eval example once (only those of the eval dataset named
+    ``dataset``, if given: ``eval_names``), packed, in a fixed order; the last
+    batch is padded with empty rows. Nothing when there is no eval data."""
     if self.eval is None:
       return
-    rows = self._eval_rows()
+    rows = self._eval_rows(dataset)
     for i in range(0, len(rows), batch_size):
       chunk = rows[i:i + batch_size]
       chunk = chunk + [[]] * (batch_size - len(chunk))
@@ -617,9 +626,17 @@ class Pipeline:
     return packing.fill_head_rows(rows, pool.get, self.seq_len, self.pad_id, self.slots,
                                   labels, self.max_labels)
 
-  def _eval_rows(self) -> list[list[int]]:
-    lengths = np.concatenate([self.eval.lengths(d) for d in range(len(self.eval.parts))])
-    return packing.plan_rows(lengths, self.seq_len, self.cfg["packing"])
+  def _eval_rows(self, dataset: str | None = None) -> list[list[int]]:
+    if dataset is None:
+      lengths = np.concatenate([self.eval.lengths(d) for d in range(len(self.eval.parts))])
+      return packing.plan_rows(lengths, self.seq_len, self.cfg["packing"])
+    names = [p.name for p in self.eval.parts]
+    if dataset not in names:
+      raise ValueError(f"no eval dataset named {dataset!r}; eval datasets: {self.eval_names()}")
+    d = names.index(dataset)
+    offset = int(self.eval.offsets[d])
+    return [[offset + i for i in row] for row in
+            packing.plan_rows(self.eval.lengths(d), self.seq_len, self.cfg["packing"])]
 
   def example(self, gid: int) -> tuple[str, Encoded]:
     """(dataset name, the example) of a global training id."""
