@@ -222,9 +222,9 @@ def plot_loss(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
   if scores is not None:
     scores.set_ylabel("exact match / accuracy")
     scores.set_ylim(0, 1)
-    scores.legend(loc="upper right")
+    scores.legend(loc="upper right", fontsize="small")
   if stages:
-    ax.legend(loc="upper left" if scores is not None else "best")
+    ax.legend(loc="upper left" if scores is not None else "best", fontsize="small")
   fig.tight_layout()
   tmp = path.with_suffix(".tmp.png")
   fig.savefig(tmp)
