@@ -76,9 +76,16 @@ def test_sharegpt_roles_are_mapped_and_unknown_ones_name_the_row():
       ("system", "Be brief."), ("user", "Hi"), ("assistant", "Yes"), ("user", "Why?"),
       ("assistant", "Fine")]
   bad = {"conversations": [{"from": "human", "value": "Hi"},
+                           {"from": "bot", "value": "{}"}]}
+  with pytest.raises(ValueError, match=r"s.jsonl:9: 'conversations'\[1\].from is 'bot'; "
+                     r"expected one of \('human', 'user', 'gpt', 'assistant', 'system', "
+                     r"'function_call', 'observation'\)"):
+    to_conversation(bad, "sharegpt", "s.jsonl:9")
+  # A tool result with no call before it.
+  bad = {"conversations": [{"from": "human", "value": "Hi"},
                            {"from": "observation", "value": "{}"}]}
-  with pytest.raises(ValueError, match=r"s.jsonl:9: 'conversations'\[1\].from is 'observation'; "
-                     r"expected one of \('human', 'user', 'gpt', 'assistant', 'system'\)"):
+  with pytest.raises(ValueError, match=r"s.jsonl:9: .*message 1 is 'tool' where 'assistant' was "
+                                       r"expected"):
     to_conversation(bad, "sharegpt", "s.jsonl:9")
 
 
@@ -155,7 +162,8 @@ def test_wrong_types_name_the_field():
 def test_conversation_dict_round_trip():
   conv = to_conversation({"text": "x", "labels": ["a"], "system": "S"}, "label", "l:1")
   assert Conversation.from_dict(conv.to_dict()) == conv
-  assert json.loads(json.dumps(conv.to_dict()))["messages"][0] == {"role": "system", "content": "S"}
+  assert json.loads(json.dumps(conv.to_dict()))["messages"][0] == {
+      "role": "system", "content": "S", "tool_calls": None}
 
 
 # --- reading files ------------------------------------------------------------------------------
@@ -300,5 +308,7 @@ def test_spec_checks(tmp_path):
 
 
 def test_message_rejects_unknown_roles():
-  with pytest.raises(ValueError, match="message role 'tool'"):
-    Message("tool", "x")
+  with pytest.raises(ValueError, match="message role 'function'"):
+    Message("function", "x")
+  with pytest.raises(ValueError, match="a user message cannot carry tool_calls"):
+    Message("user", "x", "[]")

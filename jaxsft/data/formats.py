@@ -19,15 +19,26 @@ Row formats and their fields (``columns`` renames any of them, e.g.
             empty), LLaMA-Factory's convention, so data prepared for it renders
             the same here.
   sharegpt  conversations: [{from, value}], from in human/user, gpt/assistant,
-            system; system (optional column). ``from``/``value`` can be renamed
-            through ``columns`` too.
+            system, function_call, observation; system, tools (optional
+            columns). ``from``/``value`` can be renamed through ``columns`` too.
   messages  messages: [{role, content}] (OpenAI style), role in system, user,
-            assistant; system (optional column). ``role``/``content`` renamable.
+            assistant, tool; an assistant message may carry ``tool_calls``;
+            system, tools (optional columns). ``role``/``content`` renamable.
   text      text
   pairwise  prompt (a string, or [{role, content}] ending with a user turn),
             chosen, rejected, system (optional)
   label     text, label (a string or integer) or labels (a list of them),
             system (optional)
+
+Tool use (function calling), as OpenAI's messages and LLaMA-Factory's
+sharegpt write it: ``tools`` is the list of function schemas the model may
+call (a list, or a JSON string of one); an assistant turn may call them
+(``tool_calls``: [{"type": "function", "function": {"name", "arguments"}}];
+sharegpt's ``function_call`` turn holds one call or a list of them as JSON,
+{"name", "arguments"}), and ``tool`` turns (sharegpt ``observation``) hold
+what they returned, before the assistant's next turn. The calls are trained
+like any answer, the tool results are not. Rendering them takes the
+tokenizer's own chat template (``templates.TokenizerTemplate``).
 
 System prompts: a row's own system message (or ``system`` column) wins; the
 dataset's ``system_prompt`` is used only for rows without one. An empty or null
@@ -42,14 +53,14 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 KINDS = ("chat", "text", "pairwise", "label")
 
 # format -> the canonical field names ``columns`` may rename.
 FIELDS = {
     "alpaca": ("instruction", "input", "output", "system", "history"),
-    "sharegpt": ("conversations", "system", "from", "value"),
-    "messages": ("messages", "system", "role", "content"),
+    "sharegpt": ("conversations", "system", "from", "value", "tools"),
+    "messages": ("messages", "system", "role", "content", "tools"),
     "text": ("text",),
     "pairwise": ("prompt", "chosen", "rejected", "system", "role", "content"),
     "label": ("text", "label", "labels", "system"),
@@ -57,24 +68,33 @@ FIELDS = {
 FORMATS = tuple(FIELDS)
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "system": "system"}
+                  "assistant": "assistant", "system": "system", "function_call": "assistant",
+                  "observation": "tool"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-  """One turn of a conversation."""
+  """One turn of a conversation. ``tool_calls``: an assistant turn's function
+  calls, as the JSON text of OpenAI's list (kept as text so that rows of any
+  arguments share one Arrow schema)."""
   role: str
   content: str
+  tool_calls: str | None = None
 
   def __post_init__(self):
     if self.role not in ROLES:
       raise ValueError(f"message role {self.role!r} is not one of {ROLES}")
     if not isinstance(self.content, str):
       raise ValueError(f"message content must be a string, got {type(self.content).__name__}")
+    if self.tool_calls is not None and self.role != "assistant":
+      raise ValueError(f"a {self.role} message cannot carry tool_calls")
 
-  def as_dict(self) -> dict[str, str]:
-    """``{"role": ..., "content": ...}``, the form chat templates take."""
-    return {"role": self.role, "content": self.content}
+  def as_dict(self) -> dict[str, Any]:
+    """``{"role": ..., "content": ...}`` (and ``tool_calls``), the form chat templates take."""
+    d: dict[str, Any] = {"role": self.role, "content": self.content}
+    if self.tool_calls is not None:
+      d["tool_calls"] = json.loads(self.tool_calls)
+    return d
 
 
 @dataclasses.dataclass
@@ -87,19 +107,31 @@ class Conversation:
   rejected: str | None = None
   labels: list[str] | None = None
   source: str = ""
+  tools: str | None = None  # the JSON text of the function schemas a chat may call
 
   def to_dict(self) -> dict[str, Any]:
     """A plain dict (JSON- and Arrow-friendly); ``from_dict`` inverts it."""
     d = dataclasses.asdict(self)
-    d["messages"] = [m.as_dict() for m in self.messages]
+    d["messages"] = [{"role": m.role, "content": m.content, "tool_calls": m.tool_calls}
+                     for m in self.messages]
     return d
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Conversation":
     """The inverse of ``to_dict``."""
     d = dict(d)
-    d["messages"] = [Message(m["role"], m["content"]) for m in d.get("messages") or []]
+    d["messages"] = [Message(m["role"], m["content"], m.get("tool_calls"))
+                     for m in d.get("messages") or []]
     return cls(**d)
+
+  @property
+  def tool_schemas(self) -> list | None:
+    """``tools`` as the list ``apply_chat_template(tools=...)`` takes."""
+    return None if self.tools is None else json.loads(self.tools)
+
+  @property
+  def uses_tools(self) -> bool:
+    return self.tools is not None or any(m.role == "tool" or m.tool_calls for m in self.messages)
 
 
 def label_answer(labels: list[str]) -> str:
@@ -233,15 +265,67 @@ class _Row:
       for col in (role_col, content_col):
         if item.get(col) is None:
           raise ValueError(f"{self.source}: {at} has no '{col}' (it has {sorted(item)})")
-      role, content = item[role_col], item[content_col]
+      role, content = item[role_col], item.get(content_col)
       if not isinstance(role, str) or role not in role_map:
         raise ValueError(f"{self.source}: {at}.{role_col} is {role!r}; expected one of "
-                         f"{tuple(role_map)} (tool and function turns are not supported)")
+                         f"{tuple(role_map)}")
+      calls = None
+      if role == "function_call":  # sharegpt: the call is the turn's value
+        calls, content = _tool_calls(_json_value(content, f"{self.source}: {at}.{content_col}"),
+                                     f"{self.source}: {at}.{content_col}", sharegpt=True), ""
+      elif item.get("tool_calls") is not None and role_map[role] == "assistant":
+        calls = _tool_calls(item["tool_calls"], f"{self.source}: {at}.tool_calls")
+        content = "" if content is None else content
+      if content is None:
+        raise ValueError(f"{self.source}: {at} has no '{content_col}' (it has {sorted(item)})")
       if not isinstance(content, str):
         raise ValueError(f"{self.source}: {at}.{content_col} must be a string, "
                          f"got {_type(content)}")
-      out.append(Message(role_map[role], content))
+      out.append(Message(role_map[role], content, calls))
     return out
+
+  def tools(self) -> str | None:
+    """The row's ``tools`` column as JSON text of a list of schemas, or None."""
+    value = self.get("tools", required=False)
+    if value is None or value == "" or value == []:
+      return None
+    if isinstance(value, str):
+      value = _json_value(value, f"{self.source}: field {self.name('tools')}")
+    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+      raise self.error("tools", f"must be a list of function schemas (objects), or a JSON "
+                       f"string of one; got {_type(value)}")
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _json_value(value: Any, at: str) -> Any:
+  """``value`` parsed if it is JSON text, else as is."""
+  if not isinstance(value, str):
+    return value
+  try:
+    return json.loads(value)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{at} is not valid JSON ({e.msg} at character {e.pos}): "
+                     f"{value[:80]!r}") from None
+
+
+def _tool_calls(value: Any, at: str, sharegpt: bool = False) -> str:
+  """OpenAI's tool_calls list (as JSON text) from OpenAI's form, or from
+  sharegpt's {"name", "arguments"} (one call or a list of them)."""
+  value = _json_value(value, at)
+  calls = value if isinstance(value, list) else [value] if sharegpt else None
+  if not calls:
+    raise ValueError(f"{at} must be a non-empty list of calls, got {_type(value)}")
+  out = []
+  for j, call in enumerate(calls):
+    fn = call.get("function", call) if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+      raise ValueError(f"{at}[{j}] must be a call with a function name: "
+                       + ('{"name": ..., "arguments": {...}}' if sharegpt else
+                          '{"type": "function", "function": {"name": ..., "arguments": ...}}')
+                       + f", got {call!r:.80}")
+    out.append({"type": "function",
+                "function": {"name": fn["name"], "arguments": fn.get("arguments", {})}})
+  return json.dumps(out, ensure_ascii=False)
 
 
 def _type(value: Any) -> str:
@@ -257,18 +341,33 @@ def _with_system(messages: list[Message], system: str | None) -> list[Message]:
 
 
 def _check_turns(messages: list[Message], r: _Row, field: str, end_with_user: bool = False):
-  """Enforce the canonical structure: [system], user, assistant, user, ..."""
+  """Enforce the canonical structure: [system], user, assistant, user, ...; an
+  assistant turn with tool calls is followed by one or more tool turns and
+  then an assistant turn."""
   body = messages[1:] if messages and messages[0].role == "system" else messages
+  previous = None
   for i, m in enumerate(body):
     pos = i + len(messages) - len(body)
     if m.role == "system":
       raise r.error(field, f"has a system message at position {pos}; a system message may only "
                     "come first (merge it into the first one)")
-    expected = "user" if i % 2 == 0 else "assistant"
-    if m.role != expected:
+    if previous is None or previous.role == "assistant" and not previous.tool_calls:
+      expected = ("user",)
+    elif previous.role == "user":
+      expected = ("assistant",)
+    elif previous.role == "assistant":  # it called tools: their results come next
+      expected = ("tool",)
+    else:  # a tool result: more results, or the assistant's next turn
+      expected = ("tool", "assistant")
+    if m.role not in expected:
+      after = ("an assistant turn with tool calls" if expected == ("tool",)
+               else "a tool result" if previous is not None and previous.role == "tool" else "")
       raise r.error(field, f"must alternate user and assistant turns, starting with the user "
-                    f"(after an optional system message); message {pos} is {m.role!r} where "
-                    f"{expected!r} was expected")
+                    f"(after an optional system message), with tool results only after an "
+                    f"assistant turn that calls tools; message {pos} is {m.role!r} where "
+                    f"{' or '.join(map(repr, expected))} was expected"
+                    + (f" after {after}" if after else ""))
+    previous = m
   if end_with_user and (not body or body[-1].role != "user"):
     raise r.error(field, "must end with a user turn (the chosen and rejected answers follow it)")
 
@@ -297,14 +396,14 @@ def _sharegpt(r: _Row) -> Conversation:
   messages = r.message_list("conversations", "from", "value", SHAREGPT_ROLES)
   messages = _with_system(messages, r.system())
   _check_turns(messages, r, "conversations")
-  return Conversation(messages, source=r.source)
+  return Conversation(messages, source=r.source, tools=r.tools())
 
 
 def _messages(r: _Row) -> Conversation:
   messages = r.message_list("messages", "role", "content", {k: k for k in ROLES})
   messages = _with_system(messages, r.system())
   _check_turns(messages, r, "messages")
-  return Conversation(messages, source=r.source)
+  return Conversation(messages, source=r.source, tools=r.tools())
 
 
 def _pairwise(r: _Row) -> Conversation:

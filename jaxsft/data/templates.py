@@ -107,10 +107,13 @@ class Template:
   ``end_of_turn_ids`` and ``jinja``."""
   name: str = "template"
   train_on: str = "all_assistant"
+  # Whether it can render tool calls, tool results and tool schemas.
+  supports_tools: bool = False
 
   def render_text(self, messages: Sequence[Message], tokenizer,
-                  add_generation_prompt: bool = False) -> str:
-    """The text of ``messages``, ending with the generation prompt if asked."""
+                  add_generation_prompt: bool = False, tools: list | None = None) -> str:
+    """The text of ``messages`` (with the function schemas ``tools``), ending
+    with the generation prompt if asked."""
     raise NotImplementedError
 
   def end_of_turn_ids(self, tokenizer) -> set[int]:
@@ -141,18 +144,29 @@ class Template:
     examples), or None for a chat without an assistant turn."""
     return encode(conversation, self, tokenizer)
 
-  def layout(self, messages: Sequence[Message], tokenizer, source: str = "") -> Layout:
-    """Tokenize ``messages`` prefix by prefix (see the module doc). Messages
-    after the last assistant turn are left out: nothing would be trained on them."""
+  def layout(self, messages: Sequence[Message], tokenizer, source: str = "",
+             tools: list | None = None) -> Layout:
+    """Tokenize ``messages`` prefix by prefix (see the module doc), the
+    function schemas ``tools`` rendered with each prefix. Messages after the
+    last assistant turn are left out: nothing would be trained on them. Tool
+    results are part of the next turn's prompt, never trained."""
     last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=None)
     assert last is not None, "layout needs an assistant turn"
     messages = list(messages[:last + 1])
     source = source or "conversation"
+    if not self.supports_tools and (tools or any(m.role == "tool" or m.tool_calls
+                                                 for m in messages)):
+      raise ValueError(
+          f"{source}: tool calls, tool results and tool schemas are written differently by "
+          f"every model family, and template {self.name!r} does not know this model's way; use "
+          "the tokenizer's own chat template (data.template='tokenizer') of a model trained "
+          "for tool use (e.g. Qwen2.5, Llama 3.1)")
     texts = []
     for i, m in enumerate(messages):
       if m.role == "assistant":
-        texts.append(self.render_text(messages[:i], tokenizer, add_generation_prompt=True))
-        texts.append(self.render_text(messages[:i + 1], tokenizer))
+        texts.append(self.render_text(messages[:i], tokenizer, add_generation_prompt=True,
+                                      tools=tools))
+        texts.append(self.render_text(messages[:i + 1], tokenizer, tools=tools))
     seqs = _tokenize(tokenizer, texts)
     eot = self.end_of_turn_ids(tokenizer)
     spans, previous, turn = [], [], 0
@@ -217,6 +231,8 @@ class TokenizerTemplate(Template):
   template that emits none, or is not prefix-stable, fails here.
   """
 
+  supports_tools = True
+
   def __init__(self, tokenizer, train_on: str = "all_assistant", chat_template: str | None = None,
                name: str = "tokenizer"):
     self.name, self.train_on = name, train_on
@@ -230,10 +246,10 @@ class TokenizerTemplate(Template):
     self.chat_template = template
     self._probe_eot(tokenizer)
 
-  def render_text(self, messages, tokenizer, add_generation_prompt=False) -> str:
+  def render_text(self, messages, tokenizer, add_generation_prompt=False, tools=None) -> str:
     return tokenizer.apply_chat_template(
         [m.as_dict() for m in messages], chat_template=self.chat_template, tokenize=False,
-        add_generation_prompt=add_generation_prompt)
+        add_generation_prompt=add_generation_prompt, tools=tools)
 
   def end_of_turn_ids(self, tokenizer) -> set[int]:
     ids = set(tokenizer.all_special_ids)
@@ -311,7 +327,10 @@ class RoleTagTemplate(Template):
                        "tokenizer has none; set the template's eos")
     return {"bos": bos, "eos": eos or "", "sep": self.sep}
 
-  def render_text(self, messages, tokenizer, add_generation_prompt=False) -> str:
+  def render_text(self, messages, tokenizer, add_generation_prompt=False, tools=None) -> str:
+    if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+      raise ValueError(f"template {self.name!r} cannot render tool use; use the tokenizer's own "
+                       "chat template (data.template='tokenizer')")
     values = self._values(tokenizer)
     fill = lambda pieces, **kw: "".join(  # noqa: E731
         p if f is None else (kw[f] if f in kw else values[f]) for p, f in pieces)
@@ -515,9 +534,12 @@ def encode(conversation: Conversation, template: Template, tokenizer, *,
   else:
     raise ValueError(f"{source}: unknown example kind {conversation.kind!r}")
 
-  layouts = [template.layout(v, tokenizer, source) for v in variants]
+  tools = conversation.tool_schemas
+  layouts = [template.layout(v, tokenizer, source, tools) for v in variants]
   if max_length is not None and max(len(lay.input_ids) for lay in layouts) > max_length:
-    if truncation == "drop":
+    # Leaving out a tool conversation's oldest turns could split a call from
+    # its results: such a conversation is dropped rather than cut.
+    if truncation == "drop" or conversation.uses_tools:
       counts.dropped_too_long += 1
       return None
     layouts = _keep_answer(template, variants, tokenizer, max_length, source)
@@ -648,7 +670,10 @@ def _text_ids(text: str, tokenizer, source: str) -> list[int]:
 
 
 def _messages(messages) -> list[Message]:
-  return [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in messages]
+  return [m if isinstance(m, Message) else
+          Message(m["role"], m.get("content") or "",
+                  None if m.get("tool_calls") is None else json.dumps(m["tool_calls"]))
+          for m in messages]
 
 
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
