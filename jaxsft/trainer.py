@@ -7,11 +7,15 @@ starts from and which is never rotated away.
 
 Layout of a run directory:
   config.json               the resolved config
-  metrics.jsonl, loss.png   one JSON object per logged step (train and eval rows; a
-                            head stage's eval labels unseen in training: split "data";
-                            each compiled step's time and memory: split "compile")
+  metrics.jsonl, loss.png   one JSON object per logged step (train and eval rows, an
+                            eval row with each eval dataset's figures under "datasets";
+                            a head stage's eval labels unseen in training: split "data";
+                            each compiled step's time and memory: split "compile";
+                            best_metric's new bests and early stop: "best", "early_stop")
   stages/NAME/checkpoints/  orbax CheckpointManager: state + data position, every N steps
-  stages/NAME/final/        the stage's final model (jaxsft.checkpoint format)
+  stages/NAME/best/         with best_metric: the best evaluation's model and its record
+  stages/NAME/final/        the stage's final model (jaxsft.checkpoint format): the last
+                            weights, or with best_metric the best evaluation's
   hf/                       Hugging Face export, when config.export.hf
 """
 from __future__ import annotations
