@@ -323,7 +323,8 @@ def _tool_calls(value: Any, at: str, sharegpt: bool = False) -> str:
                        + ('{"name": ..., "arguments": {...}}' if sharegpt else
                           '{"type": "function", "function": {"name": ..., "arguments": ...}}')
                        + f", got {call!r:.80}")
-    out.append({"type": "function",
+    out.append({**({"id": call["id"]} if isinstance(call.get("id"), str) else {}),
+                "type": "function",
                 "function": {"name": fn["name"], "arguments": fn.get("arguments", {})}})
   return json.dumps(out, ensure_ascii=False)
 
