@@ -53,7 +53,10 @@ A stage (``stage(**overrides)``):
               freeze (jaxsft/peft/methods.py); the knobs live in ``peft``:
                 lora/dora/full_then_lora: targets ("all-linear", names such as
                   ["q_proj", "v_proj"], or a regex), rank, alpha, rslora, dropout,
-                  init, switch_at (the fraction of steps trained in full before LoRA),
+                  init (kaiming | gaussian: B starts at zero; pissa | olora: both factors
+                  from the weight's SVD / QR, the base becomes the residual, as PEFT's
+                  init_lora_weights and LLaMA-Factory's pissa_init), switch_at (the
+                  fraction of steps trained in full before LoRA),
                   lora_lr_scale (full_then_lora: the LoRA phase's lr multiplier; LoRA
                   usually wants several times the full fine-tuning lr), loraplus_lr_ratio
                   (LoRA+: the B factors train at this multiple of the lr, e.g. 16)

@@ -47,6 +47,7 @@ from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import hf
 from jaxsft import sharding as sharding_lib
 from jaxsft.models import llama
+from jaxsft.models.model_config import PRINCIPAL_INITS
 from jaxsft.peft import export as peft_export
 from jaxsft.peft import methods as peft_methods
 
@@ -248,6 +249,11 @@ def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer
   ``OUT/base``."""
   if cfg.adapters is None:
     raise ValueError(f"{source} has no adapters (method 'full'); export it without --peft")
+  if base_model is not None and cfg.adapters.lora_init in PRINCIPAL_INITS:
+    raise ValueError(f"{source}'s LoRA started from {cfg.adapters.lora_init!r}, which left the "
+                     f"residual of its weights as the base, so the adapter does not apply to "
+                     f"{base_model}; export without --base-model (the residual base is written "
+                     "to OUT/base) or merged, without --peft")
   if base_model is None and (source / peft_export.BASE_FILE).is_file():
     base_model = json.loads((source / peft_export.BASE_FILE).read_text())[
         "base_model_name_or_path"]

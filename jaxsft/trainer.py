@@ -49,7 +49,7 @@ from jaxsft import sharding as sharding_lib
 from jaxsft.data import pipeline as data_pipeline
 from jaxsft.data import templates as data_templates
 from jaxsft.models import heads, llama, mixtral
-from jaxsft.models.model_config import ModelConfig
+from jaxsft.models.model_config import PRINCIPAL_INITS, ModelConfig
 from jaxsft.peft import export as peft_export
 from jaxsft.peft import methods as peft_methods
 
@@ -857,8 +857,11 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     final_cfg, final_params = peft_methods.canonical(ph.cfg, ph.final(state.params))
   checkpoint_lib.save_model(stage_dir / "final", final_params, final_cfg,
                             tokenizer_src=run.tokenizer_dir, overwrite=True)
+  # The source model is the adapter's base unless the stage changed the base:
+  # full_then_lora trains it, PiSSA/OLoRA leave the residual there.
   if (final_cfg.adapters is not None and base_model is not None and incoming_adapters is None
-      and stage.method != "full_then_lora" and jax.process_index() == 0):
+      and stage.method != "full_then_lora"
+      and final_cfg.adapters.lora_init not in PRINCIPAL_INITS and jax.process_index() == 0):
     (stage_dir / "final" / peft_export.BASE_FILE).write_text(
         json.dumps({"base_model_name_or_path": base_model}) + "\n")
   return final_cfg, final_params

@@ -32,6 +32,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # (nor MoE experts, which are not linear modules in transformers: as in PEFT).
 ALL_LINEAR = LORA_TARGETS[:7]
 EXPERT_TARGETS = ("expert_gate_up", "expert_down")
+# LoRA factor inits (PEFT's init_lora_weights); the principal ones take both
+# factors from the weight and leave the residual as the base.
+PRINCIPAL_INITS = ("pissa", "olora")
+LORA_INITS = ("kaiming", "gaussian") + PRINCIPAL_INITS
 PROMPT_ENCODERS = ("none", "mlp", "lstm")
 
 
@@ -53,7 +57,10 @@ class Adapters:
   rslora: bool = False
   dora: bool = False
   lora_dropout: float = 0.0
-  lora_init: str = "kaiming"  # A's init, as PEFT: "kaiming" (uniform) or "gaussian" (std 1/r)
+  # The factors' init, as PEFT's init_lora_weights: "kaiming" (A uniform, PEFT's
+  # True) or "gaussian" (A normal(1/r)), B zero; or "pissa"/"olora" (both from
+  # the weight's SVD / QR, the base left as the residual: peft/lora.py).
+  lora_init: str = "kaiming"
   bottleneck_size: int = 0
   prompt_tokens: int = 0
   prompt_encoder: str = "none"  # P-tuning: "mlp" or "lstm"
@@ -81,8 +88,14 @@ class Adapters:
       problems.append(f"LoRA on {experts} supports neither DoRA nor dropout (PEFT's expert LoRA "
                       "has neither, so they could not be exported); use plain LoRA with "
                       "dropout 0, or leave the experts out of the targets")
-    if self.lora_init not in ("kaiming", "gaussian"):
-      problems.append(f"lora_init={self.lora_init!r} is not 'kaiming' or 'gaussian'")
+    if self.lora_init not in LORA_INITS:
+      problems.append(f"lora_init={self.lora_init!r} is not one of {LORA_INITS}")
+    if self.lora_init in PRINCIPAL_INITS:
+      other = [t for t in self.lora_targets if t not in ALL_LINEAR]
+      if other or self.dora:
+        problems.append(f"lora_init={self.lora_init!r} applies to the decoder's linear "
+                        f"projections {ALL_LINEAR} with plain LoRA, not to "
+                        f"{other or 'DoRA'}")
     if self.prompt_encoder not in PROMPT_ENCODERS:
       problems.append(f"prompt_encoder={self.prompt_encoder!r} is not one of {PROMPT_ENCODERS}")
     if self.prompt_tokens and self.prefix_tokens:

@@ -12,7 +12,9 @@ exactly as ``peft``'s ``Linear`` and ``DoraLinearLayer`` compute them: PEFT's
 ``Bᵀ`` flattened to ``[out, r]``, and DoRA's ``lora_magnitude_vector`` is ``m``
 flattened to ``[out]`` (the norm of each row of HF's ``[out, in]`` weight).
 
-B starts at zero, so a new adapter computes exactly the base model. The
+B starts at zero, so a new adapter computes exactly the base model; or, with
+PiSSA or OLoRA (``principal_factors``), both factors come from the weight and
+the base becomes the residual, which computes the same function. The
 unmerged form is what trains: the frozen W then needs no weight-gradient
 matmul. ``merge`` folds the factors into W for export.
 
@@ -70,6 +72,36 @@ def factor_names(weight: str) -> tuple[str, str, str]:
 
 def targets(adapters: Adapters | None, weight: str) -> bool:
   return adapters is not None and MODULE_OF.get(weight) in adapters.lora_targets
+
+
+def principal_factors(w, a, b, n_in: int, adapters: Adapters):
+  """PiSSA's and OLoRA's start (PEFT's ``init_lora_weights="pissa"`` / ``"olora"``):
+  the factors (A, B) from the weight ``w`` itself and the residual base
+  ``w - s·A·B``, so the model computes the same function as before. In PEFT's
+  [out, in] layout W': PiSSA takes the top-r singular triplets, W' = V S Uh,
+  A' = √(S_r/s)·Uh_r, B' = V_r·√(S_r/s); OLoRA the QR factors, W' = Q R,
+  A' = R_r, B' = Q_r. ``a``, ``b``: the factors' current values, for their
+  shapes and dtypes (any leading axes, e.g. L, are a batch). Computed in fp32,
+  as PEFT does."""
+  lead = a.ndim - n_in - 1
+  batch, r, s = a.shape[:lead], adapters.lora_rank, adapters.lora_scale
+  n_inputs = int(np.prod(a.shape[lead:-1]))
+  wt = jnp.swapaxes(w.astype(jnp.float32).reshape(batch + (n_inputs, -1)), -1, -2)  # [.., out, in]
+  if min(wt.shape[-2:]) < r:
+    raise ValueError(f"LoRA rank {r} exceeds the smallest side of a {tuple(wt.shape[-2:])} "
+                     f"weight: {adapters.lora_init} takes its factors from the weight's "
+                     f"rank-{r} part; lower peft.rank")
+  if adapters.lora_init == "pissa":
+    v, sv, uh = jnp.linalg.svd(wt, full_matrices=False)
+    root = jnp.sqrt(sv[..., :r] / s)
+    a_t, b_t = root[..., :, None] * uh[..., :r, :], v[..., :, :r] * root[..., None, :]
+  else:
+    q, rr = jnp.linalg.qr(wt)
+    a_t, b_t = rr[..., :r, :], q[..., :, :r]
+  residual = wt - s * jnp.matmul(b_t, a_t)
+  return (jnp.swapaxes(a_t, -1, -2).reshape(a.shape).astype(a.dtype),
+          jnp.swapaxes(b_t, -1, -2).reshape(b.shape).astype(b.dtype),
+          jnp.swapaxes(residual, -1, -2).reshape(w.shape).astype(w.dtype))
 
 
 def a_init(adapters: Adapters, lead: int = 0):

@@ -38,8 +38,8 @@ from ml_collections.config_dict import placeholder
 
 from jaxsft import sharding as sharding_lib
 from jaxsft.models import llama
-from jaxsft.models.model_config import (ALL_LINEAR, EXPERT_TARGETS, LORA_TARGETS, Adapters,
-                                        ModelConfig)
+from jaxsft.models.model_config import (ALL_LINEAR, EXPERT_TARGETS, LORA_INITS, LORA_TARGETS,
+                                        PRINCIPAL_INITS, Adapters, ModelConfig)
 from jaxsft.peft import lora as lora_lib
 
 METHODS = ("full", "lora", "dora", "full_then_lora", "freeze", "adapter", "prompt", "p_tuning",
@@ -128,8 +128,16 @@ def validate(method: str, peft, where: str) -> None:
       raise ValueError(f"{where}.peft.alpha={peft.alpha} must be positive")
     if not 0 <= peft.dropout < 1:
       raise ValueError(f"{where}.peft.dropout={peft.dropout} must be in [0, 1)")
-    if peft.init not in ("kaiming", "gaussian"):
-      raise ValueError(f"{where}.peft.init={peft.init!r} is not 'kaiming' or 'gaussian'")
+    if peft.init not in LORA_INITS:
+      raise ValueError(f"{where}.peft.init={peft.init!r} is not one of {', '.join(LORA_INITS)}")
+    if peft.init in PRINCIPAL_INITS:
+      other = [t for t in lora_targets(peft.targets) if t not in ALL_LINEAR]
+      if other or method == "dora":
+        raise ValueError(
+            f"{where}.peft.init={peft.init!r} (as PEFT's) takes the factors of the decoder's "
+            f"linear projections from their weights, for plain LoRA: "
+            + (f"leave {other} out of peft.targets" if other else "use method 'lora'")
+            + " or another init")
     _check_expert_targets(method, peft, where)
   if method in LORA_METHODS and peft.loraplus_lr_ratio is not None and peft.loraplus_lr_ratio <= 0:
     raise ValueError(f"{where}.peft.loraplus_lr_ratio={peft.loraplus_lr_ratio} must be positive "
@@ -250,6 +258,22 @@ def add_params(cfg: ModelConfig, params, rng: jax.Array):
     return variables["params"]
 
   return jax.jit(init, donate_argnums=0)(params, rng)
+
+
+def principal_init(params, adapters: Adapters):
+  """PiSSA or OLoRA (``adapters.lora_init``): every targeted projection's
+  factors from its weight, which becomes the residual (``lora.principal_factors``).
+  The base weights' buffers are donated: the model is held once."""
+  def walk(module):
+    out = dict(module)
+    for weight, (_, n_in) in lora_lib.WEIGHTS.items():
+      name_a, name_b, _ = lora_lib.factor_names(weight)
+      if name_a in module:
+        out[name_a], out[name_b], out[weight] = lora_lib.principal_factors(
+            module[weight], module[name_a], module[name_b], n_in, adapters)
+    return {k: walk(v) if isinstance(v, dict) else v for k, v in out.items()}
+
+  return jax.jit(walk, donate_argnums=0)(params)
 
 
 def merge(cfg: ModelConfig, params, donate: bool = False) -> tuple[ModelConfig, Any]:
@@ -426,6 +450,8 @@ def prepare(cfg: ModelConfig, params, stage, rng: jax.Array, phase: int = 1, tok
       params = split_layers(params, want.frozen_layers)
     else:
       params = add_params(cfg, params, rng)
+      if want.lora_init in PRINCIPAL_INITS:
+        params = principal_init(params, want)
       if stage.method == "prompt" and peft.prompt_init_text:
         params = _init_prompt_from_text(params, peft.prompt_init_text, tokenizer, where)
   if peft.train_modules:
