@@ -7,7 +7,10 @@ trainer writes them to ``stages/NAME/best``) and ends with those as its
 once N evaluations in a row have not improved on the best, as transformers'
 ``EarlyStoppingCallback``. The metric comes from the evaluation rows the
 stage writes: ``eval_every``'s (loss, and a head's accuracy, pairwise accuracy
-or margin) or ``generate_eval``'s (exact match, F1, parse failures).
+or margin) or ``generate_eval``'s (exact match, F1, parse failures). An
+``eval_every`` metric may name one eval dataset, ``METRIC/DATASET`` (e.g.
+``loss/intent_train``): a multi-task stage then keeps the weights best at
+that task (the eval row's ``datasets``).
 
 ``Selection`` is the bookkeeping: the best value and step so far, recorded
 beside the best weights, so a resumed stage picks up the same best and the
@@ -35,6 +38,12 @@ OBJECTIVE_METRICS = {"accuracy": ("cls",), "pairwise_accuracy": ("reward",),
 RECORD_FILE = "best.json"
 
 
+def split_metric(metric: str) -> tuple[str, str | None]:
+  """``"loss/intent"`` → ("loss", "intent"); ``"loss"`` → ("loss", None)."""
+  base, _, dataset = metric.partition("/")
+  return base, dataset or None
+
+
 def validate(stage, where: str) -> None:
   """Refuse a stage whose ``best_metric`` no evaluation of it produces, or a
   patience without a metric; the message says which key to set."""
@@ -47,8 +56,13 @@ def validate(stage, where: str) -> None:
       raise ValueError(f"{where}.early_stopping_patience={patience} needs {where}.best_metric "
                        f"(one of {', '.join(METRICS)})")
     return
+  metric, dataset = split_metric(metric)
   if metric not in METRICS:
-    raise ValueError(f"{where}.best_metric={metric!r} is not one of {', '.join(METRICS)}")
+    raise ValueError(f"{where}.best_metric={stage.best_metric!r} is not one of "
+                     f"{', '.join(METRICS)} (or METRIC/DATASET for one eval dataset's)")
+  if dataset is not None and METRICS[metric][0] != "eval":
+    raise ValueError(f"{where}.best_metric={stage.best_metric!r}: only eval_every's metrics "
+                     "are measured per eval dataset")
   objectives = OBJECTIVE_METRICS.get(metric)
   if objectives and stage.objective not in objectives:
     raise ValueError(f"{where}.best_metric={metric!r}: a {stage.objective} stage's evaluation "
@@ -60,6 +74,15 @@ def validate(stage, where: str) -> None:
   if split == "generate" and not stage.generate_eval.get("every"):
     raise ValueError(f"{where}.best_metric={metric!r} is measured by generate_eval: set "
                      f"{where}.generate_eval.every and its path")
+
+
+def check_datasets(metric: str | None, names: list[str], where: str) -> None:
+  """Refuse a ``METRIC/DATASET`` whose dataset is not among the stage's eval
+  datasets ``names`` (known once its data is read)."""
+  dataset = split_metric(metric)[1] if metric else None
+  if dataset is not None and dataset not in names:
+    raise ValueError(f"{where}.best_metric={metric!r}: the stage has no eval dataset "
+                     f"{dataset!r}; its eval datasets are {names}")
 
 
 class Selection:
@@ -77,7 +100,8 @@ class Selection:
   def __init__(self, metric: str, patience: int, every: int, best_dir: pathlib.Path,
                start: int):
     self.metric, self.patience, self.every = metric, patience, every
-    self.split, self.larger_is_better = METRICS[metric]
+    self.base, self.dataset = split_metric(metric)
+    self.split, self.larger_is_better = METRICS[self.base]
     self.best_dir = pathlib.Path(best_dir)
     self.value = self.step = None
     self.since = 0
@@ -95,8 +119,14 @@ class Selection:
     """Whether metrics ``row`` is a new best (then the caller writes its
     weights to ``best_dir`` and calls ``write``); a row that is not counts
     toward the patience. Rows of other splits, or without the metric, are
-    ignored."""
-    value = row.get(self.metric) if row.get("split") == self.split else None
+    ignored. With one eval dataset, the row's own figures are that dataset's."""
+    if row.get("split") != self.split:
+      return False
+    if self.dataset is not None and "datasets" in row:
+      row_values = row["datasets"].get(self.dataset, {})
+    else:
+      row_values = row
+    value = row_values.get(self.base)
     if value is None:
       return False
     if self.value is not None and not (

@@ -704,6 +704,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   incoming_adapters = cfg.adapters
   batch = config_lib.batch_size(stage)
   pipe = _stage_pipeline(run, name, stage, cfg)
+  selection_lib.check_datasets(stage.best_metric, pipe.eval_names(), f"config.stages.{name}")
   params = _placed(cfg, params, stage, mesh)
   cfg, params = _with_head(name, stage.objective, cfg, params, pipe, mesh, config.seed)
   keys = batch_keys(stage.objective)
@@ -871,7 +872,7 @@ def _selection(stage, stage_dir: pathlib.Path, start: int):
   """The stage's ``selection.Selection`` (None without ``best_metric``)."""
   if stage.best_metric is None:
     return None
-  split = selection_lib.METRICS[stage.best_metric][0]
+  split = selection_lib.METRICS[selection_lib.split_metric(stage.best_metric)[0]][0]
   every = stage.eval_every if split == "eval" else config_lib.generate_eval(stage).every
   return selection_lib.Selection(stage.best_metric, stage.early_stopping_patience, every,
                                  stage_dir / BEST_DIR, start)

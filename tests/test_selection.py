@@ -23,8 +23,8 @@ def _config(tmp_path, steps, patience=0, **stage):
                                  eval_every=2, checkpoint_every=2, keep_checkpoints=20)
   del c.stages["cpt"]
   sft = c.stages.sft
-  sft.update(dict(lr=0.3, schedule="constant", best_metric="loss",
-                  early_stopping_patience=patience, **stage))
+  sft.update({**dict(lr=0.3, schedule="constant", best_metric="loss",
+                    early_stopping_patience=patience), **stage})
   sft.data.eval_fraction = 0.2
   return c
 
@@ -79,6 +79,27 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp
                              [len(lines):].splitlines()) if r.get("split") == "train"]
 
 
+def test_the_best_at_one_eval_dataset(tmp_path):
+  """best_metric 'loss/text' follows that eval dataset's loss in a stage with
+  two (its held-out chats and an eval file of raw text); a name the stage does
+  not have is refused, listing the ones it has."""
+  config = _config(tmp_path, steps=8, best_metric="loss/text")
+  files = train_fixtures.write_data(tmp_path / "data")
+  config.stages.sft.data.eval_datasets = [str(files["text"])]
+  out = pathlib.Path(trainer.train(config))
+  losses = {r["step"]: r["datasets"]["text"]["loss"] for r in _rows(out, "eval")}
+  assert len(losses) == 4 and all(r["datasets"].keys() == {"chat", "text"}
+                                  for r in _rows(out, "eval"))
+  step = min(losses, key=losses.get)
+  record = json.loads((out / "stages" / "sft" / "best" / selection.RECORD_FILE).read_text())
+  assert record == {"metric": "loss/text", "value": losses[step], "best_step": step}
+  config.stages.sft.best_metric = "loss/txt"
+  config.output_dir = str(tmp_path / "other")
+  with pytest.raises(ValueError, match=r"best_metric='loss/txt': the stage has no eval dataset "
+                                       r"'txt'; its eval datasets are \['chat', 'text'\]"):
+    trainer.train(config)
+
+
 def test_a_resumed_stage_keeps_its_best_and_its_count(tmp_path):
   """The record beside the best weights brings back the best and the number
   of evaluations since it; a best recorded after the resumed step is dropped
@@ -111,6 +132,7 @@ def test_a_resumed_stage_keeps_its_best_and_its_count(tmp_path):
     (dict(best_metric="exact_match"), r"measured by generate_eval: set config\.stages\.sft"
                                       r"\.generate_eval\.every"),
     (dict(best_metric="accuracy"), "a sft stage's evaluation has no accuracy"),
+    (dict(best_metric="exact_match/chat"), "only eval_every's metrics are measured per eval"),
     (dict(best_metric=None, early_stopping_patience=2), "early_stopping_patience=2 needs"),
     (dict(early_stopping_patience=-1), "must be an integer >= 0"),
 ])
