@@ -135,6 +135,115 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# ----------------------------------------------------------------------------- command line
+
+INIT_PREFIX = "--config.model.init."
+
+
+def flags_parser(config_flag):
+  """An ``absl.app.run`` flags parser for a CLI with a ``--config`` file flag
+  (``config_flag``, from ``config_flags.DEFINE_config_file``).
+
+  A ``--config.KEY=VALUE`` override that does not apply (a typo, a key the
+  config lacks, a value of the wrong type) prints ``error: …`` with the
+  nearest key and exits with status 2, instead of a traceback from inside
+  ml_collections. ``--config.model.init.FIELD=VALUE`` sets any ModelConfig
+  field of a new model, also one the config file leaves out (ml_collections
+  cannot add keys), typed as the field."""
+  from absl import flags  # noqa: PLC0415  (CLIs only)
+
+  def parse(argv: list[str]) -> list[str]:
+    import sys  # noqa: PLC0415
+
+    init = [a for a in argv if a.startswith(INIT_PREFIX)]
+    rest = [a for a in argv if not a.startswith(INIT_PREFIX)]
+    # config_flags reads the overrides from sys.argv itself.
+    sys.argv = [a for a in sys.argv if not a.startswith(INIT_PREFIX)]
+    try:
+      remaining = flags.FLAGS(rest)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      if not _raised_by_overrides(e):
+        raise
+      _cli_error(f"a --config override does not apply: {_plain(e)} (the keys are in "
+                 "jaxsft/config.py; the argument was one of "
+                 f"{[a.split('=')[0] for a in rest if a.startswith('--config.')]})")
+    except flags.Error as e:
+      _cli_error(str(e))
+    if init:
+      config = config_flag.value
+      if config is None or config.model.init is None:
+        _cli_error(f"{init[0].split('=')[0]}: this config starts from model.source, not "
+                   "model.init; its architecture comes from the model's config.json")
+      try:
+        config.model.init = {**dict(config.model.init), **dict(map(init_override, init))}
+      except ValueError as e:
+        _cli_error(str(e))
+    return remaining
+
+  return parse
+
+
+def init_override(arg: str) -> tuple[str, Any]:
+  """``--config.model.init.FIELD=VALUE`` → (FIELD, VALUE typed as the ModelConfig field)."""
+  import ast  # noqa: PLC0415
+  import dataclasses  # noqa: PLC0415
+
+  from jaxsft.models.model_config import ModelConfig  # noqa: PLC0415
+
+  key, eq, raw = arg[len(INIT_PREFIX):].partition("=")
+  fields = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
+  if not eq:
+    raise ValueError(f"{arg}: give a value, {INIT_PREFIX}{key}=VALUE")
+  if key not in fields:
+    close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
+    raise ValueError(f"{arg}: {key!r} is not a model field{hint} (the fields are "
+                     "jaxsft.models.ModelConfig's)")
+  kind = fields[key]
+  if kind.startswith("str"):
+    return key, raw
+  if kind.startswith("bool"):
+    if raw.lower() not in ("true", "false"):
+      raise ValueError(f"{arg}: {key} is true or false")
+    return key, raw.lower() == "true"
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    raise ValueError(f"{arg}: {raw!r} is not a value of {key}'s type ({kind})") from None
+  if kind.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return key, float(value)
+  if kind.startswith("tuple") and isinstance(value, (list, tuple)):
+    return key, tuple(value)
+  if kind.startswith("int") and (isinstance(value, int) and not isinstance(value, bool)
+                                 or value is None and "None" in kind):
+    return key, value
+  raise ValueError(f"{arg}: {raw!r} is not a value of {key}'s type ({kind})")
+
+
+def _raised_by_overrides(e: BaseException) -> bool:
+  """Whether ``e`` came from ml_collections applying a --config.KEY override
+  (not from running the config file, whose own traceback says more)."""
+  tb, last = e.__traceback__, None
+  while tb is not None:
+    last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+  return last is not None and "ml_collections" in last and "config_file" not in last
+
+
+def _plain(e: BaseException) -> str:
+  """ml_collections' message on one line, without the quotes a KeyError adds."""
+  text = str(e.args[0]) if e.args else str(e)
+  text = " ".join(text.replace("\\n", "; ").replace("\\'", "").replace("'", "").split())
+  return f"no key {text}" if isinstance(e, (KeyError, AttributeError)) else text
+
+
+def _cli_error(message: str) -> None:
+  import sys  # noqa: PLC0415
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- defaults
+
 def base_config() -> ml_collections.ConfigDict:
   """Every run-level key with its default (module docstring)."""
   c = ml_collections.ConfigDict()

@@ -89,4 +89,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from jaxsft import config as config_lib  # noqa: PLC0415
+  app.run(main, flags_parser=config_lib.flags_parser(_CONFIG))

@@ -178,3 +178,54 @@ def test_scan_unroll_is_a_run_setting_that_reaches_the_model():
     config.model.scan_unroll = bad
     with pytest.raises(ValueError, match=rf"config\.model\.scan_unroll={bad!r} must be an integer"):
       config_lib.validate(config)
+
+
+def _cli(*args: str):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+
+
+@pytest.mark.parametrize("cli,args,needle", [
+    ("jaxsft.train", ["--config.stages.sft.lrr=3"],
+     'error: a --config override does not apply: no key lrr; Did you mean "lr" instead of "lrr"?'),
+    ("jaxsft.data", ["--config.stages.sft.data.packin=false"],
+     'no key packin; Did you mean "packing" instead of "packin"?'),
+    ("jaxsft.train", ["--config.model.init.num_expert=4"],
+     "error: --config.model.init.num_expert=4: 'num_expert' is not a model field; did you mean "
+     "'num_experts'"),
+    ("jaxsft.train", ["--config.model.init.num_layers=two"],
+     "'two' is not a value of num_layers's type (int)"),
+])
+def test_command_line_mistakes_print_one_error_line_not_a_traceback(cli, args, needle):
+  result = _cli(cli, "--config", str(ROOT / "configs" / "demo.py"), *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_model_init_fields_the_config_leaves_out_are_set_from_the_command_line():
+  """ml_collections cannot add a key to model.init from the command line; the
+  CLIs' parser can, typed as the ModelConfig field: the demo becomes a 4-expert
+  Mixtral in --plan. A config that starts from model.source is told so."""
+  assert config_lib.init_override("--config.model.init.rope_theta=500000") == (
+      "rope_theta", 500000.0)
+  assert config_lib.init_override("--config.model.init.eos_token_ids=[2, 4]") == (
+      "eos_token_ids", (2, 4))
+  assert config_lib.init_override("--config.model.init.sliding_window=None") == (
+      "sliding_window", None)
+  assert config_lib.init_override("--config.model.init.tie_word_embeddings=True") == (
+      "tie_word_embeddings", True)
+  demo = str(ROOT / "configs" / "demo.py")
+  plans = [_cli("jaxsft.train", "--config", demo, "--plan", "--config.stages.cpt.steps=1",
+                *extra) for extra in ([], ["--config.model.init.family=mixtral",
+                                           "--config.model.init.num_experts=4"])]
+  rows = [[json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+          for p in plans]
+  assert all(p.returncode == 0 for p in plans), plans[-1].stderr[-2000:]
+  dense, moe = rows[0][0]["params"], rows[1][0]["params"]
+  assert moe > 3 * dense // 2, (dense, moe)  # four MLPs per layer instead of one
+  recipe = str(ROOT / "configs" / "qwen2-7b-instruct_domain_sft.py")
+  result = _cli("jaxsft.train", "--config", recipe, "--config.model.init.num_layers=2")
+  assert result.returncode == 2
+  assert "this config starts from model.source, not model.init" in result.stderr
