@@ -18,6 +18,7 @@ one compiled program.
 from __future__ import annotations
 
 import argparse
+import json
 import contextlib
 import functools
 import pathlib
@@ -31,6 +32,7 @@ import numpy as np
 from jaxsft import checkpoint
 from jaxsft import hf
 from jaxsft import sharding as sharding_lib
+from jaxsft.data import templates
 from jaxsft.models import llama
 from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import lora
@@ -330,21 +332,40 @@ def read_dtypes(params, compute_dtype):
 
 # ----------------------------------------------------------------------------- CLI
 
-def prompt_tokens(tokenizer, prompt: str, chat: bool, system: str | None) -> list[int]:
+def prompt_tokens(tokenizer, prompt: str, chat: bool, system: str | None,
+                  tools: list | None = None) -> list[int]:
   """The prompt's token ids: ``tokenizer(prompt)`` as is, or, with ``chat``,
-  the tokenizer's chat template with a generation prompt (system message first)."""
+  the tokenizer's chat template with a generation prompt (system message
+  first; ``tools``, function schemas, as the template writes them)."""
   if not chat:
-    if system is not None:
-      raise ValueError("--system needs --chat (a system message only exists in a conversation)")
+    if system is not None or tools is not None:
+      raise ValueError(f"{'--system' if system is not None else '--tools'} needs --chat (it "
+                       "only exists in a conversation)")
     return list(tokenizer(prompt)["input_ids"])
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError("--chat: this model's tokenizer has no chat template; run without --chat "
                      "to feed the prompt as plain text")
   messages = [{"role": "system", "content": system}] if system is not None else []
   messages.append({"role": "user", "content": prompt})
-  encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                          return_dict=True)
-  return list(encoded["input_ids"])
+  text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                       tools=tools)
+  missing = [n for n in templates.tool_names([], tools) if n not in text]
+  if missing:
+    raise ValueError(f"--tools: this model's chat template does not write tools (the prompt "
+                     f"never names {missing[:3]}); it was not made for tool use")
+  # The template writes its own special tokens (apply_chat_template's tokenization).
+  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def read_tools(path: str) -> list:
+  """Function schemas from a JSON file: a list of them (OpenAI's ``tools``)."""
+  try:
+    tools = json.loads(pathlib.Path(path).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"--tools {path}: {e}") from None
+  if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+    raise ValueError(f"--tools {path}: expected a JSON list of function schemas (objects)")
+  return tools
 
 
 def _parse_args(argv):
@@ -356,6 +377,9 @@ def _parse_args(argv):
   parser.add_argument("--chat", action="store_true",
                       help="wrap the prompt in the tokenizer's chat template")
   parser.add_argument("--system", default=None, help="system message (with --chat)")
+  parser.add_argument("--tools", default=None, metavar="FILE",
+                      help="with --chat: a JSON list of function schemas the model may call, "
+                           "written into the prompt by the chat template")
   parser.add_argument("--max-new-tokens", type=int, default=None,
                       help=f"default: {DEFAULT_MAX_NEW_TOKENS}, or what the context leaves")
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -387,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mesh = inference_mesh(args.mesh)
     cfg, params, tokenizer = load_for_inference(args.model, args.trust_remote_code, args.dtype,
                                                 mesh=mesh)
-    tokens = prompt_tokens(tokenizer, args.prompt, args.chat, args.system)
+    tools = read_tools(args.tools) if args.tools is not None else None
+    tokens = prompt_tokens(tokenizer, args.prompt, args.chat, args.system, tools)
     if not tokens:
       raise ValueError("the prompt is empty after tokenization; give a non-empty --prompt")
     # Prompt/prefix tuning's virtual tokens take the first positions.

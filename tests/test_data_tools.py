@@ -104,6 +104,10 @@ def test_tool_use_errors_name_the_row_and_what_to_do(tok):
   with pytest.raises(ValueError, match=r"tools.jsonl:3: tool calls, tool results and tool "
                                        r"schemas .*\(data\.template='tokenizer'\)"):
     templates.encode(conv, templates.get_template("chatml", tok), tok)
+  plain = hf_builders.build_tokenizer()  # ChatML that writes content only: no tools, no calls
+  with pytest.raises(ValueError, match=r"tools.jsonl:3: template 'tokenizer' does not write the "
+                                       r"tools or tool calls .* never names \['get_weather'\]"):
+    templates.encode(conv, templates.get_template("tokenizer", plain), plain)
   bad = json.loads(json.dumps(SHAREGPT_ROW))
   bad["conversations"][1]["value"] = "get_weather(Paris)"
   with pytest.raises(ValueError, match=r"s:2: 'conversations'\[1\].value is not valid JSON"):

@@ -266,6 +266,36 @@ def test_cli_chat_uses_the_chat_template(llama_model, capsys):
   assert capsys.readouterr().out == tokenizer.decode(want, skip_special_tokens=True) + "\n"
 
 
+def test_cli_tools_are_written_into_the_prompt(llama_model, tmp_path, capsys):
+  """--tools FILE: the chat template writes the schemas into the prompt; the
+  continuation is transformers' greedy one from apply_chat_template(tools=...).
+  A template that ignores tools is refused rather than silently dropping them."""
+  import test_data_tools  # noqa: PLC0415  (its tool-aware template and schemas)
+  d, model, _, _ = llama_model
+  tool_dir = tmp_path / "tool_model"
+  shutil.copytree(d, tool_dir)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(d)
+  tokenizer.chat_template = test_data_tools.TOOL_TEMPLATE
+  tokenizer.save_pretrained(tool_dir)
+  tools = tmp_path / "tools.json"
+  tools.write_text(json.dumps(test_data_tools.TOOLS))
+  messages = [{"role": "user", "content": "Weather in Paris?"}]
+  ids = tokenizer.apply_chat_template(messages, tools=test_data_tools.TOOLS,
+                                      add_generation_prompt=True, return_dict=True)["input_ids"]
+  assert "get_weather" in tokenizer.decode(ids)
+  want = _hf_greedy(model, ids, 12)
+  assert gen.main(["--model", str(tool_dir), "--prompt", "Weather in Paris?", "--chat",
+                   "--tools", str(tools), "--max-new-tokens", "12"]) == 0
+  assert capsys.readouterr().out == tokenizer.decode(want, skip_special_tokens=True) + "\n"
+  assert gen.main(["--model", str(d), "--prompt", "hi", "--chat", "--tools", str(tools)]) == 2
+  assert "does not write tools (the prompt never names ['get_weather'])" in (
+      capsys.readouterr().err)
+  tools.write_text('{"name": "get_weather"}')
+  assert gen.main(["--model", str(tool_dir), "--prompt", "hi", "--chat", "--tools",
+                   str(tools)]) == 2
+  assert "expected a JSON list of function schemas" in capsys.readouterr().err
+
+
 def test_cli_errors(llama_model, tmp_path, capsys):
   d, _, cfg, _ = llama_model
   tokenizer = transformers.AutoTokenizer.from_pretrained(d)

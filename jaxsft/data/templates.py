@@ -167,6 +167,13 @@ class Template:
         texts.append(self.render_text(messages[:i], tokenizer, add_generation_prompt=True,
                                       tools=tools))
         texts.append(self.render_text(messages[:i + 1], tokenizer, tools=tools))
+    missing = [n for n in tool_names(messages, tools) if n not in texts[-1]]
+    if missing:
+      raise ValueError(
+          f"{source}: template {self.name!r} does not write the tools or tool calls of this "
+          f"conversation (its rendering never names {missing[:3]}), so they would be dropped "
+          "from the training text; use the chat template of a model trained for tool use "
+          "(e.g. Qwen2.5, Llama 3.1)")
     seqs = _tokenize(tokenizer, texts)
     eot = self.end_of_turn_ids(tokenizer)
     spans, previous, turn = [], [], 0
@@ -667,6 +674,17 @@ def _text_ids(text: str, tokenizer, source: str) -> list[int]:
   if not ids or ids[-1] != tokenizer.eos_token_id:
     ids.append(tokenizer.eos_token_id)
   return ids
+
+
+def tool_names(messages: Sequence[Message], tools: list | None) -> list[str]:
+  """The function names a rendering of ``messages`` with ``tools`` must
+  contain: every schema's and every call's (a template that writes none of
+  them ignores tool use)."""
+  names = [(t.get("function") or t).get("name") for t in tools or [] if isinstance(t, Mapping)]
+  for m in messages:
+    for call in json.loads(m.tool_calls) if m.tool_calls else []:
+      names.append(call["function"]["name"])
+  return [n for n in dict.fromkeys(names) if isinstance(n, str)]
 
 
 def _messages(messages) -> list[Message]:
