@@ -166,6 +166,22 @@ def test_process_slices_make_up_the_global_batch(tok, files):
     pipe.batches(3, process_count=2)
 
 
+def test_max_samples_reads_the_first_rows_of_each_dataset(tok, files, tmp_path):
+  """data.max_samples (LLaMA-Factory's) keeps each dataset's first N rows; a
+  dataset's own max_samples wins; eval datasets are cut too."""
+  held = _write(tmp_path / "held.jsonl", _alpaca(9, "lazy dog", start=500))
+  cfg = _cfg(files, max_samples=10, eval_datasets=[held])
+  cfg["datasets"] = [dict(path=files["chat"], max_samples=4), dict(path=files["text"])]
+  pipe = pipeline.build(cfg, tok, seq_len=64)
+  got = collections.Counter(s for b in pipe.batches(4, epochs=1) for s in _segments(b))
+  first = lambda path, n: _expected(tok, {"path": path})[:n]  # noqa: E731
+  assert got == collections.Counter(first(files["chat"], 4) + first(files["text"], 10))
+  evals = collections.Counter(s for b in pipe.eval_batches(4) for s in _segments(b))
+  assert evals == collections.Counter(first(held, 9))  # fewer rows than max_samples
+  with pytest.raises(ValueError, match=r"max_samples must be an integer >= 1, got 0"):
+    pipeline.build(dict(cfg, datasets=[dict(path=files["chat"], max_samples=0)]), tok, 64)
+
+
 def test_eval_split_and_eval_datasets(tok, files, tmp_path):
   held = _write(tmp_path / "held.jsonl", _alpaca(5, "lazy dog", start=500))
   pipe = pipeline.build(_cfg(files, eval_fraction=0.2, eval_datasets=[held]), tok, seq_len=64)

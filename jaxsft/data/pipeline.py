@@ -21,12 +21,15 @@ unknown keys are an error, so a typo cannot be silently ignored):
     template        this dataset's template, overriding data.template      (None)
     weight          sampling ratio among the weighted datasets              (None)
     epochs          repetitions per mixture epoch, fractional allowed      (None: 1)
+    max_samples     only this dataset's first N rows                       (None: data's)
     split           split of a saved DatasetDict or hub dataset             (None: train)
     name            name in stats and errors                                (None: file name)
   template        tokenizer (its own chat template) | chatml | qwen2 | llama3 | mistral,
                   or a role-tag dict of ``templates.RoleTagTemplate`` fields (tokenizer)
   train_on        all_assistant | last_assistant | everything           (all_assistant)
   max_length      longest example in tokens; at most seq_len            (None: seq_len)
+  max_samples     read only the first N rows of each dataset, as LLaMA-Factory's
+                  max_samples (rows dropped for length count among them)   (None: all)
   truncation      drop | keep_answer (``templates.encode``)             (drop)
   packing         pack examples into rows; False = one example per row (True)
   shuffle_buffer  examples per packing window (``mixture``)             (10000)
@@ -99,9 +102,9 @@ CACHE_META = "jaxsft.json"
 
 DATASET_DEFAULTS: dict[str, Any] = dict(
     path=None, format="auto", columns={}, system_prompt=None, template=None, weight=None,
-    epochs=None, split=None, name=None)
+    epochs=None, split=None, name=None, max_samples=None)
 DEFAULTS: dict[str, Any] = dict(
-    datasets=[], template="tokenizer", train_on="all_assistant", max_length=None,
+    datasets=[], template="tokenizer", train_on="all_assistant", max_length=None, max_samples=None,
     truncation="drop", packing=True, shuffle_buffer=10_000, eval_fraction=0.0, eval_datasets=[],
     num_proc=1, cache_dir=None, pad_id=None)
 
@@ -116,8 +119,10 @@ def default_config():
   from ml_collections.config_dict import placeholder  # noqa: PLC0415
 
   cfg = ml_collections.ConfigDict(
-      {k: v for k, v in DEFAULTS.items() if k not in ("max_length", "cache_dir", "pad_id")})
+      {k: v for k, v in DEFAULTS.items()
+       if k not in ("max_length", "max_samples", "cache_dir", "pad_id")})
   cfg.max_length = placeholder(int)
+  cfg.max_samples = placeholder(int)
   cfg.cache_dir = placeholder(str)
   cfg.pad_id = placeholder(int)
   return cfg
@@ -411,6 +416,8 @@ def resolve_config(data_cfg: Mapping[str, Any] | None) -> dict:
   _check_int(cfg, "num_proc", 1)
   if cfg["max_length"] is not None:
     _check_int(cfg, "max_length", 1)
+  if cfg["max_samples"] is not None:
+    _check_int(cfg, "max_samples", 1)
   if cfg["pad_id"] is not None:
     _check_int(cfg, "pad_id", 0)
   if not isinstance(cfg["packing"], bool):
@@ -441,6 +448,10 @@ def _dataset_spec(spec: Any, where: str) -> dict:
     spec["path"] = os.fspath(spec["path"])
   if not spec["path"] or not isinstance(spec["path"], str):
     raise ValueError(f"{where}: 'path' (a file, glob, directory or hub name) is required")
+  n = spec["max_samples"]
+  if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+    raise ValueError(f"{where} ({spec['path']!r}): max_samples must be an integer >= 1, "
+                     f"got {n!r}")
   spec["columns"] = dict(spec["columns"] or {})
   formats.check_columns(spec["format"] or "auto", spec["columns"],
                         where=f"{where} ({spec['path']})")
@@ -727,9 +738,10 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
       raise ValueError(_all_dropped(part, max_length, cfg["truncation"]))
 
   train_picks, eval_picks = [], []
-  for d, part in enumerate(parts):
-    held = _holdout(len(part), cfg["eval_fraction"], seed, d, part.name)
-    train_picks.append(np.setdiff1d(np.arange(len(part)), held))
+  for d, (part, spec) in enumerate(zip(parts, cfg["datasets"])):
+    allowed = _first_rows(part, spec["max_samples"] or cfg["max_samples"])
+    held = allowed[_holdout(len(allowed), cfg["eval_fraction"], seed, d, part.name)]
+    train_picks.append(np.setdiff1d(allowed, held))
     eval_picks.append(held)
   train = _Pool(parts, train_picks, virtual_tokens)
 
@@ -741,7 +753,9 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
   eval_pool = None
   if cfg["eval_fraction"] > 0 or eval_parts:
     eval_pool = _Pool(parts + eval_parts,
-                      eval_picks + [np.arange(len(p)) for p in eval_parts], virtual_tokens)
+                      eval_picks + [_first_rows(p, spec["max_samples"] or cfg["max_samples"])
+                                    for p, spec in zip(eval_parts, cfg["eval_datasets"])],
+                      virtual_tokens)
 
   mix = mixture.Mixture([mixture.Part(p.name, len(picks), spec["weight"], spec["epochs"])
                          for p, picks, spec in zip(parts, train_picks, cfg["datasets"])], seed)
@@ -798,6 +812,17 @@ def _label_set(parts: list[Tokenized], picks: list[np.ndarray],
           "— start from a model without one to train new labels")
     return tuple(fixed), most
   return tuple(sorted(seen)), most
+
+
+def _first_rows(part: Tokenized, limit: int | None) -> np.ndarray:
+  """The kept examples of ``part`` that come from its first ``limit`` rows (all: None)."""
+  if limit is None:
+    return np.arange(len(part))
+  allowed = np.flatnonzero(part.rows < limit)
+  if not len(allowed):
+    raise ValueError(f"dataset {part.name!r}: none of its first {limit} rows (max_samples) was "
+                     "kept (too long, or no answer); raise max_samples or check the data")
+  return allowed
 
 
 def _holdout(n: int, fraction: float, seed: int, d: int, name: str) -> np.ndarray:
