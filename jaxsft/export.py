@@ -249,14 +249,18 @@ def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer
   ``OUT/base``."""
   if cfg.adapters is None:
     raise ValueError(f"{source} has no adapters (method 'full'); export it without --peft")
-  if base_model is not None and cfg.adapters.lora_init in PRINCIPAL_INITS:
-    raise ValueError(f"{source}'s LoRA started from {cfg.adapters.lora_init!r}, which left the "
-                     f"residual of its weights as the base, so the adapter does not apply to "
-                     f"{base_model}; export without --base-model (the residual base is written "
-                     "to OUT/base) or merged, without --peft")
-  if base_model is None and (source / peft_export.BASE_FILE).is_file():
-    base_model = json.loads((source / peft_export.BASE_FILE).read_text())[
-        "base_model_name_or_path"]
+  record = {}
+  if (source / peft_export.BASE_FILE).is_file():
+    record = json.loads((source / peft_export.BASE_FILE).read_text())
+  changed = record.get("base_changed") or (
+      f"its LoRA started from {cfg.adapters.lora_init!r}, which left the residual as the base"
+      if cfg.adapters.lora_init in PRINCIPAL_INITS else None)
+  if base_model is not None and changed:
+    raise ValueError(f"{source}: {changed}, so the adapter does not apply to {base_model}; "
+                     "export without --base-model (the checkpoint's own base is written to "
+                     "OUT/base beside the adapter) or merged, without --peft")
+  if base_model is None:
+    base_model = record.get("base_model_name_or_path")
   np_dtype = {"bfloat16": None, "float16": np.float16, "float32": np.float32, None: np.float32}[
       dtype]
   if np_dtype is None:

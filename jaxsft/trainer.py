@@ -858,14 +858,28 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     final_cfg, final_params = peft_methods.canonical(ph.cfg, ph.final(state.params))
   checkpoint_lib.save_model(stage_dir / "final", final_params, final_cfg,
                             tokenizer_src=run.tokenizer_dir, overwrite=True)
-  # The source model is the adapter's base unless the stage changed the base:
-  # full_then_lora trains it, PiSSA/OLoRA leave the residual there.
-  if (final_cfg.adapters is not None and base_model is not None and incoming_adapters is None
-      and stage.method != "full_then_lora"
-      and final_cfg.adapters.lora_init not in PRINCIPAL_INITS and jax.process_index() == 0):
-    (stage_dir / "final" / peft_export.BASE_FILE).write_text(
-        json.dumps({"base_model_name_or_path": base_model}) + "\n")
+  # What a PEFT export of this stage's adapter applies to: the source model,
+  # unless the stage changed the base (then export writes the base it has).
+  changed = _base_change(stage, final_cfg)
+  if (final_cfg.adapters is not None and (base_model is not None and incoming_adapters is None
+                                          or changed) and jax.process_index() == 0):
+    record = ({"base_model_name_or_path": None, "base_changed": changed} if changed else
+              {"base_model_name_or_path": base_model})
+    (stage_dir / "final" / peft_export.BASE_FILE).write_text(json.dumps(record) + "\n")
   return final_cfg, final_params
+
+
+def _base_change(stage, cfg: ModelConfig) -> str | None:
+  """Why the stage's frozen base differs from the model it started from, if it does."""
+  if cfg.adapters is None:
+    return None
+  if stage.method == "full_then_lora":
+    return "full_then_lora trained the base weights before adding LoRA"
+  if cfg.adapters.lora_init in PRINCIPAL_INITS:
+    return f"its LoRA started from {cfg.adapters.lora_init!r}, which left the residual as the base"
+  if stage.peft.train_modules:
+    return f"peft.train_modules={stage.peft.train_modules!r} trained base weights beside the adapter"
+  return None
 
 
 def _selection(stage, stage_dir: pathlib.Path, start: int):

@@ -71,7 +71,8 @@ def test_a_pissa_run_exports_a_peft_adapter_over_its_residual_base(tmp_path):
                                           dict(rank=RANK, alpha=ALPHA, init="pissa"))
   out = trainer.train(config)
   final = out / "stages" / "sft" / "final"
-  assert not (final / peft_export.BASE_FILE).exists()
+  record = json.loads((final / peft_export.BASE_FILE).read_text())
+  assert record["base_model_name_or_path"] is None and "'pissa'" in record["base_changed"]
   cfg, params = checkpoint_lib.load_model(final)
   ours = np.asarray(llama.forward(cfg, params, TOKENS)[0])
 
@@ -84,7 +85,8 @@ def test_a_pissa_run_exports_a_peft_adapter_over_its_residual_base(tmp_path):
   merged = transformers.AutoModelForCausalLM.from_pretrained(
       export_lib.export(final, tmp_path / "merged")).eval()
   np.testing.assert_allclose(peft_fixtures.torch_logits(merged, TOKENS), ours, atol=1e-4, rtol=0)
-  with pytest.raises(ValueError, match="started from 'pissa', which left the residual"):
+  with pytest.raises(ValueError, match="started from 'pissa', which left the residual as the "
+                                       "base, so the adapter does not apply to"):
     export_lib.export(final, tmp_path / "other", peft=True, base_model=str(hf_dir))
 
 

@@ -211,6 +211,33 @@ def test_lora_training_freezes_the_base_and_exports_a_peft_adapter(tmp_path):
   np.testing.assert_allclose(peft_fixtures.torch_logits(model, TOKENS), np.asarray(ours), atol=1e-4, rtol=0)
 
 
+def test_lora_with_trained_base_modules_exports_the_base_it_trained(tmp_path):
+  """LoRA plus peft.train_modules trains base weights too (here the final
+  norm): the --peft export must not name the source model as the base (the
+  adapter over it computed other logits, max diff 0.25, before this was
+  caught); it writes the trained base beside the adapter, and an explicit
+  --base-model is refused with why."""
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
+  c = _one_stage_config(tmp_path, hf_dir, "lora", steps=4, train_modules="final_norm")
+  c.stages.sft.lr = 5e-2
+  final = trainer.train(c) / "stages" / "sft" / "final"
+  cfg, params = checkpoint_lib.load_model(final)
+  _, start = hf.load_params(hf_dir)
+  assert np.abs(np.asarray(params["final_norm"]["scale_d"])
+                - np.asarray(start["final_norm"]["scale_d"])).max() > 1e-3
+  adapter = export_lib.export(final, tmp_path / "a", peft=True)
+  base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+  assert base == str((tmp_path / "a" / "base").resolve())
+  model = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+  ours, _ = llama.forward(cfg, params, TOKENS)
+  np.testing.assert_allclose(peft_fixtures.torch_logits(model, TOKENS), np.asarray(ours),
+                             atol=1e-4, rtol=0)
+  with pytest.raises(ValueError, match=r"peft.train_modules='final_norm' trained base weights "
+                                       r"beside the adapter, so the adapter does not apply"):
+    export_lib.export(final, tmp_path / "b", peft=True, base_model=str(hf_dir))
+
+
 @pytest.mark.parametrize("method,trained", [
     ("lora", set()), ("full_then_lora", None), ("freeze", {"layers/"})])
 def test_random_init_builds_frozen_weights_in_the_frozen_dtype(method, trained):
