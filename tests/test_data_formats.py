@@ -163,7 +163,7 @@ def test_conversation_dict_round_trip():
   conv = to_conversation({"text": "x", "labels": ["a"], "system": "S"}, "label", "l:1")
   assert Conversation.from_dict(conv.to_dict()) == conv
   assert json.loads(json.dumps(conv.to_dict()))["messages"][0] == {
-      "role": "system", "content": "S", "tool_calls": None}
+      "role": "system", "content": "S", "tool_calls": None, "tool_fields": None}
 
 
 # --- reading files ------------------------------------------------------------------------------

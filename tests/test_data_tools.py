@@ -79,6 +79,29 @@ def test_tool_conversations_tokenize_as_transformers_renders_them(tok, row, fmt)
   assert "temperature" not in trained and "Tools" not in trained
 
 
+def test_call_ids_reach_templates_that_pair_results_with_calls(tok):
+  """OpenAI's call ``id`` and the tool turn's ``tool_call_id``/``name`` are
+  passed to the template (Mistral's pairs results with calls by id): ids and
+  mask as transformers renders the same messages."""
+  template = (TOOL_TEMPLATE.replace("<tool_call>", "<tool_call>{{ c.id }}:")
+              .replace("<|im_start|>tool\n{{ m.content }}",
+                       "<|im_start|>tool\n{{ m.tool_call_id }} {{ m.name }}: {{ m.content }}"))
+  t = hf_builders.build_tokenizer()
+  t.chat_template = template
+  messages = json.loads(json.dumps(MESSAGES))
+  messages[2]["tool_calls"][0]["id"] = "call9"
+  messages[3].update(tool_call_id="call9", name="get_weather")
+  conv = formats.to_conversation({"messages": messages, "tools": TOOLS}, "messages", "m:1")
+  enc = templates.encode(conv, templates.get_template("tokenizer", t), t)
+  ref = t.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=True,
+                              return_assistant_tokens_mask=True)
+  assert enc.input_ids == list(ref["input_ids"])
+  assert enc.loss_mask == list(ref["assistant_masks"])
+  assert "call9 get_weather:" in t.decode(enc.input_ids)
+  # Through the Arrow round trip too.
+  assert formats.Conversation.from_dict(conv.to_dict()) == conv
+
+
 def test_tool_rows_survive_the_pipeline(tok, tmp_path):
   """Through datasets' Arrow tables and the token cache: the packed example is
   the one ``encode`` gives."""

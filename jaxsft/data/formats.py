@@ -35,8 +35,9 @@ sharegpt write it: ``tools`` is the list of function schemas the model may
 call (a list, or a JSON string of one); an assistant turn may call them
 (``tool_calls``: [{"type": "function", "function": {"name", "arguments"}}];
 sharegpt's ``function_call`` turn holds one call or a list of them as JSON,
-{"name", "arguments"}), and ``tool`` turns (sharegpt ``observation``) hold
-what they returned, before the assistant's next turn. The calls are trained
+{"name", "arguments"}; a call's ``id`` is kept), and ``tool`` turns (sharegpt
+``observation``) hold what they returned, before the assistant's next turn
+(with OpenAI's ``tool_call_id`` and ``name``, if given, for the template). The calls are trained
 like any answer, the tool results are not. Rendering them takes the
 tokenizer's own chat template (``templates.TokenizerTemplate``).
 
@@ -67,6 +68,9 @@ FIELDS = {
 }
 FORMATS = tuple(FIELDS)
 
+# What a tool turn may carry besides its content (OpenAI's tool message).
+TOOL_FIELDS = ("tool_call_id", "name")
+
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "system": "system", "function_call": "assistant",
                   "observation": "tool"}
@@ -76,10 +80,13 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
 class Message:
   """One turn of a conversation. ``tool_calls``: an assistant turn's function
   calls, as the JSON text of OpenAI's list (kept as text so that rows of any
-  arguments share one Arrow schema)."""
+  arguments share one Arrow schema). ``tool_fields``: a tool turn's
+  ``tool_call_id`` and ``name`` as JSON text, for templates that pair results
+  with calls (Mistral's)."""
   role: str
   content: str
   tool_calls: str | None = None
+  tool_fields: str | None = None
 
   def __post_init__(self):
     if self.role not in ROLES:
@@ -88,12 +95,16 @@ class Message:
       raise ValueError(f"message content must be a string, got {type(self.content).__name__}")
     if self.tool_calls is not None and self.role != "assistant":
       raise ValueError(f"a {self.role} message cannot carry tool_calls")
+    if self.tool_fields is not None and self.role != "tool":
+      raise ValueError(f"a {self.role} message cannot carry {TOOL_FIELDS}")
 
   def as_dict(self) -> dict[str, Any]:
     """``{"role": ..., "content": ...}`` (and ``tool_calls``), the form chat templates take."""
     d: dict[str, Any] = {"role": self.role, "content": self.content}
     if self.tool_calls is not None:
       d["tool_calls"] = json.loads(self.tool_calls)
+    if self.tool_fields is not None:
+      d.update(json.loads(self.tool_fields))
     return d
 
 
@@ -112,15 +123,15 @@ class Conversation:
   def to_dict(self) -> dict[str, Any]:
     """A plain dict (JSON- and Arrow-friendly); ``from_dict`` inverts it."""
     d = dataclasses.asdict(self)
-    d["messages"] = [{"role": m.role, "content": m.content, "tool_calls": m.tool_calls}
-                     for m in self.messages]
+    d["messages"] = [{"role": m.role, "content": m.content, "tool_calls": m.tool_calls,
+                      "tool_fields": m.tool_fields} for m in self.messages]
     return d
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Conversation":
     """The inverse of ``to_dict``."""
     d = dict(d)
-    d["messages"] = [Message(m["role"], m["content"], m.get("tool_calls"))
+    d["messages"] = [Message(m["role"], m["content"], m.get("tool_calls"), m.get("tool_fields"))
                      for m in d.get("messages") or []]
     return cls(**d)
 
@@ -276,12 +287,15 @@ class _Row:
       elif item.get("tool_calls") is not None and role_map[role] == "assistant":
         calls = _tool_calls(item["tool_calls"], f"{self.source}: {at}.tool_calls")
         content = "" if content is None else content
+      fields = None
+      if role_map[role] == "tool" and any(isinstance(item.get(k), str) for k in TOOL_FIELDS):
+        fields = json.dumps({k: item[k] for k in TOOL_FIELDS if isinstance(item.get(k), str)})
       if content is None:
         raise ValueError(f"{self.source}: {at} has no '{content_col}' (it has {sorted(item)})")
       if not isinstance(content, str):
         raise ValueError(f"{self.source}: {at}.{content_col} must be a string, "
                          f"got {_type(content)}")
-      out.append(Message(role_map[role], content, calls))
+      out.append(Message(role_map[role], content, calls, fields))
     return out
 
   def tools(self) -> str | None:
