@@ -512,7 +512,9 @@ def encode(conversation: Conversation, template: Template, tokenizer, *,
   formed (bos, system message, role headers, generation prompt). An example
   whose last answer does not fit even with an empty user message is dropped:
   cutting the answer would train the model to stop mid-sentence (with the
-  end-of-turn) or never to stop (without it).
+  end-of-turn) or never to stop (without it). A conversation with tool use is
+  dropped rather than shortened: leaving out its oldest turns could separate
+  a call from its result.
   Raw text under ``keep_answer`` keeps its first ``max_length`` tokens (no eos:
   the document did not end there).
   """
