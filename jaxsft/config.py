@@ -169,9 +169,9 @@ def flags_parser(config_flag):
                  f"{[a.split('=')[0] for a in rest if a.startswith('--config.')]})")
     except flags.Error as e:
       _cli_error(str(e))
-    if init:
-      config = config_flag.value
-      if config is None or config.model.init is None:
+    config = config_flag.value
+    if init and config is not None:  # without --config the CLI says that one is needed
+      if config.model.init is None:
         _cli_error(f"{init[0].split('=')[0]}: this config starts from model.source, not "
                    "model.init; its architecture comes from the model's config.json")
       try:
