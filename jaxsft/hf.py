@@ -195,8 +195,8 @@ def extend_context(cfg: ModelConfig, spec, seq_len: int,
   context as their original_max_position_embeddings, llama3 low/high
   frequency factors 1 and 4; where seq_len fits the context already, ``cfg``
   is returned unchanged (also when ``cfg`` scales RoPE so already, as the
-  checkpoint of an earlier such run does). A dict (transformers' ``rope_scaling``) is applied as
-  given. Either way the context becomes the old one times the factor, and the
+  checkpoint of an earlier such run does). A dict (transformers' ``rope_scaling``)
+  is applied as given, unless ``cfg`` has that type and factor already. Either way the context becomes the old one times the factor, and the
   exported config.json carries both, so transformers computes what was trained.
   """
   check_rope_scaling(spec, where)
@@ -218,6 +218,12 @@ def extend_context(cfg: ModelConfig, spec, seq_len: int,
       rope.update(low_freq_factor=1.0, high_freq_factor=4.0)
   else:
     rope = dict(spec)
+    have = cfg.rope_dict()
+    if (have.get("rope_type") == rope.get("rope_type", rope.get("type"))
+        and have.get("factor") == rope.get("factor")):
+      # Scaled so already (a checkpoint of an earlier such run): applying it
+      # again would take the grown context for the original one.
+      return cfg
   # yarn's and llama3's original_max_position_embeddings default to the old context.
   _, scaling = _rope_from_hf({"rope_scaling": rope}, cfg.family, old, where)
   return cfg.replace(rope_scaling=scaling,

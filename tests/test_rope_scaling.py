@@ -120,3 +120,8 @@ def test_a_stage_within_the_context_leaves_rope_alone(hf_model_factory, tmp_path
       _config(tmp_path, path, {"rope_type": "linear", "factor": 2.0}, seq_len=CONTEXT))
   assert dict(cfg.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
   assert cfg.max_position_embeddings == 2 * CONTEXT
+  # A checkpoint that carries it already is not scaled twice (yarn would take
+  # the grown context for its original one).
+  yarn = hf.extend_context(plain, {"rope_type": "yarn", "factor": 2.0}, CONTEXT)
+  assert hf.extend_context(yarn, {"rope_type": "yarn", "factor": 2.0}, CONTEXT) == yarn
+  assert dict(yarn.rope_scaling)["original_max_position_embeddings"] == CONTEXT
