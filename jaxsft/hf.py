@@ -163,12 +163,13 @@ def _rope_from_hf(hf: dict, family: str, max_pos: int, where: str):
 CONTEXT_EXTENSIONS = ("linear", "yarn", "llama3")
 
 
-def check_rope_scaling(spec, where: str = "config.model.rope_scaling") -> None:
+def check_rope_scaling(spec, where: str = "config.model.rope_scaling"):
   """Refuse a ``model.rope_scaling`` that ``extend_context`` cannot apply,
   before any model is read: a type name of CONTEXT_EXTENSIONS, or a dict whose
   ``rope_type`` is one, with a ``factor`` >= 1. Dynamic NTK scaling changes
   RoPE's base with the longest position of each call, so packed training rows
-  would each see a different one: refused, with why."""
+  would each see a different one: refused, with why. Returns ``spec`` as a
+  plain str or dict (a ConfigDict converted)."""
   if hasattr(spec, "to_dict"):
     spec = spec.to_dict()
   kind = spec.get("rope_type", spec.get("type")) if isinstance(spec, Mapping) else spec
@@ -183,6 +184,7 @@ def check_rope_scaling(spec, where: str = "config.model.rope_scaling") -> None:
     factor = spec.get("factor")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
       raise ValueError(f"{where}: 'factor' must be a number >= 1, got {factor!r}")
+  return spec
 
 
 def extend_context(cfg: ModelConfig, spec, seq_len: int,
@@ -199,9 +201,7 @@ def extend_context(cfg: ModelConfig, spec, seq_len: int,
   is applied as given, unless ``cfg`` has that type and factor already. Either way the context becomes the old one times the factor, and the
   exported config.json carries both, so transformers computes what was trained.
   """
-  check_rope_scaling(spec, where)
-  if hasattr(spec, "to_dict"):
-    spec = spec.to_dict()
+  spec = check_rope_scaling(spec, where)
   old = cfg.max_position_embeddings
   if isinstance(spec, str):
     if cfg.rope_dict().get("rope_type") == spec and seq_len <= old:

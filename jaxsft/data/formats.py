@@ -142,7 +142,12 @@ class Conversation:
 
   @property
   def uses_tools(self) -> bool:
-    return self.tools is not None or any(m.role == "tool" or m.tool_calls for m in self.messages)
+    return uses_tools(self.messages, self.tools)
+
+
+def uses_tools(messages, tools) -> bool:
+  """Whether a conversation has tool schemas, tool calls or tool results."""
+  return bool(tools) or any(m.role == "tool" or m.tool_calls for m in messages)
 
 
 def label_answer(labels: list[str]) -> str:

@@ -55,7 +55,7 @@ import json
 import string
 from typing import Any, Iterable, Mapping, Sequence
 
-from jaxsft.data.formats import Conversation, Message, label_answer
+from jaxsft.data.formats import Conversation, Message, label_answer, uses_tools
 
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
 TRUNCATION = ("drop", "keep_answer")
@@ -154,8 +154,7 @@ class Template:
     assert last is not None, "layout needs an assistant turn"
     messages = list(messages[:last + 1])
     source = source or "conversation"
-    if not self.supports_tools and (tools or any(m.role == "tool" or m.tool_calls
-                                                 for m in messages)):
+    if not self.supports_tools and uses_tools(messages, tools):
       raise ValueError(
           f"{source}: tool calls, tool results and tool schemas are written differently by "
           f"every model family, and template {self.name!r} does not know this model's way; use "
@@ -335,7 +334,7 @@ class RoleTagTemplate(Template):
     return {"bos": bos, "eos": eos or "", "sep": self.sep}
 
   def render_text(self, messages, tokenizer, add_generation_prompt=False, tools=None) -> str:
-    if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+    if uses_tools(messages, tools):
       raise ValueError(f"template {self.name!r} cannot render tool use; use the tokenizer's own "
                        "chat template (data.template='tokenizer')")
     values = self._values(tokenizer)
