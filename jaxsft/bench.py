@@ -58,6 +58,9 @@ uses the dense dispatch.
 
 Peak memory: ``device.memory_stats()["peak_bytes_in_use"]`` (GPU, TPU); on CPU
 the host process's max RSS (Python, compiler and initialization included).
+``setup_peak_mem_gib`` is the same figure read before the first step (random
+weights, adapters, optimizer state built): where it equals ``peak_mem_gib``,
+the set-up, not the step, set the peak.
 
 Several devices (``--mesh fsdp=8``, ``data=2,fsdp=4``, ...: the trainer's
 ``config.mesh`` axes over every device). The step is sharded exactly as the
@@ -566,6 +569,9 @@ class StepRunner:
     self.batches = [{k: jax.device_put(v[i], bsh) for k, v in rows.items()}
                     for i in range(len(rows["tokens"]))]
     jax.block_until_ready((self.state, self.batches))
+    # The peak so far is the set-up's (random init, adapters, optimizer state),
+    # before any step: beside the final peak it says which of the two set it.
+    self.setup_peak, _ = max(peak_memory(d) for d in self.devices)
 
   def _check_memory(self, base_cfg: ModelConfig, args, device) -> None:
     need = sharding_lib.compiled_memory(self.compiled)
@@ -667,6 +673,7 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
       "mfu": None if peak is None else flops_per_step / step_s / (peak * 1e12 * n),
       "peak_mem_gib": mem / 2**30,
       "peak_memory_bytes": mem,
+      "setup_peak_mem_gib": runner.setup_peak / 2**30,
       "peak_memory_source": mem_source,
       "memory_estimate_bytes": runner.memory_estimate,
       "memory_estimate_source": runner.memory_estimate_source,

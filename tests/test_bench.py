@@ -26,7 +26,7 @@ hf_peer = pytest.importorskip("hf_peer")  # needs torch (a test dependency)
 STEP_KEYS = {"shape", "method", "layers", "batch", "seq_len", "dtype", "remat", "backend",
              "device", "jax_version", "step", "params", "trainable_params", "compile_s", "step_s",
              "tokens_per_s", "nonpad_tokens_per_s", "flops_per_step", "mfu", "peak_mem_gib",
-             "peak_memory_bytes", "peak_memory_source", "loss"}
+             "peak_memory_bytes", "peak_memory_source", "setup_peak_mem_gib", "loss"}
 PEER_KEYS = {"peer_tokens_per_s", "peer_nonpad_tokens_per_s", "peer_peak_mem_gib", "ratio",
              "nonpad_ratio"}
 ENV = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
@@ -73,6 +73,8 @@ def test_cli_prints_a_table_then_one_json_line(tmp_path):
   # weight), and no more than the whole process ever held.
   assert result["memory_estimate_source"] == "compiled memory_analysis"
   assert 16 * result["params"] <= result["memory_estimate_bytes"] < result["peak_memory_bytes"]
+  # The set-up's peak is read before the steps: no more than the final peak.
+  assert 0 < result["setup_peak_mem_gib"] <= result["peak_mem_gib"]
   if result["backend"] == "cpu":
     assert result["mfu"] is None
   # Random weights and uniform tokens: the loss is about log(vocab).

@@ -1,80 +1,75 @@
 #!/usr/bin/env bash
 # The GPU table of docs/BENCHMARKS.md in one command, jaxsft against the
-# PyTorch peer (tools/hf_peer.py) on the same device, in under 8 minutes on
-# one H100/H200 including compiles:
+# PyTorch peer (tools/hf_peer.py) on the same device:
 #
-#   tools/gpu_bench.sh [OUT_DIR]               # default OUT_DIR /tmp/gpu_bench
-#   tools/gpu_bench.sh --cpu-smoke [OUT_DIR]   # the same items on tiny shapes, on a CPU
+#   tools/gpu_bench.sh [OUT_DIR]               # the issue's table: ~7.5 min on an H200
+#   tools/gpu_bench.sh --all [OUT_DIR]         # the table, then the A/B items (~20 min)
+#   tools/gpu_bench.sh --cpu-smoke [OUT_DIR]   # every item on tiny shapes, on a CPU
 #
 # Run from the repository root (python = the environment with jax, torch,
 # transformers, peft; PYTHON=... overrides; wheels in .whl/, from
 # tools/gpu_wheels.sh, are installed first if datasets or ml_collections is
-# missing). Items, in priority order, each under its own `timeout` and skipped
-# when the 460 s budget is spent; a failed item is logged and the next one runs:
+# missing). Items run in this order, each under its own `timeout`, and are
+# skipped once the budget (BUDGET_S: 470 s for the table, 1500 with --all) is
+# spent; a failed item is logged and the next one runs. Seconds are what each
+# took on an H200 on 2026-11-29 (2 warmup + 6 timed steps). The table:
 #   check        tools/gpu_check.py: cuDNN vs XLA attention (correctness, timings), and
-#                whether an array donates after a host copy (checkpoint saves copy the state)
+#                whether an array donates after a host copy (checkpoint saves copy the state);
+#                78 s
 #   1b_full      llama3.2-1b, seq 2048, batch 8, full SFT, vs the eager peer; remat
-#                none, so the 16 layers run unrolled (scan_unroll 0, auto)
-#   1b_full_rolled  1b_full without peer, the layers in a rolled scan (--scan-unroll 1),
-#                the default before 2026-11-29: compiled for an H200, the static roofline
-#                of its HLO puts it 8% slower than unrolled (250 vs 231 ms; 35.5 GiB vs
-#                36.6); on CPU unrolling measured ~10% faster. If rolled wins here,
-#                make auto roll on GPUs (ModelConfig.layer_unroll)
-#   1b_full_pa   1b_full without peer, --remat projections_attention (keep the projections'
-#                and cuDNN attention's outputs, recompute the elementwise rest; rolled,
-#                as under any remat policy): compiled for an H200, 33.2 GiB vs
-#                1b_full_rolled's 35.5 and about its roofline time
-#   1b_full_profile  1b_full traced for 2 steps: where the time goes (jaxsft.trace_report:
-#                by category, by source line, top ops) in its log and NAME.summary.json;
-#                the loss's while loop runs 12 of its 16 chunks here (the rows' first
-#                quarter is prompt): look for gaps between its trips (the host reads
-#                the loop's condition each trip)
+#                none, so the 16 layers run unrolled (scan_unroll 0, auto); 77 s
+#   1b_lora      llama3.2-1b LoRA vs PEFT; 137 s (40 s of it jaxsft's unrolled compile)
 #   8b_lora      llama3-8b, LoRA r=16, batch 4, remat full, vs PEFT + checkpointing;
-#                frozen base in bf16 on both sides (--frozen-dtype auto); XLA's
-#                memory-usage report of the step in 8b_lora.memory.txt
-#   1b_lora      llama3.2-1b LoRA vs PEFT
-#   1b_lora_rolled  1b_lora without peer, the layers in a rolled scan: compiled for an
-#                H200 the roofline puts it 10% over 1b_lora (208 vs 188 ms; 18.7 GiB vs 26.4)
-#   1b_lora_pa   1b_lora without peer, --remat projections_attention (rolled: 17.5 GiB vs
-#                1b_lora_rolled's 18.7 compiled for an H200; roofline 1% slower)
-#   1b_lora_profile  1b_lora traced, as 1b_full_profile
-#   1b_packed    1b_full on packed SFT lengths vs the padded peer (non-pad tokens/s)
-#   1b_full_chunk512  1b_full without peer, loss chunks of 512 time steps instead of
-#                128 (4 x fewer accumulations of the 128k x 2048 fp32 output-layer
-#                gradient, 4 x bigger logits blocks): compare its tokens/s with 1b_full's
-#   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides (and its
-#                8b_lora_fp32base.memory.txt: where the +8.8 GiB over the peer of
-#                2026-11-28 go)
+#                frozen base in bf16 on both sides (--frozen-dtype auto); 52 s
+#   1b_packed    1b_full on packed SFT lengths vs the padded peer (non-pad tokens/s); 99 s
+# With --all, then the A/B items (no peer unless named):
+#   1b_full_rolled  1b_full with the layers in a rolled scan (--scan-unroll 1): measured
+#                6.3% slower than unrolled on 2026-11-29 (the roofline said 8%), 0.7 GiB
+#                less; 17 s
+#   1b_lora_rolled  the same for 1b_lora: 6.8% slower, 18.8 GiB instead of 26.6; 25 s
+#   1b_full_profile, 1b_lora_profile  two steps traced: where the time goes
+#                (jaxsft.trace_report: by category, by source line, top ops) in the log
+#                and NAME.summary.json; the loss's while loop runs 12 of its 16 chunks
+#                (the rows' first quarter is prompt): look for gaps between its trips
+#   1b_full_pa, 1b_lora_pa  --remat projections_attention (keep the projections' and
+#                cuDNN attention's outputs, recompute the elementwise rest; rolled)
+#   1b_full_chunk512  --loss-chunk 512 instead of 128: 4x fewer accumulations of the
+#                128k x 2048 fp32 output-layer gradient, 4x bigger logits blocks
+#   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides, vs the peer
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
-#   moe_check    tools/moe_dispatch_check.py: bucketed, dropless, grouped MoE equal dense here
+#   moe_check    tools/moe_dispatch_check.py: bucketed, dropless, grouped MoE equal dense
 #   moe_lora     Mixtral-8x7B's shape cut to 4 layers, LoRA on attention and experts
 #                (the Mixtral recipe's targets), batch 4, vs PEFT on transformers' Mixtral;
-#                jaxsft's GPU MoE dispatch is bucketed (2x the routed FLOPs; read
-#                moe_bucket_overflow: random weights overflow more than a trained router)
-#   moe_lora_grouped  moe_lora with the grouped dispatch (the routed rows in tiles,
-#                ~1.1x the routed FLOPs; 1.58x bucketed on CPU), no peer: should
-#                `auto` pick it on GPU too?
-#   moe_lora_dense  moe_lora with the dense dispatch (all 8 experts, 4x the routed
-#                FLOPs), no peer: does bucketed beat it on a GPU?
-# bf16 compute, fp32 master weights, 2 warmup + 6 timed steps. (The XLA-flag
-# row of 2026-11-28, latency-hiding scheduler on / Triton GEMMs off, was slower
-# than the defaults and is no longer run.)
+#                jaxsft's GPU MoE dispatch is bucketed (read moe_bucket_overflow)
+#   moe_lora_grouped, moe_lora_dense  the grouped (~1.1x the routed FLOPs) and dense
+#                (all experts) dispatches: should `auto` pick another on GPU?
+# bf16 compute, fp32 master weights, 2 warmup + 10 timed steps, the median step.
+# (The XLA-flag row of 2026-11-28, latency-hiding scheduler on / Triton GEMMs
+# off, was slower than the defaults and is no longer run.)
 #
 # OUT_DIR gets env.txt (versions, nvidia-smi -L), target_config.pbtxt (the GPU's
 # XLA target config, for jaxsft.aot), one .log per item, the
 # profile items' NAME.summary.json, the 1B and 8B step items' NAME.memory.txt
 # and NAME.roofline.txt (XLA's memory report of the step; the static roofline
 # of its HLO) and results.jsonl (one JSON line per item: its name, exit code
-# and the bench's JSON line): 39 files (38 on a CPU: no target config). Raw traces stay
+# and the bench's JSON line): 14 files for the table, 39 with --all (38 on a CPU:
+# no target config). Raw traces stay
 # under $PROFILE_DIR (default /tmp/jaxsft_profiles). On a borrowed machine that
 # returns few files, tar OUT_DIR into one.
 set -u
 SMOKE=0
-if [ "${1:-}" = "--cpu-smoke" ]; then SMOKE=1; shift; fi
+ALL=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu-smoke) SMOKE=1; ALL=1; shift ;;
+    --all) ALL=1; shift ;;
+    *) break ;;
+  esac
+done
 OUT=${1:-/tmp/gpu_bench}
 PY=${PYTHON:-python}
-BUDGET=${BUDGET_S:-460}
+if [ "$ALL" = 1 ]; then BUDGET=${BUDGET_S:-1500}; else BUDGET=${BUDGET_S:-470}; fi
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
@@ -159,7 +154,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   SHAPE="--shape llama3.2-1b --seq-len 2048"
   BIG="--shape llama3-8b --seq-len 2048 --remat full"
-  STEPS="--warmup 2 --steps 6"
+  STEPS="--warmup 2 --steps 10"
   B8="--batch 8"; B4="--batch 4"
   MOE="--shape mixtral-8x7b --layers 4 --seq-len 2048"
   CHECK=""
@@ -202,30 +197,23 @@ dumped() {
   rm -rf "$dump"
 }
 
-run check 90 "$PY" tools/gpu_check.py $CHECK
+# The issue's table first: its four peer rows.
+run check 120 "$PY" tools/gpu_check.py $CHECK
 dumped 1b_full 150 $BENCH $SHAPE $B8 $STEPS --method full --peer hf
-dumped 1b_full_rolled 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 1
-dumped 1b_full_pa 90 $BENCH $SHAPE $B8 $STEPS --method full --remat projections_attention
-profile 1b_full_profile 90 $SHAPE $B8 --method full
-if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
-  dumped 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
-  dumped 1b_lora 120 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
-  dumped 1b_lora_rolled 90 $BENCH $SHAPE $B8 $STEPS --method lora --scan-unroll 1
-  dumped 1b_lora_pa 90 $BENCH $SHAPE $B8 $STEPS --method lora --remat projections_attention
-  profile 1b_lora_profile 90 $SHAPE $B8 --method lora
-else
-  echo "== 8b_lora, 1b_lora: SKIPPED (jaxsft.peft not in this checkout)"
-  echo '{"item": "8b_lora", "rc": null, "skipped": "jaxsft.peft missing"}' >> "$RESULTS"
-  echo '{"item": "1b_lora", "rc": null, "skipped": "jaxsft.peft missing"}' >> "$RESULTS"
-fi
+dumped 1b_lora 200 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
+dumped 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
 run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --peer hf
-run 1b_full_chunk512 90 $BENCH $SHAPE $B8 $STEPS --method full --loss-chunk 512
-if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
+if [ "$ALL" = 1 ]; then
+  dumped 1b_full_rolled 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 1
+  dumped 1b_lora_rolled 90 $BENCH $SHAPE $B8 $STEPS --method lora --scan-unroll 1
+  profile 1b_full_profile 90 $SHAPE $B8 --method full
+  profile 1b_lora_profile 120 $SHAPE $B8 --method lora
+  dumped 1b_full_pa 90 $BENCH $SHAPE $B8 $STEPS --method full --remat projections_attention
+  dumped 1b_lora_pa 90 $BENCH $SHAPE $B8 $STEPS --method lora --remat projections_attention
+  run 1b_full_chunk512 90 $BENCH $SHAPE $B8 $STEPS --method full --loss-chunk 512
   dumped 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
-fi
-run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
-run moe_check 120 "$PY" tools/moe_dispatch_check.py
-if "$PY" -c "import jaxsft.peft" 2>/dev/null; then
+  run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
+  run moe_check 120 "$PY" tools/moe_dispatch_check.py
   run moe_lora 150 $BENCH $MOE $B4 $STEPS --method lora --peer hf \
     --lora-targets q_proj,k_proj,v_proj,o_proj,expert_gate_up,expert_down
   run moe_lora_grouped 120 $BENCH $MOE $B4 $STEPS --method lora --moe-dispatch grouped \
@@ -238,6 +226,7 @@ echo "== total $(( $(date +%s) - START ))s; results in $RESULTS"
 "$PY" - "$RESULTS" <<'EOF'
 import json, sys
 keys = ("tokens_per_s", "nonpad_tokens_per_s", "mfu", "step_s", "compile_s", "peak_mem_gib",
+        "setup_peak_mem_gib",
         "memory_estimate_bytes", "moe_bucket_overflow",
         "peer_tokens_per_s", "peer_nonpad_tokens_per_s", "peer_peak_mem_gib", "ratio",
         "nonpad_ratio")
