@@ -145,3 +145,53 @@ def test_tool_use_errors_name_the_row_and_what_to_do(tok):
     formats.to_conversation(bad, "messages", "m:4")
   with pytest.raises(ValueError, match=r"m:4: field 'tools' must be a list of function schemas"):
     formats.to_conversation({"messages": MESSAGES, "tools": {"a": 1}}, "messages", "m:4")
+
+
+def test_alpaca_rows_take_a_tools_column(tok):
+  """LLaMA-Factory's alpaca format with its ``tools`` column: the schemas are
+  rendered as transformers renders the same chat with ``tools=``."""
+  row = {"instruction": "Which tool tells the weather?", "input": "", "output": "get_weather.",
+         "system": "You are a helpful assistant.", "tools": json.dumps(TOOLS)}
+  conv = formats.to_conversation(row, "alpaca", "a.jsonl:1")
+  enc = templates.encode(conv, templates.get_template("tokenizer", tok), tok)
+  messages = [{"role": "system", "content": row["system"]},
+              {"role": "user", "content": row["instruction"]},
+              {"role": "assistant", "content": row["output"]}]
+  ref = tok.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=True,
+                                return_assistant_tokens_mask=True)
+  assert enc.input_ids == list(ref["input_ids"])
+  assert enc.loss_mask == list(ref["assistant_masks"])
+  assert "get_weather" in tok.decode(enc.input_ids[:enc.loss_mask.index(1)])  # in the prompt
+
+
+def test_keep_answer_shortens_chats_that_only_list_tools(tok):
+  """Under truncation='keep_answer' a chat that lists tool schemas but calls
+  none is shortened like any chat, the schemas kept (rendered as transformers
+  renders the shortened chat); one that calls a tool is dropped, since cutting
+  its oldest turns could separate a call from its result."""
+  history = [{"role": "user", "content": "Tell me about Paris. " * 30},
+             {"role": "assistant", "content": "Paris is the capital of France. " * 30}]
+  last = [{"role": "user", "content": "Which tool tells the weather?"},
+          {"role": "assistant", "content": "get_weather."}]
+  system = [MESSAGES[0]]
+  row = {"messages": system + history + last, "tools": TOOLS}
+  conv = formats.to_conversation(row, "messages", "m:1")
+  template = templates.get_template("tokenizer", tok)
+  full = templates.encode(conv, template, tok)
+  ref = tok.apply_chat_template(system + last, tools=TOOLS, tokenize=True, return_dict=True,
+                                return_assistant_tokens_mask=True)
+  limit = len(ref["input_ids"]) + 5
+  assert len(full.input_ids) > limit  # the history does not fit
+  counts = templates.Counts()
+  enc = templates.encode(conv, template, tok, max_length=limit, truncation="keep_answer",
+                         counts=counts)
+  assert counts.truncated == 1 and counts.dropped_too_long == 0
+  assert enc.input_ids == list(ref["input_ids"])
+  assert enc.loss_mask == list(ref["assistant_masks"])
+
+  calls = formats.to_conversation(OPENAI_ROW, "messages", "m:2")
+  n = len(templates.encode(calls, template, tok).input_ids)
+  counts = templates.Counts()
+  assert templates.encode(calls, template, tok, max_length=n - 1, truncation="keep_answer",
+                          counts=counts) is None
+  assert counts.dropped_too_long == 1 and counts.truncated == 0

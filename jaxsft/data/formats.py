@@ -14,7 +14,8 @@ Row formats and their fields (``columns`` renames any of them, e.g.
 ``columns={"instruction": "question"}`` reads the file's ``question`` column):
 
   alpaca    instruction, input (optional), output, system (optional),
-            history (optional: [[user, assistant], ...] before this exchange).
+            history (optional: [[user, assistant], ...] before this exchange),
+            tools (optional: schemas the answer was written knowing of).
             The user turn is ``instruction + "\\n" + input`` (either may be
             empty), LLaMA-Factory's convention, so data prepared for it renders
             the same here.
@@ -59,7 +60,7 @@ KINDS = ("chat", "text", "pairwise", "label")
 
 # format -> the canonical field names ``columns`` may rename.
 FIELDS = {
-    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "alpaca": ("instruction", "input", "output", "system", "history", "tools"),
     "sharegpt": ("conversations", "system", "from", "value", "tools"),
     "messages": ("messages", "system", "role", "content", "tools"),
     "text": ("text",),
@@ -143,6 +144,11 @@ class Conversation:
   @property
   def uses_tools(self) -> bool:
     return uses_tools(self.messages, self.tools)
+
+  @property
+  def calls_tools(self) -> bool:
+    """Whether a turn calls a tool or holds a tool's result (not just schemas)."""
+    return any(m.role == "tool" or m.tool_calls for m in self.messages)
 
 
 def uses_tools(messages, tools) -> bool:
@@ -409,7 +415,7 @@ def _alpaca(r: _Row) -> Conversation:
       messages += [Message("user", pair[0]), Message("assistant", pair[1])]
   prompt = "\n".join(x for x in (instruction, extra) if x)
   messages += [Message("user", prompt), Message("assistant", output)]
-  return Conversation(_with_system(messages, r.system()), source=r.source)
+  return Conversation(_with_system(messages, r.system()), source=r.source, tools=r.tools())
 
 
 def _sharegpt(r: _Row) -> Conversation:

@@ -96,8 +96,10 @@ from jaxsft.data import formats, mixture, packing, sources, templates
 from jaxsft.data.formats import Conversation
 from jaxsft.data.templates import Counts, Encoded
 
-# Bump when what is stored in a cache entry changes shape.
-CACHE_VERSION = 1
+# Bump when what is stored in a cache entry changes shape, or what ``encode``
+# keeps of the same rows (2: keep_answer shortens chats that list tool schemas
+# without calling them, which 1 dropped).
+CACHE_VERSION = 2
 CACHE_META = "jaxsft.json"
 
 DATASET_DEFAULTS: dict[str, Any] = dict(
@@ -839,8 +841,10 @@ def _holdout(n: int, fraction: float, seed: int, d: int, name: str) -> np.ndarra
 def _all_dropped(part: Tokenized, max_length: int, truncation: str) -> str:
   c = part.counts
   first = part.sources[0].as_py() if len(part.sources) else part.spec["path"]
-  hint = ("raise seq_len (or max_length), or set truncation='keep_answer' to shorten prompts"
-          if truncation == "drop" else "raise seq_len (or max_length)")
+  hint = ("raise seq_len (or max_length), or set truncation='keep_answer' to shorten prompts "
+          "(chats with tool calls are dropped, not shortened)"
+          if truncation == "drop" else
+          "raise seq_len (or max_length); chats with tool calls are dropped, not shortened")
   if c.dropped_too_long and not c.dropped_no_assistant:
     why = f"all are longer than max_length={max_length} tokens; {hint}"
   elif c.dropped_no_assistant and not c.dropped_too_long:

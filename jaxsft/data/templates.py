@@ -511,9 +511,10 @@ def encode(conversation: Conversation, template: Template, tokenizer, *,
   formed (bos, system message, role headers, generation prompt). An example
   whose last answer does not fit even with an empty user message is dropped:
   cutting the answer would train the model to stop mid-sentence (with the
-  end-of-turn) or never to stop (without it). A conversation with tool use is
-  dropped rather than shortened: leaving out its oldest turns could separate
-  a call from its result.
+  end-of-turn) or never to stop (without it). A conversation with tool calls
+  is dropped rather than shortened: leaving out its oldest turns could
+  separate a call from its result (one that only lists tool schemas is
+  shortened, the schemas kept).
   Raw text under ``keep_answer`` keeps its first ``max_length`` tokens (no eos:
   the document did not end there).
   """
@@ -547,10 +548,10 @@ def encode(conversation: Conversation, template: Template, tokenizer, *,
   if max_length is not None and max(len(lay.input_ids) for lay in layouts) > max_length:
     # Leaving out a tool conversation's oldest turns could split a call from
     # its results: such a conversation is dropped rather than cut.
-    if truncation == "drop" or conversation.uses_tools:
+    if truncation == "drop" or conversation.calls_tools:
       counts.dropped_too_long += 1
       return None
-    layouts = _keep_answer(template, variants, tokenizer, max_length, source)
+    layouts = _keep_answer(template, variants, tokenizer, max_length, source, tools)
     if layouts is None:
       counts.dropped_too_long += 1
       return None
@@ -613,9 +614,11 @@ def encode_head(conversation: Conversation, head: str, template: Template | None
   return Encoded(ids, mask, source)
 
 
-def _keep_answer(template, variants, tokenizer, max_length, source) -> list[Layout] | None:
+def _keep_answer(template, variants, tokenizer, max_length, source,
+                 tools=None) -> list[Layout] | None:
   """Shorten the prompt of every variant (the same way, so a pair stays a
-  pair) until each fits in ``max_length``; None if the last answer cannot."""
+  pair) until each fits in ``max_length``; None if the last answer cannot.
+  ``tools`` (schemas) stay in every rendering."""
   system = variants[0][:1] if variants[0][0].role == "system" else []
   turns = [v[len(system):] for v in variants]  # user, assistant, ..., user, assistant
 
@@ -625,7 +628,7 @@ def _keep_answer(template, variants, tokenizer, max_length, source) -> list[Layo
       t = t[start:]
       if user is not None:
         t = [Message("user", user)] + t[1:]
-      lay = template.layout(system + t, tokenizer, source)
+      lay = template.layout(system + t, tokenizer, source, tools)
       # What follows the last answer's end-of-turn is untrained: it goes first.
       layouts.append(Layout(lay.input_ids[:lay.spans[-1][1]], lay.spans))
     return layouts, max(len(lay.input_ids) for lay in layouts) - max_length
