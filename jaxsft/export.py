@@ -1,12 +1,16 @@
 """Export a model as a Hugging Face directory that transformers loads.
 
   python -m jaxsft.export --checkpoint PATH --out DIR [--dtype bfloat16|float16|float32]
-      [--max-shard-size 5GB] [--overwrite] [--trust-remote-code] [--peft [--base-model ID]]
-      [--device host|accelerators]
+      [--max-shard-size 5GB] [--overwrite] [--trust-remote-code]
+      [--peft [--base-model ID] [--pissa-convert]] [--device host|accelerators]
 
 LoRA/DoRA adapters are merged into the weights; with ``--peft`` the adapters
 are written as a PEFT adapter directory instead (``jaxsft.peft.export``),
-which ``peft.PeftModel.from_pretrained(base, DIR)`` loads.
+which ``peft.PeftModel.from_pretrained(base, DIR)`` loads. A PiSSA/OLoRA
+adapter applies to the residual base its stage trained over, which the export
+writes to ``DIR/base``; ``--pissa-convert`` writes instead the plain LoRA of
+rank 2r that applies to the model the stage started from (PEFT's conversion,
+LLaMA-Factory's ``pissa_convert``; ``jaxsft.peft.export.to_plain_lora``).
 
 PATH is a jaxsft checkpoint (see ``jaxsft.checkpoint``) or a Hugging Face
 model directory (re-exported, e.g. to change dtype or sharding). The output
@@ -47,7 +51,7 @@ from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import hf
 from jaxsft import sharding as sharding_lib
 from jaxsft.models import llama
-from jaxsft.models.model_config import PRINCIPAL_INITS
+from jaxsft.models.model_config import EXPERT_TARGETS, PRINCIPAL_INITS
 from jaxsft.peft import export as peft_export
 from jaxsft.peft import methods as peft_methods
 
@@ -67,16 +71,21 @@ def parse_size(text: str) -> int:
 def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
            max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, trust_remote_code: bool = False,
            overwrite: bool = False, peft: bool = False,
-           base_model: str | None = None, device: str = "host") -> pathlib.Path:
+           base_model: str | None = None, device: str = "host",
+           pissa_convert: bool = False) -> pathlib.Path:
   """Write the model at ``source`` (jaxsft checkpoint or HF directory) to ``out``
   in Hugging Face format, adapters merged; with ``peft``, a PEFT adapter
-  directory instead (see the module docstring)."""
+  directory instead, with ``pissa_convert`` a PiSSA/OLoRA adapter as the plain
+  LoRA over the stage's original base (see the module docstring)."""
+  if pissa_convert and not peft:
+    raise ValueError("--pissa-convert rewrites a PEFT adapter: add --peft (a merged export "
+                     "needs no conversion)")
   source = pathlib.Path(source)
   if not source.is_dir():
     raise ValueError(f"checkpoint {source} does not exist (or is not a directory)")
   if device == "host" and checkpoint_lib.is_checkpoint(source):
     written = _export_streamed(source, pathlib.Path(out), dtype, max_shard_bytes,
-                               trust_remote_code, overwrite, peft, base_model)
+                               trust_remote_code, overwrite, peft, base_model, pissa_convert)
     if written is not None:
       return written
   mesh = _export_mesh(device)
@@ -100,7 +109,7 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
                         overwrite, base_model, lambda d: hf.save_params(
                             peft_methods.base_params(params), base_cfg, d,
                             tokenizer_src=tokenizer_src, max_shard_bytes=max_shard_bytes,
-                            overwrite=True))
+                            overwrite=True), pissa_convert)
   cfg, params = peft_methods.merge(cfg, params, donate=True)
   return hf.save_params(params, cfg, out, tokenizer_src=tokenizer_src,
                         max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
@@ -108,7 +117,8 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
 
 def _export_streamed(source: pathlib.Path, out: pathlib.Path, dtype, max_shard_bytes: int,
                      trust_remote_code: bool, overwrite: bool, peft: bool,
-                     base_model: str | None) -> pathlib.Path | None:
+                     base_model: str | None, pissa_convert: bool = False
+                     ) -> pathlib.Path | None:
   """``export`` of a jaxsft checkpoint without holding its weights: merged, a
   layer's module at a time (``streamed_tensors``); with ``peft``, the adapter
   from the adapter parameters alone (and, when the base must be written, the
@@ -140,7 +150,7 @@ def _export_streamed(source: pathlib.Path, out: pathlib.Path, dtype, max_shard_b
                       base_model, lambda d: hf.save_tensors(
                           streamed_tensors(base_cfg, stored), base_cfg, d,
                           tokenizer_src=tokenizer_src, max_shard_bytes=max_shard_bytes,
-                          overwrite=True))
+                          overwrite=True), pissa_convert)
 
 
 def _checked_tokenizer(tokenizer_src: pathlib.Path, trust_remote_code: bool):
@@ -241,12 +251,14 @@ def _export_mesh(device: str):
 
 def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer_src, dtype,
                  overwrite: bool, base_model: str | None,
-                 write_base: Callable[[pathlib.Path], object]) -> pathlib.Path:
+                 write_base: Callable[[pathlib.Path], object],
+                 pissa_convert: bool = False) -> pathlib.Path:
   """The adapter of ``params`` (which may hold the adapter parameters alone)
   as a PEFT directory. Its base model is ``base_model`` if given, else the
   Hugging Face directory the checkpoint recorded as identical to its frozen
   weights, else those weights, which ``write_base(DIR)`` writes, exported to
-  ``OUT/base``."""
+  ``OUT/base``. ``pissa_convert``: a PiSSA/OLoRA adapter as the plain LoRA
+  over the model its stage started from (``peft_export.to_plain_lora``)."""
   if cfg.adapters is None:
     raise ValueError(f"{source} has no adapters (method 'full'); export it without --peft")
   record = {}
@@ -255,10 +267,15 @@ def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer
   changed = record.get("base_changed") or (
       f"its LoRA started from {cfg.adapters.lora_init!r}, which left the residual as the base"
       if cfg.adapters.lora_init in PRINCIPAL_INITS else None)
+  init_dir = None
+  if pissa_convert:
+    init_dir, changed, base_model = _conversion(source, cfg, record, base_model)
   if base_model is not None and changed:
+    convert = (", or convert it to a plain LoRA over the original model with --pissa-convert"
+               if "lora_init" in record else "")
     raise ValueError(f"{source}: {changed}, so the adapter does not apply to {base_model}; "
                      "export without --base-model (the checkpoint's own base is written to "
-                     "OUT/base beside the adapter) or merged, without --peft")
+                     f"OUT/base beside the adapter){convert}, or merged, without --peft")
   if base_model is None:
     base_model = record.get("base_model_name_or_path")
   np_dtype = {"bfloat16": None, "float16": np.float16, "float32": np.float32, None: np.float32}[
@@ -268,6 +285,8 @@ def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer
                      "numpy); use float32 or float16")
   with hf.staged_dir(out, overwrite) as tmp:
     peft_export.save_adapter(cfg, params, tmp, base_model, np_dtype)  # refuses unsupported kinds
+    if init_dir is not None:
+      peft_export.to_plain_lora(tmp, init_dir)
     if base_model is None:
       write_base(tmp / "base")
       config = json.loads((tmp / peft_export.ADAPTER_CONFIG).read_text())
@@ -276,6 +295,27 @@ def _export_peft(source: pathlib.Path, cfg, params, out: pathlib.Path, tokenizer
     if tokenizer_src is not None:
       hf.copy_tokenizer_files(tokenizer_src, tmp)
   return out
+
+
+def _conversion(source: pathlib.Path, cfg, record: dict, base_model: str | None):
+  """(the stage's initial factors, no base change, the original base) for
+  ``--pissa-convert``, or a ValueError saying why this checkpoint has none."""
+  if cfg.adapters.lora_init not in PRINCIPAL_INITS:
+    raise ValueError(f"{source}: --pissa-convert converts a LoRA that started from PiSSA or "
+                     f"OLoRA (peft.init); this one started from {cfg.adapters.lora_init!r} and "
+                     "applies to its base as it is: drop --pissa-convert")
+  if any(t in EXPERT_TARGETS for t in cfg.adapters.lora_targets):
+    raise ValueError(f"{source}: --pissa-convert does not cover LoRA on MoE experts; export "
+                     "without it (the adapter and its residual base)")
+  if "lora_init" not in record:
+    why = record.get("base_changed") or "its run did not save the factors it started from"
+    raise ValueError(f"{source}: cannot convert to a plain LoRA: {why}. Export without "
+                     "--pissa-convert: the adapter and its residual base in OUT/base")
+  base_model = base_model or record.get("original_base")
+  if base_model is None:
+    raise ValueError(f"{source}: the stage did not start from a Hugging Face directory; name "
+                     "the model it started from with --base-model")
+  return pathlib.Path(record["lora_init"]), None, base_model
 
 
 def _size_arg(text: str) -> int:
@@ -307,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="with --peft: the adapter config's base_model_name_or_path (e.g. a "
                            "hub id); default: the recorded source directory, or the "
                            "checkpoint's base weights exported to OUT/base")
+  parser.add_argument("--pissa-convert", action="store_true",
+                      help="with --peft, for a PiSSA/OLoRA stage: write the plain LoRA (rank "
+                           "2r) over the model the stage started from, instead of the adapter "
+                           "and its residual base")
   parser.add_argument("--device", choices=("host", "accelerators"), default="host",
                       help="hold and merge the weights in the host's memory (default) or "
                            "spread over the local accelerators (for a model larger than "
@@ -319,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     out = export(args.checkpoint, args.out, dtype=args.dtype,
                  max_shard_bytes=args.max_shard_size, trust_remote_code=args.trust_remote_code,
                  overwrite=args.overwrite, peft=args.peft, base_model=args.base_model,
-                 device=args.device)
+                 device=args.device, pissa_convert=args.pissa_convert)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -745,6 +745,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
       raise ValueError(f"stage {name!r}: {stage_dir / 'checkpoints'} holds a step directory "
                        "that orbax does not recognize as a finished checkpoint; move it away "
                        "to restart the stage")
+    _save_lora_init(name, stage, cfg, incoming_adapters, params, stage_dir)
     state = ph.init(params)
   del params
 
@@ -865,8 +866,36 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                                           or changed) and jax.process_index() == 0):
     record = ({"base_model_name_or_path": None, "base_changed": changed} if changed else
               {"base_model_name_or_path": base_model})
+    init_dir = stage_dir / peft_export.LORA_INIT_DIR
+    if _converts_to_plain_lora(stage, final_cfg) and init_dir.is_dir():
+      # export --pissa-convert: the factors it started from, and the model.
+      record.update(lora_init=str(init_dir.resolve()),
+                    original_base=base_model if incoming_adapters is None else None)
     (stage_dir / "final" / peft_export.BASE_FILE).write_text(json.dumps(record) + "\n")
   return final_cfg, final_params
+
+
+def _converts_to_plain_lora(stage, cfg: ModelConfig) -> bool:
+  """Whether the stage's only change to its base is a PiSSA/OLoRA init, which
+  ``export --pissa-convert`` undoes exactly (a plain LoRA over the original)."""
+  return (cfg.adapters is not None and cfg.adapters.lora_init in PRINCIPAL_INITS
+          and stage.method == "lora" and not stage.peft.train_modules)
+
+
+def _save_lora_init(name: str, stage, cfg: ModelConfig, incoming_adapters, params,
+                    stage_dir: pathlib.Path) -> None:
+  """A PiSSA/OLoRA stage's factors as it starts, in ``stages/NAME/lora_init``
+  (a PEFT adapter directory, as PEFT's ``path_initial_model_for_weight_conversion``):
+  what ``export --pissa-convert`` subtracts to give a plain LoRA over the
+  original model. Written before the first step; a resumed stage keeps it."""
+  if not _converts_to_plain_lora(stage, cfg) or cfg.adapters == incoming_adapters:
+    return
+  if jax.process_count() > 1:  # the factors are spread over the processes' devices
+    log.warning("stage %s: the PiSSA/OLoRA factors it starts from are saved by single-process "
+                "runs only; its adapter exports with its residual base", name)
+    return
+  with hf.staged_dir(stage_dir / peft_export.LORA_INIT_DIR, overwrite=True) as tmp:
+    peft_export.save_adapter(cfg, params, tmp, None)
 
 
 def _base_change(stage, cfg: ModelConfig) -> str | None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -86,8 +88,39 @@ def test_a_pissa_run_exports_a_peft_adapter_over_its_residual_base(tmp_path):
       export_lib.export(final, tmp_path / "merged")).eval()
   np.testing.assert_allclose(peft_fixtures.torch_logits(merged, TOKENS), ours, atol=1e-4, rtol=0)
   with pytest.raises(ValueError, match="started from 'pissa', which left the residual as the "
-                                       "base, so the adapter does not apply to"):
+                                       "base, so the adapter does not apply to .* convert it to a "
+                                       "plain LoRA over the original model with --pissa-convert"):
     export_lib.export(final, tmp_path / "other", peft=True, base_model=str(hf_dir))
+
+  # --pissa-convert: PEFT's conversion to a rank-2r LoRA over the ORIGINAL
+  # model, from the factors the stage saved before its first step.
+  init_dir = out / "stages" / "sft" / peft_export.LORA_INIT_DIR
+  assert record["lora_init"] == str(init_dir.resolve())
+  assert pathlib.Path(record["original_base"]).resolve() == hf_dir.resolve()
+  plain = export_lib.export(final, tmp_path / "plain", peft=True, pissa_convert=True)
+  config = json.loads((plain / "adapter_config.json").read_text())
+  assert (config["r"], config["lora_alpha"]) == (2 * RANK, 2 * ALPHA)
+  assert config["init_lora_weights"] is True and not (plain / "base").exists()
+  model = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]),
+      plain).eval()
+  np.testing.assert_allclose(peft_fixtures.torch_logits(model, TOKENS), ours, atol=1e-4, rtol=0)
+  # The same files as PEFT's own conversion: the trained adapter loaded over
+  # its residual base, saved with the initial adapter (a copy: PEFT rewrites
+  # that directory's config) as path_initial_model_for_weight_conversion.
+  initial = tmp_path / "initial" / "pissa_init"
+  shutil.copytree(init_dir, initial)
+  residual_model = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(base_path), adapter)
+  residual_model.save_pretrained(tmp_path / "peft_converted",
+                                 path_initial_model_for_weight_conversion=str(initial))
+  ref = safetensors.numpy.load_file(str(tmp_path / "peft_converted" / "adapter_model.safetensors"))
+  converted = safetensors.numpy.load_file(str(plain / "adapter_model.safetensors"))
+  assert set(ref) == set(converted) and len(ref) == 2 * 2 * 7
+  for k, v in ref.items():
+    np.testing.assert_array_equal(converted[k], v, err_msg=k)
+  ref_config = json.loads((tmp_path / "peft_converted" / "adapter_config.json").read_text())
+  assert (ref_config["r"], ref_config["lora_alpha"]) == (config["r"], config["lora_alpha"])
 
 
 @pytest.mark.parametrize("peft_kw,method,needle", [
@@ -100,3 +133,24 @@ def test_inits_that_do_not_apply_are_refused(tmp_path, peft_kw, method, needle):
                                      dict(rank=RANK, alpha=ALPHA, **peft_kw))
   with pytest.raises(ValueError, match=needle):
     config_lib.validate(c)
+
+
+def test_pissa_convert_refuses_what_it_cannot_convert(tmp_path):
+  """--pissa-convert needs --peft, a PiSSA/OLoRA adapter, and the factors its
+  stage started from (saved by the run): each missing piece is named."""
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
+  for init in ("kaiming", "pissa"):
+    cfg, params = hf.load_params(hf_dir)  # (PiSSA's init takes over the base's buffers)
+    stage = config_lib.stage(method="lora", peft=dict(rank=RANK, alpha=ALPHA, init=init))
+    c, p = methods.prepare(cfg, params, stage, jax.random.key(0))
+    checkpoint_lib.save_model(tmp_path / init, p, c)
+  with pytest.raises(ValueError, match="--pissa-convert rewrites a PEFT adapter: add --peft"):
+    export_lib.export(tmp_path / "pissa", tmp_path / "o1", pissa_convert=True)
+  with pytest.raises(ValueError, match="started from 'kaiming' and applies to its base as it "
+                                       "is: drop --pissa-convert"):
+    export_lib.export(tmp_path / "kaiming", tmp_path / "o2", peft=True, pissa_convert=True)
+  # Saved outside a run: no record of the factors it started from.
+  with pytest.raises(ValueError, match="cannot convert to a plain LoRA: .*Export without "
+                                       "--pissa-convert"):
+    export_lib.export(tmp_path / "pissa", tmp_path / "o3", peft=True, pissa_convert=True)
+  assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))

@@ -31,7 +31,7 @@ import pathlib
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from jaxsft import hf
 from jaxsft.models import llama
@@ -46,6 +46,9 @@ BASE_FILE = "peft_base.json"
 
 # Beside a SEQ_CLS adapter: the base model's from_pretrained keyword arguments.
 SEQ_CLS_FILE = "seq_cls_config.json"
+# In a stage's directory: its PiSSA/OLoRA factors as they started (a PEFT
+# adapter directory), for ``to_plain_lora``.
+LORA_INIT_DIR = "lora_init"
 
 # Our module path (under layers/) -> the HF submodule that holds the projection.
 _HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
@@ -204,6 +207,36 @@ def save_adapter(cfg: ModelConfig, params, out_dir: pathlib.Path, base_model: st
   save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
   (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
   return out_dir
+
+
+def to_plain_lora(out_dir: pathlib.Path, init_dir: pathlib.Path) -> None:
+  """Rewrite the PiSSA/OLoRA adapter in ``out_dir`` (trained factors A, B over
+  the residual base W − s·B₀A₀) as a plain LoRA over the original base W,
+  from the same adapter as it started, ``init_dir`` (A₀, B₀): PEFT's
+  conversion (``save_pretrained(path_initial_model_for_weight_conversion=)``,
+  LLaMA-Factory's ``pissa_convert``). W − s·B₀A₀ + s·BA = W + s·[B | −B₀][A ; A₀]:
+  rank 2r, and alpha doubled (×√2 under rsLoRA) so the scale s is the same.
+  A task head saved beside the factors is kept as trained."""
+  init_file = init_dir / ADAPTER_WEIGHTS
+  if not init_file.is_file():
+    raise ValueError(f"{init_file} is missing: the factors the stage started from are needed "
+                     "to convert its adapter (export without --pissa-convert: the adapter "
+                     "and its residual base)")
+  tensors, init = load_file(str(out_dir / ADAPTER_WEIGHTS)), load_file(str(init_file))
+  factors = {k for k in tensors if ".lora_A." in k or ".lora_B." in k}
+  if factors != {k for k in init if ".lora_A." in k or ".lora_B." in k}:
+    raise ValueError(f"{init_dir} holds other LoRA factors than the checkpoint (another "
+                     "stage's?): it cannot convert this adapter")
+  for k in factors:
+    t0 = init[k].astype(tensors[k].dtype)
+    tensors[k] = (np.concatenate([tensors[k], t0], axis=0) if ".lora_A." in k else
+                  np.concatenate([tensors[k], -t0], axis=1))
+  config = json.loads((out_dir / ADAPTER_CONFIG).read_text())
+  config["r"] *= 2
+  config["lora_alpha"] *= 2 ** 0.5 if config.get("use_rslora") else 2
+  config["init_lora_weights"] = True
+  save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+  (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- SEQ_CLS (task heads)
