@@ -423,7 +423,7 @@ def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
   are read); ``store`` casts frozen weights as the trainer holds them
   (``stage.peft.frozen_dtype``; leaf by leaf, outside the init program, so the
   peak stays one leaf above the tree)."""
-  tx, lr_fn = optim.build(stage, total_steps, params)
+  tx, lr_fn = optim.build(stage, total_steps, params, cfg.dtype)
   if stage.method == "full":
     trainable = None
     step = trainer.make_train_step(cfg, tx, lr_fn, 1)

@@ -98,6 +98,12 @@ A stage (``stage(**overrides)``):
   early_stopping_patience  with best_metric: stop after this many evaluations in a
               row without a better value (0 = never), as EarlyStoppingCallback
   freeze_router  MoE: keep the router weights fixed (experts and the rest train)
+  loss_scale, loss_scale_interval  model.dtype float16 only: dynamic loss scaling, as
+              torch.amp.GradScaler. The summed token loss is multiplied by the scale
+              (start: loss_scale, default 1024) before the backward pass and the
+              gradients divided by it after; a step whose gradients overflow is
+              skipped (weights and AdamW state unchanged) and halves the scale, which
+              doubles after loss_scale_interval (2000) finite steps in a row
   neftune_noise_alpha  NEFTune: uniform noise of magnitude alpha/sqrt(seq_len x width)
               on the input embeddings of training steps (0 = off; the paper uses
               5-15), as transformers' and LLaMA-Factory's neftune_noise_alpha
@@ -275,6 +281,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
       log_every=10, eval_every=0, eval_batches=placeholder(int),
       best_metric=placeholder(str), early_stopping_patience=0,
       checkpoint_every=500, keep_checkpoints=2, freeze_router=False, neftune_noise_alpha=0.0,
+      loss_scale=1024.0, loss_scale_interval=2000,
       generate_eval=ml_collections.ConfigDict(dict(
           every=0, path=placeholder(str), format="auto", system_prompt=placeholder(str),
           examples=placeholder(int), max_new_tokens=64, batch_size=32)),
@@ -431,7 +438,12 @@ def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
   if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
     raise ValueError(f"{where}.neftune_noise_alpha={alpha!r} must be a number >= 0 (0: off; "
                      "NEFTune's paper uses 5-15)")
-  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "seq_len"):
+  scale = s.loss_scale
+  if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < 2.0**64:
+    raise ValueError(f"{where}.loss_scale={scale!r} must be a positive number (float16 "
+                     "training's initial loss scale, e.g. 1024)")
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "seq_len",
+              "loss_scale_interval"):
     if s[key] < 1:
       raise ValueError(f"{where}.{key}={s[key]} must be at least 1")
   _validate_generate_eval(where, s)

@@ -12,7 +12,7 @@ computation and no optimizer state.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -177,13 +177,15 @@ def lr_scale(stage, params) -> float:
   return 1.0
 
 
-def build(stage, total_steps: int, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build(stage, total_steps: int, params, compute_dtype=None
+          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Global-norm clipping, then AdamW per label: the stage's lr for ``train``,
   scaled by the group's multiplier for each ``lr_groups`` entry and by
   ``peft.loraplus_lr_ratio`` for LoRA+'s B factors. The transformation applies
   to the trainable part of ``params`` only (see ``partition``): frozen
   parameters get neither gradients nor optimizer state. The returned schedule
-  is the lr of ``train`` parameters (``peft.lora_lr_scale`` included)."""
+  is the lr of ``train`` parameters (``peft.lora_lr_scale`` included).
+  With ``compute_dtype`` float16 the whole is wrapped in ``dynamic_loss_scale``."""
   base, scale = schedule(stage, total_steps), lr_scale(stage, params)
   lr = base if scale == 1.0 else (lambda step: scale * base(step))
   groups = dict(stage.lr_groups or {})
@@ -208,7 +210,60 @@ def build(stage, total_steps: int, params) -> tuple[optax.GradientTransformation
   tx = optax.chain(
       optax.clip_by_global_norm(stage.grad_clip) if stage.grad_clip else optax.identity(),
       optax.multi_transform(transforms, train_labels))
+  if compute_dtype is not None and jnp.dtype(compute_dtype) == jnp.float16:
+    tx = dynamic_loss_scale(tx, float(stage.loss_scale), int(stage.loss_scale_interval))
   return tx, lr
+
+
+class LossScaleState(NamedTuple):
+  """``dynamic_loss_scale``'s state: the wrapped transformation's, the scale
+  the next step's loss is multiplied by, and the finite steps in a row since
+  it last changed (torch.amp.GradScaler's ``growth_tracker``)."""
+  inner: Any
+  scale: jax.Array
+  good_steps: jax.Array
+  skipped: jax.Array  # steps skipped so far
+
+
+def dynamic_loss_scale(tx: optax.GradientTransformation, init_scale: float,
+                       growth_interval: int, factor: float = 2.0
+                       ) -> optax.GradientTransformation:
+  """float16 training's loss scaling around ``tx``, with torch.amp.GradScaler's
+  rule. The train step multiplies the loss by ``loss_scale(state)`` and
+  divides the gradients by it before they get here; gradients with an inf or
+  NaN (an fp16 overflow in the backward pass) leave the weights and ``tx``'s
+  state as they were and divide the scale by ``factor``; after
+  ``growth_interval`` finite steps in a row the scale is multiplied by it.
+
+  Why: float16 keeps 5 exponent bits. Small gradients of the loss underflow to
+  zero unless the loss is scaled up, and too large a scale overflows; the
+  scale that works drifts during training, so it is found as it goes."""
+  def init(params):
+    zero = jnp.zeros((), jnp.int32)
+    return LossScaleState(tx.init(params), jnp.asarray(init_scale, jnp.float32), zero, zero)
+
+  def update(grads, state, params=None):
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g))
+                                  for g in jax.tree_util.tree_leaves(grads)]))
+    updates, inner = tx.update(grads, state.inner, params)
+    updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    inner = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), inner,
+                                   state.inner)
+    good = jnp.where(finite, state.good_steps + 1, 0)
+    grow = good >= growth_interval
+    grown = state.scale * factor
+    scale = jnp.where(finite,
+                      jnp.where(grow & jnp.isfinite(grown), grown, state.scale),
+                      state.scale / factor)
+    return updates, LossScaleState(inner, scale, jnp.where(grow, 0, good),
+                                   state.skipped + (~finite).astype(jnp.int32))
+
+  return optax.GradientTransformation(init, update)
+
+
+def loss_scale(opt_state) -> jax.Array | None:
+  """The loss scale of a ``dynamic_loss_scale`` state (None for any other)."""
+  return opt_state.scale if isinstance(opt_state, LossScaleState) else None
 
 
 def global_norm(tree) -> jax.Array:

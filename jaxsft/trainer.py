@@ -156,9 +156,10 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
   """
   random = _uses_rng(cfg)
 
-  def loss_of(train, frozen, batch, rng):
+  def loss_of(train, frozen, batch, rng, scale):
     params = train if trainable is None else optim.combine(train, frozen)
-    return stage_loss(cfg, params, batch, objective, dropout_rng=rng if random else None)
+    value, aux = stage_loss(cfg, params, batch, objective, dropout_rng=rng if random else None)
+    return (value if scale is None else value * scale), aux
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -171,11 +172,13 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
         lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
         batch)
     rng, step_rng = jax.random.split(state.rng)
+    # float16: the loss is scaled up for the backward pass (optim.dynamic_loss_scale).
+    scale = optim.loss_scale(state.opt_state)
 
     def accumulate(carry, mb_i):
       mb, i = mb_i
       grads, loss_sum, count, aux_loss = carry
-      (_, (ls, cnt, aux)), g = grad_fn(train, frozen, mb, jax.random.fold_in(step_rng, i))
+      (_, (ls, cnt, aux)), g = grad_fn(train, frozen, mb, jax.random.fold_in(step_rng, i), scale)
       grads = jax.tree_util.tree_map(jnp.add, grads, g)
       return (grads, loss_sum + ls, count + cnt, aux_loss + aux.get("aux_loss", 0.0)), aux
 
@@ -185,7 +188,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
       # loop keeps XLA from fusing the gradient into the update. Same rng as
       # the scan's micro-batch 0, so both paths give the same step.
       (_, (loss_sum, count, aux)), grads = grad_fn(train, frozen, batch,
-                                                   jax.random.fold_in(step_rng, 0))
+                                                   jax.random.fold_in(step_rng, 0), scale)
       grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
       aux_loss = aux.get("aux_loss", 0.0)
       auxes = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], aux)
@@ -196,7 +199,8 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
       (grads, loss_sum, count, aux_loss), auxes = jax.lax.scan(
           accumulate, init, (micro, jnp.arange(grad_accum)))
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, train)
+    g_denom = denom if scale is None else denom * scale
+    grads = jax.tree_util.tree_map(lambda g, p: (g / g_denom).astype(p.dtype), grads, train)
     updates, opt_state = tx.update(grads, state.opt_state, train)
     train = optax.apply_updates(train, updates)
     params = train if trainable is None else optim.combine(train, frozen)
@@ -206,6 +210,8 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, g
         "grad_norm": optim.global_norm(grads),
         "lr": lr_fn(state.step),
     }
+    if scale is not None:  # the scale this step used; skipped: steps so far
+      out["loss_scale"], out["skipped_steps"] = scale, opt_state.skipped
     if cfg.is_moe:
       out["aux_loss"] = aux_loss / grad_accum
       out["expert_fractions"] = jnp.mean(auxes["expert_fractions"], axis=0)
@@ -791,6 +797,8 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                "mfu": (None if peak is None else
                        flops_per_step * n_steps / elapsed / (peak * 1e12))}
         row.update({k: float(m[k]) for k in heads.METRICS.get(stage.objective, {})})
+        if "loss_scale" in m:  # float16
+          row["loss_scale"], row["skipped_steps"] = float(m["loss_scale"]), int(m["skipped_steps"])
         peaks = [sharding_lib.device_peak_bytes(d) for d in jax.local_devices()]
         if None not in peaks:  # GPU/TPU: beside the compile row's step_bytes_per_device
           row["peak_bytes_per_device"] = max(peaks)
@@ -968,7 +976,7 @@ class _Phase:
   def __init__(self, cfg: ModelConfig, params, stage, steps: int, mesh, seed: int):
     objective = stage.objective
     self.cfg, self.seed = cfg, seed
-    self.tx, self.lr_fn = optim.build(stage, steps, params)
+    self.tx, self.lr_fn = optim.build(stage, steps, params, cfg.dtype)
     self.mask = optim.trainable_mask(params, stage)
     self.frozen_dtype = optim.frozen_dtype(stage, cfg.dtype, cfg.param_dtype)
     param_shardings = sharding_lib.param_shardings(params, mesh)
