@@ -27,6 +27,8 @@ unknown keys are an error, so a typo cannot be silently ignored):
   template        tokenizer (its own chat template) | chatml | qwen2 | llama3 | mistral,
                   or a role-tag dict of ``templates.RoleTagTemplate`` fields (tokenizer)
   train_on        all_assistant | last_assistant | everything           (all_assistant)
+                  (LLaMA-Factory's mask_history is last_assistant, its
+                  train_on_prompt everything)
   max_length      longest example in tokens; at most seq_len            (None: seq_len)
   max_samples     read only the first N rows of each dataset, as LLaMA-Factory's
                   max_samples (rows dropped for length count among them)   (None: all)
