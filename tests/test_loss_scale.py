@@ -123,3 +123,42 @@ def test_loss_scale_keys_are_checked(tmp_path):
   with pytest.raises(ValueError, match=r"loss_scale_interval=0 must be at least 1"):
     config_lib.validate_stage("sft", stage(loss_scale_interval=0))
   config_lib.validate_stage("sft", stage(loss_scale=2.0 ** 16))
+
+
+def test_a_resumed_float16_stage_keeps_its_loss_scale(tmp_path):
+  """The scale and its counters are optimizer state: a stage resumed from a
+  mid-stage checkpoint ends with the weights, scale and skipped-step count of
+  an uninterrupted run."""
+  import json
+  import shutil
+
+  from jaxsft import checkpoint as checkpoint_lib
+
+  def config(out):
+    c = train_fixtures.tiny_config(tmp_path / "data", out, cpt_steps=8)
+    del c.stages["sft"]
+    c.model.dtype = "float16"
+    c.stages.cpt.update(loss_scale=2.0 ** 16, loss_scale_interval=2, checkpoint_every=4,
+                        keep_checkpoints=3, log_every=1)
+    return c
+
+  ref = trainer.train(config(tmp_path / "ref"))
+  resumed = tmp_path / "resumed"
+  shutil.copytree(ref, resumed)
+  stage = resumed / "stages" / "cpt"
+  shutil.rmtree(stage / "final")
+  shutil.rmtree(stage / "checkpoints" / "8")
+  trainer.train(config(resumed))
+
+  def last_row(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("split") == "train"][-1]
+
+  want, got = last_row(ref), last_row(resumed)
+  assert want["step"] == got["step"] == 8
+  assert 0 < want["skipped_steps"] == got["skipped_steps"] < 8
+  assert want["loss_scale"] == got["loss_scale"] and want["loss"] == got["loss"]
+  a = checkpoint_lib.load_model(ref / "stages" / "cpt" / "final")[1]
+  b = checkpoint_lib.load_model(stage / "final")[1]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
