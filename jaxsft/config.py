@@ -94,7 +94,8 @@ A stage (``stage(**overrides)``):
               eval_every's evaluations; exact_match, micro_f1, macro_f1 or
               parse_failure_rate, from generate_eval's; METRIC/DATASET for one eval
               dataset's (e.g. loss/intent_train). Each new best is written to
-              stages/NAME/best (None = off: the stage ends with its last weights)
+              stages/NAME/best (a LoRA-like stage: its trained parameters alone)
+              (None = off: the stage ends with its last weights)
   early_stopping_patience  with best_metric: stop after this many evaluations in a
               row without a better value (0 = never), as EarlyStoppingCallback
   freeze_router  MoE: keep the router weights fixed (experts and the rest train)

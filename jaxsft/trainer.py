@@ -14,6 +14,8 @@ Layout of a run directory:
                             best_metric's new bests and early stop: "best", "early_stop")
   stages/NAME/checkpoints/  orbax CheckpointManager: state + data position, every N steps
   stages/NAME/best/         with best_metric: the best evaluation's model and its record
+                            (a stage that trains part of the model, e.g. LoRA: its
+                            trained parameters alone, trained/, the base being frozen)
   stages/NAME/final/        the stage's final model (jaxsft.checkpoint format): the last
                             weights, or with best_metric the best evaluation's
   hf/                       Hugging Face export, when config.export.hf
@@ -58,6 +60,7 @@ log = logging.getLogger("jaxsft")
 BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
 GENERATIONS_DIR = "generations"  # per stage: generate_eval's answers, one file per evaluation
 BEST_DIR = "best"  # per stage with best_metric: the weights of its best evaluation
+BEST_TRAINED_DIR = "trained"  # in BEST_DIR: a partially trained stage's trained leaves
 # Task heads score whole sequences: no loss mask, the scored tokens instead.
 HEAD_BATCH_KEYS = {"cls": ("tokens", "segment_ids", "positions", "pool_index", "labels"),
                    "reward": ("tokens", "segment_ids", "positions", "pool_index")}
@@ -765,6 +768,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     phase = 1
   run.writer.write(ph.compile_row(name, start))
   selection = _selection(stage, stage_dir, start)
+  # A stage whose base stays frozen throughout keeps only what it trains as
+  # its best (an 8B LoRA stage: megabytes, not its 16-32 GB base each time).
+  trained_only = (switch is None and not all(jax.tree_util.tree_leaves(ph.mask))
+                  and jax.process_count() == 1)
   flops_per_step = metrics.train_flops(cfg, batch, stage.seq_len)
   peak = metrics.peak_tflops(jax.devices()[0], cfg.dtype)
   progress = metrics.Progress(name, steps, start)
@@ -823,7 +830,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
         run.writer.plot()
         paused = True
         if selection is not None and selection.observe(row):
-          _save_best(run, name, ph, state.params, selection)
+          _save_best(run, name, ph, state.params, selection, trained_only)
       if save_now:
         # A failed asynchronous write surfaces at the next save (or the final wait).
         with _reporting_save_failure(name, (last_saved, done), manager, stage_dir):
@@ -858,8 +865,14 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
 
   if selection is not None and selection.step not in (None, int(state.step)):
     # The best evaluation's weights, as transformers' load_best_model_at_end.
-    del state
-    final_cfg, final_params = checkpoint_lib.load_model(selection.best_dir, mesh)
+    trained_dir = selection.best_dir / BEST_TRAINED_DIR
+    if trained_only and trained_dir.is_dir():
+      params = _with_best_trained(trained_dir, state.params, ph.mask)
+      del state
+      final_cfg, final_params = peft_methods.canonical(ph.cfg, ph.final(params))
+    else:
+      del state
+      final_cfg, final_params = checkpoint_lib.load_model(selection.best_dir, mesh)
     log.info("stage %s: ends with the weights of step %d (%s %.6g)", name, selection.step,
              selection.metric, selection.value)
   else:
@@ -929,15 +942,40 @@ def _selection(stage, stage_dir: pathlib.Path, start: int):
                                  stage_dir / BEST_DIR, start)
 
 
-def _save_best(run: Run, name: str, ph: "_Phase", params, selection) -> None:
+def _save_best(run: Run, name: str, ph: "_Phase", params, selection,
+               trained_only: bool = False) -> None:
   """Write the weights of a new best evaluation to ``selection.best_dir``
-  (a model checkpoint, as ``final``), then its record."""
-  cfg, params = peft_methods.canonical(ph.cfg, ph.final(params))
-  checkpoint_lib.save_model(selection.best_dir, params, cfg, tokenizer_src=run.tokenizer_dir,
-                            overwrite=True)
+  (a model checkpoint, as ``final``; ``trained_only``: the trained parameters
+  alone, in ``trained/``), then its record."""
+  if trained_only:
+    train = _trained_leaves(params, ph.mask)
+    with hf.staged_dir(selection.best_dir, overwrite=True) as tmp:
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((tmp / BEST_TRAINED_DIR).resolve(), train)
+  else:
+    cfg, params = peft_methods.canonical(ph.cfg, ph.final(params))
+    checkpoint_lib.save_model(selection.best_dir, params, cfg, tokenizer_src=run.tokenizer_dir,
+                              overwrite=True)
   if jax.process_index() == 0:
     selection.write()
   run.writer.write({"stage": name, "step": selection.step, "split": "best", **selection.row()})
+
+
+def _trained_leaves(params, mask):
+  """``params`` with every frozen leaf (``mask`` False) replaced by None."""
+  return jax.tree_util.tree_map(lambda x, trained: x if trained else None, params, mask)
+
+
+def _with_best_trained(trained_dir: pathlib.Path, params, mask):
+  """``params`` with the trained leaves read back from ``trained_dir``
+  (``_save_best``'s), each onto the sharding of the one it replaces."""
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      _trained_leaves(params, mask))
+  with ocp.StandardCheckpointer() as checkpointer:
+    best = checkpointer.restore(trained_dir.resolve(), target)
+  # ``best`` has None where ``params`` has a frozen leaf: that leaf stays.
+  return jax.tree_util.tree_map(lambda x, b: x if b is None else b, params, best)
 
 
 def _stable_hash(text: str) -> int:

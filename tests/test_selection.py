@@ -141,3 +141,24 @@ def test_settings_no_evaluation_can_serve_are_refused(tmp_path, change, message)
   c.stages.sft.update(change)
   with pytest.raises(ValueError, match=message):
     config_lib.validate(c)
+
+
+def test_a_lora_stage_keeps_only_its_trained_parameters_as_its_best(tmp_path):
+  """A stage whose base stays frozen (LoRA) writes only what it trains as each
+  new best; it still ends with the whole model of its best evaluation: the
+  orbax checkpoint of that step."""
+  c = _config(tmp_path, steps=8, method="lora", lr=3.0)
+  c.stages.sft.peft.rank = 4
+  out = pathlib.Path(trainer.train(c))
+  evals = _rows(out, "eval")
+  best = min(evals, key=lambda r: r["loss"])
+  assert best["step"] != 8, evals  # else the test shows nothing
+  best_dir = out / "stages" / "sft" / "best"
+  assert not checkpoint_lib.is_checkpoint(best_dir)  # no base weights, no config
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.restore((best_dir / trainer.BEST_TRAINED_DIR).resolve())
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]]
+  assert names and all("lora" in n for n in names), names
+  _, final = checkpoint_lib.load_model(out / "stages" / "sft" / "final")
+  assert len(names) < len(jax.tree_util.tree_leaves(final))
+  _assert_same(final, _weights_at(out, best["step"]))
