@@ -16,6 +16,8 @@ Layout of a run directory:
   stages/NAME/best/         with best_metric: the best evaluation's model and its record
                             (a stage that trains part of the model, e.g. LoRA: its
                             trained parameters alone, trained/, the base being frozen)
+  stages/NAME/lora_init/    a PiSSA/OLoRA stage's factors as they started (a PEFT adapter
+                            directory), for export --peft --pissa-convert
   stages/NAME/final/        the stage's final model (jaxsft.checkpoint format): the last
                             weights, or with best_metric the best evaluation's
   hf/                       Hugging Face export, when config.export.hf
