@@ -308,9 +308,12 @@ def _conversion(source: pathlib.Path, cfg, record: dict, base_model: str | None)
     raise ValueError(f"{source}: --pissa-convert does not cover LoRA on MoE experts; export "
                      "without it (the adapter and its residual base)")
   if "lora_init" not in record:
-    why = record.get("base_changed") or "its run did not save the factors it started from"
-    raise ValueError(f"{source}: cannot convert to a plain LoRA: {why}. Export without "
-                     "--pissa-convert: the adapter and its residual base in OUT/base")
+    raise ValueError(f"{source}: cannot convert to a plain LoRA: the checkpoint records no "
+                     "factors its stage started from (a stage that also trained base weights, "
+                     "full_then_lora or peft.train_modules, has no plain-LoRA form; runs of "
+                     "several processes, or before jaxsft saved them, did not save them). "
+                     "Export without --pissa-convert: the adapter and its residual base in "
+                     "OUT/base")
   base_model = base_model or record.get("original_base")
   if base_model is None:
     raise ValueError(f"{source}: the stage did not start from a Hugging Face directory; name "
