@@ -154,3 +154,20 @@ def test_pissa_convert_refuses_what_it_cannot_convert(tmp_path):
                                        "--pissa-convert"):
     export_lib.export(tmp_path / "pissa", tmp_path / "o3", peft=True, pissa_convert=True)
   assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_a_pissa_stage_that_also_trains_base_weights_has_no_plain_lora_form(tmp_path):
+  """PiSSA with peft.train_modules trains base weights too: the run saves no
+  starting factors, and --pissa-convert says why it cannot convert."""
+  hf_dir = peft_fixtures.hf_dir(tmp_path)
+  config = peft_fixtures.one_stage_config(
+      tmp_path, hf_dir, "lora", 2, dict(rank=RANK, alpha=ALPHA, init="pissa",
+                                        train_modules="final_norm"))
+  out = trainer.train(config)
+  final = out / "stages" / "sft" / "final"
+  record = json.loads((final / peft_export.BASE_FILE).read_text())
+  assert "lora_init" not in record
+  assert not (out / "stages" / "sft" / peft_export.LORA_INIT_DIR).exists()
+  with pytest.raises(ValueError, match="cannot convert to a plain LoRA: .* peft.train_modules, "
+                                       "has no plain-LoRA form"):
+    export_lib.export(final, tmp_path / "plain", peft=True, pissa_convert=True)
