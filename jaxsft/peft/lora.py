@@ -96,12 +96,27 @@ def principal_factors(w, a, b, n_in: int, adapters: Adapters):
     root = jnp.sqrt(sv[..., :r] / s)
     a_t, b_t = root[..., :, None] * uh[..., :r, :], v[..., :, :r] * root[..., None, :]
   else:
-    q, rr = jnp.linalg.qr(wt)
+    q, rr = _qr(wt)
     a_t, b_t = rr[..., :r, :], q[..., :, :r]
   residual = wt - s * jnp.matmul(b_t, a_t)
   return (jnp.swapaxes(a_t, -1, -2).reshape(a.shape).astype(a.dtype),
           jnp.swapaxes(b_t, -1, -2).reshape(b.shape).astype(b.dtype),
           jnp.swapaxes(residual, -1, -2).reshape(w.shape).astype(w.dtype))
+
+
+def _qr(x):
+  """The reduced QR of ``x`` [..., m, n]. On a CPU through numpy on the host:
+  XLA:CPU's batched QR (jax 0.10.2) hung now and then inside the compiled
+  init (about 1 run in 5 of tests/test_lora_init.py's OLoRA case, no Python
+  frame moving); numpy's LAPACK computes the same factors."""
+  if jax.default_backend() != "cpu":
+    return jnp.linalg.qr(x)
+  m, n = x.shape[-2:]
+  k = min(m, n)
+  shapes = (jax.ShapeDtypeStruct(x.shape[:-2] + (m, k), x.dtype),
+            jax.ShapeDtypeStruct(x.shape[:-2] + (k, n), x.dtype))
+  return jax.pure_callback(
+      lambda v: tuple(np.asarray(t, v.dtype) for t in np.linalg.qr(np.asarray(v))), shapes, x)
 
 
 def a_init(adapters: Adapters, lead: int = 0):
