@@ -385,6 +385,8 @@ def run_peer(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict:
     cmd += ["--frozen-dtype", args.frozen_dtype, "--lora-rank", str(args.lora_rank)]
     if args.lora_targets:
       cmd += ["--lora-targets", ",".join(args.lora_targets)]
+    if args.quantization:
+      cmd += ["--quantization", args.quantization]
     if args.peer_compile or args.peer == "hf-compile":
       cmd.append("--compile")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # in case anything imports jax there
@@ -406,7 +408,8 @@ def make_stage(args):
   return config_lib.stage(method=args.method, lr=1e-5, batch_size=args.batch,
                           seq_len=args.seq_len, warmup_steps=0, schedule="constant",
                           peft=dict(frozen_dtype=getattr(args, "frozen_dtype", "auto"),
-                                    rank=rank, alpha=2.0 * rank, targets=targets))
+                                    rank=rank, alpha=2.0 * rank, targets=targets,
+                                    quantization=getattr(args, "quantization", None)))
 
 
 def _prepare_method(cfg: ModelConfig, params, stage, rng):
@@ -417,24 +420,27 @@ def _prepare_method(cfg: ModelConfig, params, stage, rng):
   return peft_methods.prepare(cfg, params, stage, rng)
 
 
-def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int):
+def build_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int, mesh=None):
   """(train step, ``store(params)``, ``init(stored params) -> state``,
-  trainable mask or None), unjitted. ``params`` may be abstract (only shapes
-  are read); ``store`` casts frozen weights as the trainer holds them
-  (``stage.peft.frozen_dtype``; leaf by leaf, outside the init program, so the
-  peak stays one leaf above the tree)."""
-  tx, lr_fn = optim.build(stage, total_steps, params, cfg.dtype)
+  trainable mask of the stored parameters or None), unjitted. ``params`` may
+  be abstract (only shapes are read); ``store`` holds frozen weights as the
+  trainer does (``trainer.store_params``: the frozen dtype, QLoRA's 4 bits;
+  leaf by leaf, outside the init program, so the peak stays one leaf above
+  the tree), on ``mesh``."""
   if stage.method == "full":
-    trainable = None
+    tx, lr_fn = optim.build(stage, total_steps, params, cfg.dtype)
     step = trainer.make_train_step(cfg, tx, lr_fn, 1)
-    store = lambda p: p  # noqa: E731
     init = lambda p: trainer.init_state(p, tx, seed)  # noqa: E731
-  else:  # the trainer's frozen/trainable split (jaxsft.peft's issue)
-    trainable = optim.trainable_mask(params, stage)
-    step = trainer.make_train_step(cfg, tx, lr_fn, 1, trainable)
-    frozen_dtype = optim.frozen_dtype(stage, cfg.dtype, cfg.param_dtype)
-    store = lambda p: optim.store_frozen(p, trainable, frozen_dtype)  # noqa: E731
-    init = lambda p: trainer.init_state(p, tx, seed, trainable)  # noqa: E731
+    return step, (lambda p: p), init, None
+  # The trainer's frozen/trainable split (jaxsft.peft's issue), built for
+  # the parameters as the state holds them.
+  raw = optim.trainable_mask(params, stage)
+  store = lambda p: trainer.store_params(p, raw, stage, cfg, mesh)  # noqa: E731
+  stored = jax.eval_shape(store, params)
+  tx, lr_fn = optim.build(stage, total_steps, stored, cfg.dtype)
+  trainable = optim.trainable_mask(stored, stage)
+  step = trainer.make_train_step(cfg, tx, lr_fn, 1, trainable)
+  init = lambda p: trainer.init_state(p, tx, seed, trainable)  # noqa: E731
   return step, store, init, trainable
 
 
@@ -505,10 +511,11 @@ def sharded_step(cfg: ModelConfig, params, stage, total_steps: int, seed: int,
   moments as their parameter (``trainer._state_shardings``), the batch's rows
   over the data-parallel axes (``trainer.batch_sharding``). ``params`` may be
   abstract. On a one-device mesh every sharding is trivial."""
-  step, store, init, trainable = build_step(cfg, params, stage, total_steps, seed)
-  abstract_state = jax.eval_shape(init, store(params))
+  step, store, init, trainable = build_step(cfg, params, stage, total_steps, seed, mesh)
+  stored = jax.eval_shape(store, params)
+  abstract_state = jax.eval_shape(init, stored)
   state_shardings = trainer._state_shardings(
-      abstract_state, sharding_lib.param_shardings(params, mesh), mesh)
+      abstract_state, sharding_lib.param_shardings(stored, mesh), mesh)
   bsh = trainer.batch_sharding(mesh)
   jitted = jax.jit(step, in_shardings=(state_shardings, bsh),
                    out_shardings=(state_shardings, None), donate_argnums=0)
@@ -562,7 +569,10 @@ class StepRunner:
         sum(s.data.nbytes for x in jax.tree_util.tree_leaves(self.state)
             for s in x.addressable_shards if s.device == d) for d in self.devices)
     trainable = sh.trainable
-    self.frozen, self.adapter = method_weights(base_cfg, cfg, self.state.params, trainable)
+    # Matmul weights counted as the model has them (QLoRA stores some in parts).
+    self.frozen, self.adapter = method_weights(
+        base_cfg, cfg, abstract, None if trainable is None else optim.trainable_mask(abstract,
+                                                                                   stage))
     self.trainable_params = self.params if trainable is None else int(sum(
         np.prod(x.shape) for x, t in zip(jax.tree_util.tree_leaves(self.state.params),
                                          jax.tree_util.tree_leaves(trainable)) if t))
@@ -804,6 +814,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--frozen-dtype", default="auto", choices=peft_methods.FROZEN_DTYPES,
                  help="frozen (LoRA base) weights in the compute dtype or the parameter dtype "
                       "(stage.peft.frozen_dtype; auto: compute on GPU/TPU); the peer does the same")
+  p.add_argument("--quantization", choices=peft_methods.QUANTIZATIONS,
+                 help="--method lora only: QLoRA, the frozen projections in 4 bits "
+                      "(stage.peft.quantization, double quantization on); the peer loads its "
+                      "base with bitsandbytes' Linear4bit the same way")
   p.add_argument("--remat", default="none", choices=REMAT_POLICIES,
                  help="jaxsft's remat policy; the peer uses gradient checkpointing unless none")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -881,6 +895,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   if adapter_options and args.method in ("full", "freeze"):
     p.error(f"--lora-rank/--lora-targets set adapters; method {args.method} trains none "
             f"(use lora, dora or full_then_lora)")
+  if args.quantization and args.method != "lora":
+    p.error(f"--quantization {args.quantization} is QLoRA: it needs --method lora, "
+            f"not {args.method}")
   if args.loss_chunk < 0:
     p.error("--loss-chunk must be 0 (the default) or more")
   if args.layers is not None and args.layers <= 0:
@@ -942,6 +959,7 @@ def main(argv=None) -> dict:
   result = {
       "shape": args.shape,
       "method": args.method,
+      "quantization": args.quantization,
       "layers": None if args.compile_scaling else cfg.num_layers,
       "batch": args.batch,
       "seq_len": args.seq_len,

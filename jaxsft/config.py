@@ -73,6 +73,13 @@ A stage (``stage(**overrides)``):
                   CPU), "compute" (frozen weights held in model.dtype: the step
                   computes the same, an 8B LoRA base takes 15 GiB instead of 30) or
                   "param"
+                lora: quantization "nf4" (QLoRA, LLaMA-Factory's quantization_bit=4):
+                  the frozen attention and MLP projections are held in 4 bits as
+                  bitsandbytes' NF4 (0.52 byte a weight; the model trains against what
+                  transformers' load_in_4bit computes), with double_quant (default
+                  True) their block scales in 8 bits too; the stage's final model has
+                  the original weights, so export merges into those. Refused with
+                  dora, pissa/olora and other methods
   lr          peak learning rate. SFT uses about 0.1x the pre-training lr
               (e.g. 1e-5..2e-5 for 7B-70B chat models, 1e-4 for small ones)
   lr_groups   {regex over parameter paths: lr multiplier}, first match wins,

@@ -56,6 +56,7 @@ from jaxsft.models import heads, llama, mixtral
 from jaxsft.models.model_config import PRINCIPAL_INITS, ModelConfig
 from jaxsft.peft import export as peft_export
 from jaxsft.peft import methods as peft_methods
+from jaxsft.peft import nf4
 
 log = logging.getLogger("jaxsft")
 
@@ -508,7 +509,9 @@ def train(config) -> pathlib.Path:
   resuming = done + 1 < len(names) and _has_step_checkpoint(out / "stages" / names[done + 1])
   if done >= 0:
     log.info("stages %s already complete; continuing from %s", names[:done + 1], finals[done])
-  if resuming:
+  # A QLoRA stage's state holds its frozen weights in 4 bits only; its final
+  # model needs the originals, so they are read even when it resumes.
+  if resuming and peft_methods.quantization(config.stages[names[done + 1]]) is None:
     # The stage's own checkpoint holds the weights: read none from the source
     # (a 72B model need not be loaded only to be replaced), only their shapes.
     cfg = _checkpoint_config(finals[done], config) if done >= 0 else initial_config(config)
@@ -750,6 +753,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
             ph.abstract_state, ph.state_shardings)),
         data=ocp.args.JsonRestore()))
     state, data_state = restored.state, restored.data
+    ph.keep_originals(params)
     log.info("stage %s: resumed from step %d", name, latest)
   else:
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
@@ -1015,16 +1019,22 @@ class _Phase:
 
   def __init__(self, cfg: ModelConfig, params, stage, steps: int, mesh, seed: int):
     objective = stage.objective
-    self.cfg, self.seed = cfg, seed
-    self.tx, self.lr_fn = optim.build(stage, steps, params, cfg.dtype)
-    self.mask = optim.trainable_mask(params, stage)
+    self.cfg, self.seed, self.mesh, self.stage = cfg, seed, mesh, stage
     self.frozen_dtype = optim.frozen_dtype(stage, cfg.dtype, cfg.param_dtype)
-    param_shardings = sharding_lib.param_shardings(params, mesh)
+    # QLoRA: the frozen projections live in the state in 4 bits (peft/nf4.py);
+    # their originals wait on the host for the stage's final model.
+    self.quantized = peft_methods.quantization(stage) is not None
+    self.originals: dict[tuple[str, ...], Any] = {}
+    self.raw_mask = optim.trainable_mask(params, stage)
+    # Everything below is built for the parameters as the state holds them.
+    stored = jax.eval_shape(self.store, params)
+    self.tx, self.lr_fn = optim.build(stage, steps, stored, cfg.dtype)
+    self.mask = optim.trainable_mask(stored, stage)
+    param_shardings = sharding_lib.param_shardings(stored, mesh)
     self.abstract_state = jax.eval_shape(
-        lambda q: init_state(self.store(q), self.tx, seed, self.mask), params)
+        lambda q: init_state(q, self.tx, seed, self.mask), stored)
     self.state_shardings = _state_shardings(self.abstract_state, param_shardings, mesh)
     self.state_bytes = sharding_lib.bytes_per_device(self.abstract_state, self.state_shardings)
-    self.mesh = mesh
     bsh = batch_sharding(mesh)
     # NEFTune is the train step's alone: evaluation, generation and every
     # saved config see the model without it.
@@ -1060,14 +1070,33 @@ class _Phase:
             "step_bytes_per_device": self.step_bytes}
 
   def store(self, params):
-    """``params`` as the state holds them: frozen weights in ``frozen_dtype``."""
-    return optim.store_frozen(params, self.mask, self.frozen_dtype)
+    """``params`` as the state holds them (``store_params``); QLoRA's
+    originals are kept on the host first (``keep_originals``)."""
+    return store_params(params, self.raw_mask, self.stage, self.cfg, self.mesh)
+
+  def keep_originals(self, params) -> None:
+    """Copy the weights QLoRA will hold in 4 bits to the host, as they are
+    (the stage's final model has them, not their 4-bit rounding): leaf by leaf,
+    the same host memory every LoRA stage's final model takes (``final``)."""
+    if not self.quantized:
+      return
+    if jax.process_count() > 1:
+      raise ValueError("peft.quantization (QLoRA) keeps the original frozen weights on the "
+                       "host of a single process; it does not run on several processes yet")
+
+    def keep(path, x, trained):
+      names = sharding_lib.path_names(path)
+      if not trained and nf4.quantizable(names) and names not in self.originals:
+        self.originals[names] = np.asarray(jax.device_get(x))
+    jax.tree_util.tree_map_with_path(keep, params, self.raw_mask)
 
   def unstore(self, params):
     """The state's ``params`` back in the model's parameter dtype."""
+    if self.quantized:
+      params = nf4.restore(params, self.originals)
     if self.frozen_dtype is None:
       return params
-    return optim.store_frozen(params, self.mask, jnp.dtype(self.cfg.param_dtype))
+    return optim.store_frozen(params, self.raw_mask, jnp.dtype(self.cfg.param_dtype))
 
   def final(self, params):
     """The state's ``params`` as the stage's result, all in the parameter
@@ -1079,14 +1108,36 @@ class _Phase:
     shards, they are cast on the devices instead."""
     if self.frozen_dtype is None or jax.process_count() > 1:
       return self.unstore(params)
+    if self.quantized:
+      params = nf4.restore(params, self.originals)
     dtype = jnp.dtype(self.cfg.param_dtype)
     return jax.tree_util.tree_map(
         lambda x, trained: x if trained or x.dtype != self.frozen_dtype else
-        np.asarray(jax.device_get(x)).astype(dtype), params, self.mask)
+        np.asarray(jax.device_get(x)).astype(dtype), params, self.raw_mask)
 
   def init(self, params) -> TrainState:
+    self.keep_originals(params)
     return jax.jit(lambda q: init_state(q, self.tx, self.seed, self.mask),
                    out_shardings=self.state_shardings, donate_argnums=0)(self.store(params))
+
+
+def store_params(params, mask, stage, cfg: ModelConfig, mesh=None):
+  """``params`` as a stage's state holds them: the frozen (``mask`` False)
+  weights in the stage's frozen dtype (``optim.store_frozen``), and with
+  ``peft.quantization`` its frozen projections in 4 bits (``nf4.store``), each
+  part on the sharding its name gives over ``mesh``. Leaf by leaf, each
+  original consumed; abstract leaves give the abstract result."""
+  params = optim.store_frozen(params, mask, optim.frozen_dtype(stage, cfg.dtype,
+                                                               cfg.param_dtype))
+  if peft_methods.quantization(stage) is None:
+    return params
+
+  def shardings(path, parts):
+    if mesh is None:
+      return {k: None for k in parts}
+    return {k: NamedSharding(mesh, sharding_lib.spec_for(path + (k,), v.shape, mesh))
+            for k, v in parts.items()}
+  return nf4.store(params, mask, bool(stage.peft.double_quant), shardings)
 
 
 def _placed(cfg: ModelConfig, params, stage, mesh):

@@ -14,6 +14,7 @@ import hf_builders
 import train_fixtures
 from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import config as config_lib
+from jaxsft import hf
 from jaxsft import sharding as sharding_lib
 from jaxsft import trainer
 
@@ -66,6 +67,17 @@ def leaves_by_path(params) -> dict[str, np.ndarray]:
   """Every parameter as a host array, keyed by its path ("layers/attn/q_dnh")."""
   return {"/".join(sharding_lib.path_names(p)): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def final_with_base_unchanged(run: pathlib.Path, stage: str, hf_dir: pathlib.Path):
+  """(config, leaves by path) of ``stage``'s final model in ``run``, after
+  checking that every weight of the model at ``hf_dir`` is in it unchanged."""
+  cfg, params = checkpoint_lib.load_model(run / "stages" / stage / "final")
+  trained = leaves_by_path(params)
+  _, start = hf.load_params(hf_dir)
+  for path, x in leaves_by_path(start).items():
+    np.testing.assert_array_equal(trained[path], x, err_msg=f"frozen {path} changed")
+  return cfg, params, trained
 
 
 def torch_logits(model, tokens) -> np.ndarray:

@@ -172,6 +172,7 @@ def test_cli_rejects_bad_input_with_a_clear_error(capsys):
       (["--lora-rank", "8"], "method full trains none"),
       (["--shape", "gpt5"], "invalid choice: 'gpt5'"),
       (["--method", "qlora"], "invalid choice: 'qlora'"),
+      (["--quantization", "nf4"], "it needs --method lora, not full"),
       (["--shape", "tiny", "--seq-len", "8192"], "exceeds the context of shape 'tiny' (4096"),
       (["--packed-lengths", "zipf"], "sft' or 'fixed:N'"),
       (["--method", "freeze", "--peer", "hf"], "full, lora and dora"),
@@ -193,6 +194,28 @@ def test_a_peft_method_adds_its_adapters_and_trains_only_them():
   trained = [("/".join(sharding_lib.path_names(p)), m)
              for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]]
   assert all(m == ("_lora_" in name) for name, m in trained), trained
+
+
+def test_qlora_holds_the_frozen_projections_in_4_bits():
+  """--quantization nf4: the bench's state (as the trainer's, trainer.store_params)
+  holds each frozen projection weight in 0.5 byte plus its 8-bit scale and
+  the scales' scales, against 4 bytes in fp32; the step still counts the
+  projections' matmul FLOPs."""
+  sizes = {}
+  for extra in ([], ["--quantization", "nf4"]):
+    args = bench.parse_args(["--shape", "llama3.2-1b", "--layers", "2", "--method", "lora",
+                             "--dtype", "float32", "--frozen-dtype", "param", *extra])
+    stage = bench.make_stage(args)
+    cfg, params = bench._prepare_method(bench.model_config(args), llama.abstract_params(
+        bench.model_config(args)), stage, jax.random.key(0))
+    sh = bench.sharded_step(cfg, params, stage, 2, 0, bench.bench_mesh(args))
+    sizes[bool(extra)] = sum(x.size * x.dtype.itemsize
+                             for x in jax.tree_util.tree_leaves(sh.abstract_state))
+  c = bench.SHAPES["llama3.2-1b"]
+  per_layer = (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+               + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+  per_weight = 4 - (0.5 + 1 / 64 + 4 / (64 * 256))
+  assert sizes[False] - sizes[True] == pytest.approx(2 * per_layer * per_weight, rel=1e-4)
 
 
 def _norm_params(cfg) -> int:

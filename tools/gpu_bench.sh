@@ -23,6 +23,9 @@
 #                frozen base in bf16 on both sides (--frozen-dtype auto); 52 s
 #   1b_packed    1b_full on packed SFT lengths vs the padded peer (non-pad tokens/s); 99 s
 # With --all, then the A/B items (no peer unless named):
+#   8b_qlora     8b_lora with the frozen projections in 4 bits (--quantization nf4,
+#                QLoRA) on both sides: the peer's base is bitsandbytes' Linear4bit
+#                (its wheel carried in .whl/ by tools/gpu_wheels.sh); memory and speed
 #   1b_full_rolled  1b_full with the layers in a rolled scan (--scan-unroll 1): measured
 #                6.3% slower than unrolled on 2026-11-29 (the roofline said 8%), 0.7 GiB
 #                less; 17 s
@@ -53,7 +56,7 @@
 # profile items' NAME.summary.json, the 1B and 8B step items' NAME.memory.txt
 # and NAME.roofline.txt (XLA's memory report of the step; the static roofline
 # of its HLO) and results.jsonl (one JSON line per item: its name, exit code
-# and the bench's JSON line): 14 files for the table, 39 with --all (38 on a CPU:
+# and the bench's JSON line): 14 files for the table, 42 with --all (41 on a CPU:
 # no target config). Raw traces stay
 # under $PROFILE_DIR (default /tmp/jaxsft_profiles). On a borrowed machine that
 # returns few files, tar OUT_DIR into one.
@@ -77,7 +80,7 @@ START=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The GPU machine's image lacks datasets and ml-collections: wheels carried in
 # .whl/ (tools/gpu_wheels.sh) are installed beside it when an import fails.
-if ls .whl/*.whl > /dev/null 2>&1 && ! "$PY" -c "import datasets, ml_collections" 2>/dev/null; then
+if ls .whl/*.whl > /dev/null 2>&1 && ! "$PY" -c "import datasets, ml_collections, bitsandbytes" 2>/dev/null; then
   SITE=${WHEEL_SITE:-/tmp/jaxsft_site}
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .whl/*.whl && export PYTHONPATH="$PYTHONPATH:$SITE"
@@ -150,6 +153,8 @@ if [ "$SMOKE" = 1 ]; then
   STEPS="--warmup 1 --steps 1"
   B8="--batch 2"; B4="--batch 2"
   MOE="--shape tiny-moe --layers 1 --seq-len 64 --dtype float32"
+  # NF4 blocks are 64 inputs wide: tiny's FFN (688) is not whole blocks.
+  QLORA="--shape llama3.2-1b --layers 1 --seq-len 64 --dtype float32"
   CHECK="--cpu-smoke"
 else
   SHAPE="--shape llama3.2-1b --seq-len 2048"
@@ -157,6 +162,7 @@ else
   STEPS="--warmup 2 --steps 10"
   B8="--batch 8"; B4="--batch 4"
   MOE="--shape mixtral-8x7b --layers 4 --seq-len 2048"
+  QLORA="$BIG"
   CHECK=""
 fi
 BENCH="$PY -m jaxsft.bench"
@@ -204,6 +210,7 @@ dumped 1b_lora 200 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
 dumped 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
 run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --peer hf
 if [ "$ALL" = 1 ]; then
+  dumped 8b_qlora 240 $BENCH $QLORA $B4 $STEPS --method lora --quantization nf4 --peer hf
   dumped 1b_full_rolled 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 1
   dumped 1b_lora_rolled 90 $BENCH $SHAPE $B8 $STEPS --method lora --scan-unroll 1
   profile 1b_full_profile 90 $SHAPE $B8 --method full

@@ -26,6 +26,9 @@ What a step is (what the issue's reference numbers used):
     CUDA with bf16) cast to bf16 before PEFT wraps them, the adapters kept in
     fp32 (PEFT's ``autocast_adapter_dtype``): what jaxsft's
     ``stage.peft.frozen_dtype`` does, and how LLaMA-Factory loads a LoRA base;
+    ``--quantization nf4`` (QLoRA) then swaps the base's linear layers for
+    bitsandbytes' ``Linear4bit`` (NF4, double quantization), as
+    ``load_in_4bit`` loads them;
   * ``--remat``: ``gradient_checkpointing_enable(use_reentrant=False)``;
   * ``--compile``: ``torch.compile(model)`` (its compile time lands in the
     warmup steps; the first step's time is reported as ``compile_s``).
@@ -73,11 +76,13 @@ EXPERT_PARAMETERS = {"expert_gate_up": "mlp.experts.gate_up_proj",
 
 
 def build_model(hf_config: dict, method: str, device: str, remat: bool,
-                frozen_bf16: bool = False, lora_rank: int = 16, lora_targets=None):
+                frozen_bf16: bool = False, lora_rank: int = 16, lora_targets=None,
+                quantization: str | None = None):
   """A randomly initialized fp32 model on ``device`` (built there: initializing
   an 8B model on the host would take minutes); ``frozen_bf16``: a LoRA/DoRA
   base held in bf16; LoRA of ``lora_rank`` (alpha twice that) on
-  ``lora_targets`` (jaxsft's names; None: all-linear)."""
+  ``lora_targets`` (jaxsft's names; None: all-linear); ``quantization`` "nf4":
+  QLoRA, the decoder's linear layers swapped for bitsandbytes' Linear4bit."""
   config = transformers.AutoConfig.for_model(**hf_config)
   config.use_cache = False
   with torch.device(device):
@@ -89,6 +94,8 @@ def build_model(hf_config: dict, method: str, device: str, remat: bool,
     import peft  # noqa: PLC0415  (only the LoRA rows need it)
     if frozen_bf16:
       model = model.to(torch.bfloat16)
+    if quantization:
+      quantize_linears(model, quantization, device)
     modules = "all-linear"
     experts = None
     if lora_targets:  # jaxsft's names: HF module names, plus the fused expert weights
@@ -102,6 +109,28 @@ def build_model(hf_config: dict, method: str, device: str, remat: bool,
     raise SystemExit(f"error: the peer runs --method full, lora or dora, not {method!r}")
   model.train()
   return model
+
+
+def quantize_linears(model, quant_type: str, device: str) -> None:
+  """QLoRA's base as transformers' ``load_in_4bit`` builds it: every
+  ``nn.Linear`` of the decoder (not ``lm_head``) replaced by bitsandbytes'
+  ``Linear4bit`` (double quantization, compute in the weights' dtype),
+  quantized as it moves to ``device``."""
+  import bitsandbytes as bnb  # noqa: PLC0415  (only the QLoRA rows need it)
+  for name, module in list(model.named_modules()):
+    for child_name, child in list(module.named_children()):
+      if not isinstance(child, torch.nn.Linear) or child_name == "lm_head":
+        continue
+      dtype = child.weight.dtype
+      q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                            compute_dtype=dtype, compress_statistics=True,
+                            quant_type=quant_type, device="meta")
+      q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False,
+                                   compress_statistics=True, quant_type=quant_type)
+      if child.bias is not None:
+        q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+      setattr(module, child_name, q.to(device))
+      del child
 
 
 def batches(data: np.lib.npyio.NpzFile):
@@ -141,7 +170,7 @@ class Peer:
 
   def __init__(self, hf_config: dict, method: str, dtype: str, device: str, remat: bool,
                compile: bool, lr: float = 1e-5, seed: int = 0, frozen_dtype: str = "param",
-               lora_rank: int = 16, lora_targets=None):
+               lora_rank: int = 16, lora_targets=None, quantization: str | None = None):
     torch.manual_seed(seed)
     self.device = device
     self.cuda = cuda = device.startswith("cuda")
@@ -154,7 +183,7 @@ class Peer:
         frozen_dtype == "compute" or (frozen_dtype == "auto" and cuda))
     self.model = build_model(hf_config, method, device, remat,
                              self.frozen_bf16 and method in ("lora", "dora"), lora_rank,
-                             lora_targets)
+                             lora_targets, quantization)
     self.build_s = time.perf_counter() - t0
     self.trainable = [q for q in self.model.parameters() if q.requires_grad]
     self.opt = torch.optim.AdamW(self.trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8,
@@ -193,12 +222,15 @@ def main(argv=None) -> dict:
                  help="jaxsft target names, comma separated (default all-linear)")
   p.add_argument("--frozen-dtype", default="param", choices=("auto", "compute", "param"),
                  help="LoRA/DoRA base weights: bf16 (compute; auto = compute on CUDA) or fp32")
+  p.add_argument("--quantization", choices=("nf4",),
+                 help="QLoRA: the base's linear layers in 4 bits (bitsandbytes' Linear4bit)")
   args = p.parse_args(argv)
 
   with open(args.hf_config) as f:
     hf_config = json.load(f)
   peer = Peer(hf_config, args.method, args.dtype, args.device, args.remat, args.compile,
-              args.lr, args.seed, args.frozen_dtype, args.lora_rank, args.lora_targets)
+              args.lr, args.seed, args.frozen_dtype, args.lora_rank, args.lora_targets,
+              args.quantization)
   data = dict(np.load(args.data))
   times, padded, nonpad, first_s, loss = [], 0, 0, None, None
   for i, (tokens, attn, labels, real) in enumerate(batches(data)):
@@ -281,7 +313,7 @@ def paired(argv) -> dict:
   rows, _ = bench.make_data(cfg, args)
   peer = Peer(hf.config_to_hf(cfg), args.method, args.dtype, "cpu", args.remat != "none",
               False, seed=args.seed, frozen_dtype=args.frozen_dtype, lora_rank=args.lora_rank,
-              lora_targets=args.lora_targets)
+              lora_targets=args.lora_targets, quantization=args.quantization)
   runner = bench.StepRunner(cfg, args, rows, None)
   data = {"tokens": rows["tokens"], "loss_mask": rows["loss_mask"]}
   peer_batches = list(batches(data))

@@ -27,6 +27,7 @@ from jaxsft.models import mixtral
 from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import adapters as adapters_lib
 from jaxsft.peft import lora as lora_lib
+from jaxsft.peft import nf4
 from jaxsft.peft import prompts as prompts_lib
 
 _SAVE_NAMED_ATTENTION_OUT = jax.checkpoint_policies.save_only_these_names("attention_out")
@@ -96,7 +97,11 @@ def _proj(mdl: nn.Module, x, name: str, shape, init):
   """``x`` times the weight ``name`` (created here), with its LoRA term if targeted."""
   cfg = mdl.cfg
   pdt = jnp.dtype(cfg.param_dtype)
-  w = mdl.param(name, init, shape, pdt)
+  stored = mdl.get_variable("params", name) if mdl.has_variable("params", name) else None
+  if nf4.is_stored(stored):  # a QLoRA stage's 4-bit frozen weight (peft/nf4.py)
+    w = nf4.StoredWeight(stored, shape)
+  else:
+    w = mdl.param(name, init, shape, pdt)
   return lora_lib.project(mdl, x, w, name, cfg.adapters, jnp.dtype(cfg.dtype), pdt)
 
 

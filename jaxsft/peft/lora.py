@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft.models import dense
+from jaxsft.peft import nf4
 from jaxsft.models.model_config import Adapters
 
 # Base weight name -> (PEFT/HF module name, number of leading input axes).
@@ -156,8 +157,13 @@ def project(mdl: nn.Module, x: jax.Array, w: jax.Array, weight: str, adapters: A
   ``"dropout"`` rng (training), never otherwise."""
   _, ins, outs = split_name(weight)
   i, o = ins.upper(), outs.upper()
-  xd, wd = x.astype(dtype), w.astype(dtype)
-  y = dense.project(xd, wd, len(ins))
+  xd = x.astype(dtype)
+  if isinstance(w, nf4.StoredWeight):  # QLoRA's 4-bit frozen base
+    base_of = lambda v: w.project(v, len(ins), dtype)  # noqa: E731
+  else:
+    wd = w.astype(dtype)
+    base_of = lambda v: dense.project(v, wd, len(ins))  # noqa: E731
+  y = base_of(xd)
   if not targets(adapters, weight):
     return y
   n_in, r = len(ins), adapters.lora_rank
@@ -178,7 +184,7 @@ def project(mdl: nn.Module, x: jax.Array, w: jax.Array, weight: str, adapters: A
                                                n_in).astype(param_dtype),
                 w.shape[n_in:], param_dtype)
   g = (m.astype(jnp.float32) / jax.lax.stop_gradient(weight_norm(w, a, b, s, n_in))).astype(dtype)
-  base = y if xin is xd else jnp.einsum(f"BT{i},{i}{o}->BT{o}", xin, wd)
+  base = y if xin is xd else base_of(xin)
   return y + (g - 1) * base + g * (s * lora)
 
 

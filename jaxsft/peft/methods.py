@@ -41,6 +41,7 @@ from jaxsft.models import llama
 from jaxsft.models.model_config import (ALL_LINEAR, EXPERT_TARGETS, LORA_INITS, LORA_TARGETS,
                                         PRINCIPAL_INITS, Adapters, ModelConfig)
 from jaxsft.peft import lora as lora_lib
+from jaxsft.peft import nf4
 
 METHODS = ("full", "lora", "dora", "full_then_lora", "freeze", "adapter", "prompt", "p_tuning",
            "prefix")
@@ -61,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
       virtual_tokens=20, prompt_init_text=placeholder(str), encoder="mlp",
       encoder_hidden=placeholder(int), prefix_projection_hidden=0,
       train_layers=placeholder(int), train_modules=placeholder(str),
-      frozen_dtype="auto"))
+      frozen_dtype="auto", quantization=placeholder(str), double_quant=True))
 
 
 def lora_targets(spec, where: str = "stage.peft.targets") -> tuple[str, ...]:
@@ -102,6 +103,7 @@ def frozen_dtype_choice(peft, where: str = "stage") -> str:
 def validate(method: str, peft, where: str) -> None:
   """Check ``stage.peft`` for ``method``; ValueError naming the key."""
   frozen_dtype_choice(peft, where)
+  _check_quantization(method, peft, where)
   if method in ("prompt", "p_tuning", "prefix") and peft.virtual_tokens < 1:
     raise ValueError(f"{where}.peft.virtual_tokens={peft.virtual_tokens} must be a positive "
                      "integer (the number of virtual tokens, e.g. 20)")
@@ -157,6 +159,33 @@ def validate(method: str, peft, where: str) -> None:
     except re.error as e:
       raise ValueError(f"{where}.peft.train_modules={peft.train_modules!r} is not a valid "
                        f"regex ({e})") from None
+
+
+QUANTIZATIONS = ("nf4",)
+
+
+def quantization(stage) -> str | None:
+  """``stage.peft.quantization``: "nf4" (QLoRA's 4-bit frozen base) or None."""
+  peft = stage.get("peft")
+  return None if peft is None else peft.get("quantization")
+
+
+def _check_quantization(method: str, peft, where: str) -> None:
+  quant = peft.get("quantization")
+  if quant is None:
+    return
+  if quant not in QUANTIZATIONS:
+    raise ValueError(f"{where}.peft.quantization={quant!r} is not 'nf4' (QLoRA's 4-bit "
+                     "NormalFloat, bitsandbytes' bnb_4bit_quant_type='nf4') or None")
+  if method != "lora":
+    raise ValueError(f"{where}.peft.quantization={quant!r} stores the frozen base of a LoRA "
+                     f"stage in 4 bits (QLoRA); method {method!r} is not 'lora': use method "
+                     "'lora' or set peft.quantization=None")
+  if peft.init in PRINCIPAL_INITS:
+    raise ValueError(f"{where}.peft.quantization={quant!r} with peft.init={peft.init!r}: "
+                     "PiSSA/OLoRA take their factors from the full-precision weight and leave "
+                     "a residual base; quantizing that residual is not supported; use "
+                     "peft.init='kaiming' or 'gaussian'")
 
 
 def _check_expert_targets(method: str, peft, where: str) -> None:
@@ -389,6 +418,8 @@ def canonical_path(path: tuple[str, ...]) -> str:
   """``path`` as the checkpoint names it: freeze tuning's ``layers_frozen`` stack
   is part of ``layers`` there, so path regexes (``train_modules``, ``lr_groups``)
   written against checkpoint paths match both stacks."""
+  if path[-1].startswith(nf4.PREFIX):  # a part of a 4-bit weight: the weight's path
+    path = path[:-1]
   name = "/".join(path)
   return "layers" + name[len("layers_frozen"):] if path[0] == "layers_frozen" else name
 
