@@ -117,12 +117,15 @@ def model_config(path: PathLike) -> ModelConfig:
   return ModelConfig.from_json((pathlib.Path(path) / CONFIG_FILE).read_text())
 
 
-def load_model(path: PathLike, mesh=None, rules=None, dtypes=None) -> tuple[ModelConfig, dict]:
+def load_model(path: PathLike, mesh=None, rules=None, dtypes=None,
+               host=None) -> tuple[ModelConfig, dict]:
   """The config and parameters of the checkpoint at ``path``, each parameter
   restored onto its sharding from ``sharding.param_shardings(…, mesh, rules)``
   (one device without a mesh), in the dtype it was saved in or, where
   ``dtypes`` (a tree of the parameters' structure) says another, cast to that
-  one as it is read."""
+  one as it is read. ``host`` (a tree of bools of that structure): its True
+  leaves are read into host numpy arrays instead, layer by layer where the
+  checkpoint allows (``stored_params``)."""
   path = pathlib.Path(path)
   if not is_checkpoint(path):
     if (path / hf.CONFIG_FILE).is_file():
@@ -142,9 +145,26 @@ def load_model(path: PathLike, mesh=None, rules=None, dtypes=None) -> tuple[Mode
     dtypes = jax.tree.map(lambda a: a.dtype, abstract)
   target = jax.tree.map(lambda a, s, d: jax.ShapeDtypeStruct(a.shape, d, sharding=s),
                         abstract, shardings, dtypes)
+  if host is None or not any(jax.tree_util.tree_leaves(host)):
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(path.resolve() / PARAMS_DIR, target)
+    return cfg, params
+  stored = stored_params(path)
+
+  def read(tree_path, leaf):
+    array = stored["/".join(sharding_lib.path_names(tree_path))]
+    if not array.sliceable:
+      return array.read().astype(leaf.dtype)
+    out = np.empty(leaf.shape, leaf.dtype)
+    for i in range(leaf.shape[0]):
+      out[i] = array.read(i)
+    return out
+  on_device = jax.tree.map(lambda t, h: None if h else t, target, host)
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(path.resolve() / PARAMS_DIR, target)
-  return cfg, params
+    # Orbax restores the subtree it is given a target for; the rest is read here.
+    placed = checkpointer.restore(path.resolve() / PARAMS_DIR, on_device)
+  return cfg, jax.tree_util.tree_map_with_path(
+      lambda p, t, h, x: read(p, t) if h else x, target, host, placed)
 
 
 class StoredArray:

@@ -77,9 +77,10 @@ A stage (``stage(**overrides)``):
                   the frozen attention and MLP projections are held in 4 bits as
                   bitsandbytes' NF4 (0.52 byte a weight; the model trains against what
                   transformers' load_in_4bit computes), with double_quant (default
-                  True) their block scales in 8 bits too; the stage's final model has
-                  the original weights, so export merges into those. Refused with
-                  dora, pissa/olora and other methods
+                  True) their block scales in 8 bits too. The projections are read to
+                  the host and quantized onto the devices a layer at a time; the
+                  stage's final model has the original weights, so export merges into
+                  those. Refused with dora, pissa/olora and other methods
   lr          peak learning rate. SFT uses about 0.1x the pre-training lr
               (e.g. 1e-5..2e-5 for 7B-70B chat models, 1e-4 for small ones)
   lr_groups   {regex over parameter paths: lr multiplier}, first match wins,

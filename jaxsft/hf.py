@@ -619,13 +619,20 @@ def _without_leading(s: jax.sharding.Sharding, n: int, ndim: int) -> jax.shardin
   return NamedSharding(s.mesh, P(*spec[n:]))
 
 
-def _place(read, param: _Param, target: jax.sharding.Sharding, dtype) -> jax.Array:
+def _place(read, param: _Param, target: jax.sharding.Sharding | None, dtype) -> jax.Array:
   """Build one parameter on ``target``; ``read(position)`` gives one HF tensor.
 
   A parameter with named axes (stacked layers, experts) is filled in place on
   device: a zero buffer with the target sharding gets each slice written into
   it by a donating update, so neither the host nor the device holds two copies.
+  ``target`` None: a numpy array on the host, filled the same way.
   """
+  if target is None:
+    out = np.empty(param.shape, dtype)
+    for position in param.positions():
+      out[position] = param.from_hf(read(position)).astype(dtype)
+    return out
+
   def piece(position):
     host = param.from_hf(read(position)).astype(dtype)
     return jax.make_array_from_callback(
@@ -650,7 +657,7 @@ def _write_slice(buf, piece, *position):
 
 
 def load_params(model_dir: PathLike, cfg: ModelConfig | None = None, mesh=None, rules=None,
-                dtype=None, dtypes=None) -> tuple[ModelConfig, Any]:
+                dtype=None, dtypes=None, host=None) -> tuple[ModelConfig, Any]:
   """Read a Hugging Face model directory's safetensors into jaxsft parameters.
 
   ``cfg`` defaults to ``config_from_hf(model_dir)``. Each parameter lands
@@ -661,7 +668,9 @@ def load_params(model_dir: PathLike, cfg: ModelConfig | None = None, mesh=None, 
   an error, except rotary caches and a tied model's duplicate ``lm_head``.
   ``dtypes``: a tree of the parameters' structure giving some leaves another
   dtype than the config's (``optim.load_dtypes``: frozen weights read straight
-  in the compute dtype).
+  in the compute dtype). ``host``: a tree of bools of the same structure; its
+  True leaves stay on the host as numpy arrays (QLoRA quantizes them onto the
+  devices one layer at a time, ``jaxsft.peft.nf4.store``).
   """
   model_dir = _model_dir(model_dir)
   if cfg is None:
@@ -699,6 +708,8 @@ def load_params(model_dir: PathLike, cfg: ModelConfig | None = None, mesh=None, 
     if structure != treedef:
       raise ValueError(f"load_params(dtypes=...) must have the parameters' structure "
                        f"{treedef}, not {structure}")
+  if host is not None:
+    shardings = [None if h else t for t, h in zip(shardings, jax.tree_util.tree_leaves(host))]
   leaves = []
   for param, target, dtype in zip(params, shardings, leaf_dtypes):
     stored = names[param.key.path]

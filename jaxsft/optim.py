@@ -15,6 +15,7 @@ import re
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 
@@ -158,6 +159,8 @@ def store_frozen(params, mask, dtype) -> Any:
       return x
     if isinstance(x, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    if isinstance(x, np.ndarray):  # a leaf kept on the host (QLoRA's) stays there
+      return x.astype(dtype)
     return cast(x)
   return jax.tree_util.tree_map(store, params, mask)
 

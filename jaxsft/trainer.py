@@ -417,11 +417,13 @@ def _checkpoint_model(path: pathlib.Path, config, mesh, stage) -> tuple[ModelCon
   happen on the full-precision weights."""
   cfg = _checkpoint_config(path, config)
   abstract = llama.abstract_params(cfg)  # in the run's parameter dtype
+  host = None
   if cfg.adapters is None and stage is not None:
     dtypes = optim.load_dtypes(abstract, stage, cfg.dtype, cfg.param_dtype)
+    host = _host_leaves(abstract, stage)
   else:
     dtypes = jax.tree_util.tree_map(lambda x: x.dtype, abstract)
-  _, params = checkpoint_lib.load_model(path, mesh, dtypes=dtypes)
+  _, params = checkpoint_lib.load_model(path, mesh, dtypes=dtypes, host=host)
   return cfg, params
 
 
@@ -453,7 +455,8 @@ def initial_model(config, mesh) -> tuple[ModelConfig, Any]:
   if config.model.init is not None:
     shardings = sharding_lib.param_shardings(abstract, mesh)
     return cfg, llama.init_placed(cfg, jax.random.key(config.seed), shardings, dtypes)
-  return hf.load_params(config.model.source, cfg=cfg, mesh=mesh, dtypes=dtypes)
+  return hf.load_params(config.model.source, cfg=cfg, mesh=mesh, dtypes=dtypes,
+                        host=_host_leaves(abstract, first))
 
 
 def _has_step_checkpoint(stage_dir: pathlib.Path) -> bool:
@@ -740,10 +743,16 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     # Split "data", not "eval": eval rows carry losses and accuracies.
     run.writer.write({"stage": name, "step": 0, "split": "data",
                       "unseen_labels": dict(sorted(pipe.unseen_labels.items()))})
+  originals: dict = {}  # QLoRA: the frozen weights it holds in 4 bits, as they came
+  place_base = None
+  if peft_methods.quantization(stage) is not None:
+    place_base = lambda p: quantized_base(p, stage, cfg, mesh, originals)  # noqa: E731
   cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase,
-                                     tokenizer=run.tokenizer, where=f"config.stages.{name}")
+                                     tokenizer=run.tokenizer, where=f"config.stages.{name}",
+                                     place_base=place_base)
   spec = _batch_spec(pipe, stage)
   ph = _checked_phase(name, cfg, params, stage, steps, mesh, config.seed, spec)
+  ph.originals = originals
 
   data_state = None
   if latest is not None:
@@ -753,7 +762,6 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
             ph.abstract_state, ph.state_shardings)),
         data=ocp.args.JsonRestore()))
     state, data_state = restored.state, restored.data
-    ph.keep_originals(params)
     log.info("stage %s: resumed from step %d", name, latest)
   else:
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
@@ -1022,7 +1030,8 @@ class _Phase:
     self.cfg, self.seed, self.mesh, self.stage = cfg, seed, mesh, stage
     self.frozen_dtype = optim.frozen_dtype(stage, cfg.dtype, cfg.param_dtype)
     # QLoRA: the frozen projections live in the state in 4 bits (peft/nf4.py);
-    # their originals wait on the host for the stage's final model.
+    # their originals wait on the host for the stage's final model
+    # (``quantized_base`` fills this).
     self.quantized = peft_methods.quantization(stage) is not None
     self.originals: dict[tuple[str, ...], Any] = {}
     self.raw_mask = optim.trainable_mask(params, stage)
@@ -1070,33 +1079,22 @@ class _Phase:
             "step_bytes_per_device": self.step_bytes}
 
   def store(self, params):
-    """``params`` as the state holds them (``store_params``); QLoRA's
-    originals are kept on the host first (``keep_originals``)."""
+    """``params`` as the state holds them (``store_params``)."""
     return store_params(params, self.raw_mask, self.stage, self.cfg, self.mesh)
 
-  def keep_originals(self, params) -> None:
-    """Copy the weights QLoRA will hold in 4 bits to the host, as they are
-    (the stage's final model has them, not their 4-bit rounding): leaf by leaf,
-    the same host memory every LoRA stage's final model takes (``final``)."""
+  def _restored(self, params):
+    """(``params`` with QLoRA's originals back, its trainable mask)."""
     if not self.quantized:
-      return
-    if jax.process_count() > 1:
-      raise ValueError("peft.quantization (QLoRA) keeps the original frozen weights on the "
-                       "host of a single process; it does not run on several processes yet")
-
-    def keep(path, x, trained):
-      names = sharding_lib.path_names(path)
-      if not trained and nf4.quantizable(names) and names not in self.originals:
-        self.originals[names] = np.asarray(jax.device_get(x))
-    jax.tree_util.tree_map_with_path(keep, params, self.raw_mask)
+      return params, self.raw_mask
+    params = nf4.restore(params, self.originals)
+    return params, optim.trainable_mask(params, self.stage)
 
   def unstore(self, params):
     """The state's ``params`` back in the model's parameter dtype."""
-    if self.quantized:
-      params = nf4.restore(params, self.originals)
+    params, mask = self._restored(params)
     if self.frozen_dtype is None:
       return params
-    return optim.store_frozen(params, self.raw_mask, jnp.dtype(self.cfg.param_dtype))
+    return optim.store_frozen(params, mask, jnp.dtype(self.cfg.param_dtype))
 
   def final(self, params):
     """The state's ``params`` as the stage's result, all in the parameter
@@ -1108,27 +1106,29 @@ class _Phase:
     shards, they are cast on the devices instead."""
     if self.frozen_dtype is None or jax.process_count() > 1:
       return self.unstore(params)
-    if self.quantized:
-      params = nf4.restore(params, self.originals)
+    params, mask = self._restored(params)
     dtype = jnp.dtype(self.cfg.param_dtype)
     return jax.tree_util.tree_map(
         lambda x, trained: x if trained or x.dtype != self.frozen_dtype else
-        np.asarray(jax.device_get(x)).astype(dtype), params, self.raw_mask)
+        np.asarray(jax.device_get(x)).astype(dtype), params, mask)
 
   def init(self, params) -> TrainState:
-    self.keep_originals(params)
     return jax.jit(lambda q: init_state(q, self.tx, self.seed, self.mask),
                    out_shardings=self.state_shardings, donate_argnums=0)(self.store(params))
 
 
-def store_params(params, mask, stage, cfg: ModelConfig, mesh=None):
+def store_params(params, mask, stage, cfg: ModelConfig, mesh=None, keep=None):
   """``params`` as a stage's state holds them: the frozen (``mask`` False)
   weights in the stage's frozen dtype (``optim.store_frozen``), and with
-  ``peft.quantization`` its frozen projections in 4 bits (``nf4.store``), each
-  part on the sharding its name gives over ``mesh``. Leaf by leaf, each
-  original consumed; abstract leaves give the abstract result."""
-  params = optim.store_frozen(params, mask, optim.frozen_dtype(stage, cfg.dtype,
-                                                               cfg.param_dtype))
+  ``peft.quantization`` its frozen projections in 4 bits (``nf4.store``; those
+  already stored stay as they are), each part on the sharding its name gives
+  over ``mesh``, ``keep(path, x)`` seeing each original first. Leaf by leaf,
+  each original consumed; abstract leaves give the abstract result."""
+  # The parts of 4-bit weights (their fp32 scales) keep their dtypes.
+  cast = jax.tree_util.tree_map_with_path(
+      lambda p, m: m or nf4.is_part(sharding_lib.path_names(p)), mask)
+  params = optim.store_frozen(params, cast, optim.frozen_dtype(stage, cfg.dtype,
+                                                              cfg.param_dtype))
   if peft_methods.quantization(stage) is None:
     return params
 
@@ -1137,7 +1137,34 @@ def store_params(params, mask, stage, cfg: ModelConfig, mesh=None):
       return {k: None for k in parts}
     return {k: NamedSharding(mesh, sharding_lib.spec_for(path + (k,), v.shape, mesh))
             for k, v in parts.items()}
-  return nf4.store(params, mask, bool(stage.peft.double_quant), shardings)
+  return nf4.store(params, mask, bool(stage.peft.double_quant), shardings, keep)
+
+
+def quantized_base(params, stage, cfg: ModelConfig, mesh, originals: dict):
+  """QLoRA (``peft.quantization``): the base model ``params`` with the
+  projections the stage freezes in 4 bits, before its adapters are added
+  (``peft_methods.prepare``'s ``place_base``). Each original goes into
+  ``originals`` (by path) for the stage's final model: a host (numpy) leaf as
+  it is, quantized onto the devices a layer at a time; a device leaf copied
+  to the host first."""
+  if jax.process_count() > 1:
+    raise ValueError("peft.quantization (QLoRA) keeps the original frozen weights on the "
+                     "host of a single process; it does not run on several processes yet")
+
+  def keep(path, x):
+    originals[path] = x if isinstance(x, np.ndarray) else np.asarray(jax.device_get(x))
+  return store_params(params, optim.trainable_mask(params, stage), stage, cfg, mesh, keep)
+
+
+def _host_leaves(params, stage):
+  """Where a model that ``stage`` starts from is read into host memory rather
+  than onto the devices: the projections a QLoRA stage quantizes
+  (``quantized_base`` sends them a layer at a time). None: nowhere."""
+  if stage is None or peft_methods.quantization(stage) is None or jax.process_count() > 1:
+    return None
+  return jax.tree_util.tree_map_with_path(
+      lambda p, trained: not trained and nf4.quantizable(sharding_lib.path_names(p)) is not None,
+      optim.trainable_mask(params, stage))
 
 
 def _placed(cfg: ModelConfig, params, stage, mesh):
@@ -1148,9 +1175,11 @@ def _placed(cfg: ModelConfig, params, stage, mesh):
   if not _parked(params):
     return params
   dtypes = optim.load_dtypes(params, stage, cfg.dtype, cfg.param_dtype)
+  host = _host_leaves(params, stage) or jax.tree.map(lambda _: False, params)
   return jax.tree_util.tree_map(
-      lambda x, dtype, s: jax.device_put(x.astype(dtype), s) if isinstance(x, np.ndarray) else x,
-      params, dtypes, sharding_lib.param_shardings(params, mesh))
+      lambda x, dtype, s, h: (x.astype(dtype) if h else jax.device_put(x.astype(dtype), s))
+      if isinstance(x, np.ndarray) else x,
+      params, dtypes, sharding_lib.param_shardings(params, mesh), host)
 
 
 def _parked(params) -> bool:

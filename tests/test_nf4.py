@@ -3,7 +3,9 @@ stage against transformers' 4-bit model with PEFT's LoRA on it (fp32 compute,
 tiny models, bitsandbytes' CPU kernels)."""
 from __future__ import annotations
 
+import gc
 import json
+import shutil
 
 import bitsandbytes.functional as bnb_f
 import jax
@@ -16,6 +18,7 @@ import transformers
 
 import hf_builders
 import peft_fixtures
+from jaxsft import checkpoint as checkpoint_lib
 from jaxsft import config as config_lib
 from jaxsft import export as export_lib
 from jaxsft import generate
@@ -169,23 +172,42 @@ def test_qlora_forward_and_gradients_equal_peft_on_transformers_4bit_model(tmp_p
     np.testing.assert_allclose(g, ref, atol=1e-4 * np.abs(ref).max(), rtol=0, err_msg=name)
 
 
-def test_qlora_stage_ends_with_the_original_base_and_exports_the_adapter_it_trained(tmp_path):
+def test_qlora_stage_ends_with_the_original_base_and_exports_the_adapter_it_trained(
+    tmp_path, monkeypatch):
   """A QLoRA run (LLaMA-Factory's quantization_bit=4 with double quantization):
-  the state holds the projections in 4 bits; the final model has the
-  original weights beside the trained factors; its PEFT export on
-  transformers' 4-bit model gives the trained model's logits; and a run
-  killed after a checkpoint resumes to the same final model."""
+  the projections are read to the host and quantized onto the device a layer
+  at a time (no whole projection ever on it in full precision); the state
+  holds them in 4 bits; the final model has the original weights beside the
+  trained factors; its PEFT export on transformers' 4-bit model gives the
+  trained model's logits; and a run killed after a checkpoint resumes to the
+  same final model."""
   hf_dir = _hf_dir(tmp_path)
+  _, start = hf.load_params(hf_dir)
+  stacked = {x.shape for p, x in jax.tree_util.tree_flatten_with_path(start)[0]
+             if nf4.quantizable(sharding_lib.path_names(p))}
+  del _
+  start = jax.device_get(start)
+  gc.collect()
+  layers_written, whole_on_device = [], []
+  write_layer = nf4._write_layer
+
+  def watched(out, layer, i):
+    layers_written.append(i)
+    whole_on_device.extend(a.shape for a in jax.live_arrays()
+                           if a.shape in stacked and jnp.issubdtype(a.dtype, jnp.floating))
+    return write_layer(out, layer, i)
+  monkeypatch.setattr(nf4, "_write_layer", watched)
+
   qlora = dict(rank=4, alpha=8.0, quantization="nf4")
   c = peft_fixtures.one_stage_config(tmp_path, hf_dir, "lora", steps=4, peft=qlora)
   c.stages.sft.eval_every = 4  # evaluation reads the 4-bit state too
   c.stages.sft.data.eval_fraction = 0.1
   out = trainer.train(c)
+  assert len(layers_written) == 7 * 2 and not whole_on_device, whole_on_device
   rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
   compile_row = next(r for r in rows if r.get("split") == "compile")
   final = out / "stages" / "sft" / "final"
   cfg, params, trained = peft_fixtures.final_with_base_unchanged(out, "sft", hf_dir)
-  _, start = hf.load_params(hf_dir)
   assert np.abs(trained["layers/attn/q_lora_b_rnh"]).max() > 0
 
   # The state held 4 bits (+ scales) per projection weight, not 32.
@@ -210,6 +232,33 @@ def test_qlora_stage_ends_with_the_original_base_and_exports_the_adapter_it_trai
   resumed = peft_fixtures.resumed_leaves(c, out, tmp_path / "resumed", "sft", 2)
   for path, x in trained.items():
     np.testing.assert_array_equal(resumed[path], x, err_msg=path)
+
+
+def test_qlora_after_a_full_stage_from_its_checkpoint_equals_in_memory(tmp_path):
+  """full SFT → QLoRA: the QLoRA stage started from the full stage's final
+  checkpoint (its projections read to the host) ends where the uninterrupted
+  run (the full stage's weights handed over in memory) does, with the full
+  stage's weights as its base."""
+  hf_dir = _hf_dir(tmp_path)
+  c = peft_fixtures.one_stage_config(tmp_path, hf_dir, "full", steps=2, peft={})
+  c.stages.qlora = config_lib.stage(**{**c.stages.sft.to_dict(), "method": "lora", "peft": dict(
+      rank=4, alpha=8.0, quantization="nf4")})
+  out = trainer.train(c)
+  again = tmp_path / "again"
+  (again / "stages" / "sft").mkdir(parents=True)
+  shutil.copy(out / "config.json", again / "config.json")
+  shutil.copytree(out / "stages" / "sft" / "final", again / "stages" / "sft" / "final")
+  c.output_dir = str(again)
+  trainer.train(c)
+  _, full = checkpoint_lib.load_model(out / "stages" / "sft" / "final")
+  _, first = checkpoint_lib.load_model(out / "stages" / "qlora" / "final")
+  _, second = checkpoint_lib.load_model(again / "stages" / "qlora" / "final")
+  first, second = peft_fixtures.leaves_by_path(first), peft_fixtures.leaves_by_path(second)
+  for path, x in peft_fixtures.leaves_by_path(full).items():
+    np.testing.assert_array_equal(first[path], x, err_msg=path)
+  for path, x in first.items():
+    np.testing.assert_array_equal(second[path], x, err_msg=path)
+  assert np.abs(first["layers/mlp/up_lora_b_rf"]).max() > 0
 
 
 @pytest.mark.parametrize("method,peft_kw,needle", [

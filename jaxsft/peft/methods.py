@@ -452,7 +452,7 @@ def _is_abstract(params) -> bool:
 
 
 def prepare(cfg: ModelConfig, params, stage, rng: jax.Array, phase: int = 1, tokenizer=None,
-            where: str = "stage"):
+            where: str = "stage", place_base=None):
   """The model a stage trains: ``cfg``/``params`` with the adapters of
   ``stage.method`` added (``phase`` 0: the full part of ``full_then_lora``).
 
@@ -461,6 +461,9 @@ def prepare(cfg: ModelConfig, params, stage, rng: jax.Array, phase: int = 1, tok
   ``params`` may be abstract (resuming): the result is then abstract too.
   ``tokenizer`` tokenizes ``peft.prompt_init_text`` (prompt tuning); errors
   name the config keys under ``where`` (e.g. "config.stages.sft").
+  ``place_base(params)``, if given, transforms the base model's parameters
+  after any merge and before the new adapters are added (QLoRA stores its
+  frozen projections in 4 bits there, so that adding LoRA runs on them).
   """
   peft = stage.peft
   want = adapters_for(stage.method, peft, phase, cfg.num_layers, where)
@@ -473,6 +476,8 @@ def prepare(cfg: ModelConfig, params, stage, rng: jax.Array, phase: int = 1, tok
       params = llama.abstract_params(cfg)
     else:
       cfg, params = merge(cfg, params)
+  if place_base is not None and not abstract:
+    params = place_base(params)
   if want is not None and cfg.adapters != want:
     cfg = cfg.replace(adapters=want)
     if abstract:

@@ -270,12 +270,39 @@ def store(params, mask, double_quant: bool, shardings_for, keep=None):
               for k, v in abstract.items()}
     if keep is not None:
       keep(names, x)
-    out = jax.jit(fn, out_shardings=shardings_for(names, abstract))(x)
+    shardings = shardings_for(names, abstract)
+    if isinstance(x, np.ndarray):  # on the host (a QLoRA load): one layer at a time
+      return _store_layers(x, n_in, parts, double_quant, abstract, shardings)
+    out = jax.jit(fn, out_shardings=shardings)(x)
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
       x.delete()  # what donating would do (no output can reuse it: a warning)
     return out
 
   return jax.tree_util.tree_map_with_path(one, params, mask)
+
+
+def _store_layers(x: np.ndarray, n_in: int, names: dict[str, str], double_quant: bool,
+                  abstract: dict, shardings: dict):
+  """``quantize`` of a stacked host weight, sent to the device a layer at a
+  time and written into the stacked parts there: the device never holds more
+  of the weight than one layer in its own dtype."""
+  out = {k: jnp.zeros(a.shape, a.dtype, device=shardings[k]) for k, a in abstract.items()}
+  one = jax.jit(functools.partial(quantize, n_in=n_in, names=names, stacked=False,
+                                  double_quant=double_quant))
+  for i in range(x.shape[0]):
+    out = _write_layer(out, one(x[i]), i)
+  return out
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stacked: dict, layer: dict, i: int) -> dict:
+  return {k: jax.lax.dynamic_update_index_in_dim(v, layer[k].astype(v.dtype), i, 0)
+          for k, v in stacked.items()}
+
+
+def is_part(path: tuple[str, ...]) -> bool:
+  """Whether ``path`` names a part of a stored 4-bit weight."""
+  return path[-1].startswith(PREFIX)
 
 
 def expand(tree, stored):
