@@ -745,8 +745,13 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                       "unseen_labels": dict(sorted(pipe.unseen_labels.items()))})
   originals: dict = {}  # QLoRA: the frozen weights it holds in 4 bits, as they came
   place_base = None
-  if peft_methods.quantization(stage) is not None:
+  if peft_methods.quantization(stage) is not None and latest is None:
     place_base = lambda p: quantized_base(p, stage, cfg, mesh, originals)  # noqa: E731
+  elif peft_methods.quantization(stage) is not None:
+    # Resuming: the checkpoint holds the 4-bit state; of the model read (see
+    # train) only the originals are kept, the rest goes as in any resume.
+    originals.update(_originals(params, stage))
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase,
                                      tokenizer=run.tokenizer, where=f"config.stages.{name}",
                                      place_base=place_base)
@@ -1147,21 +1152,33 @@ def quantized_base(params, stage, cfg: ModelConfig, mesh, originals: dict):
   ``originals`` (by path) for the stage's final model: a host (numpy) leaf as
   it is, quantized onto the devices a layer at a time; a device leaf copied
   to the host first."""
-  if jax.process_count() > 1:
-    raise ValueError("peft.quantization (QLoRA) keeps the original frozen weights on the "
-                     "host of a single process; it does not run on several processes yet")
+  _host_leaves(params, stage)  # refuses several processes
 
   def keep(path, x):
     originals[path] = x if isinstance(x, np.ndarray) else np.asarray(jax.device_get(x))
   return store_params(params, optim.trainable_mask(params, stage), stage, cfg, mesh, keep)
 
 
+def _originals(params, stage) -> dict:
+  """The weights of ``params`` a QLoRA stage holds in 4 bits, on the host, by path."""
+  out = {}
+  for (path, x), host in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                             jax.tree_util.tree_leaves(_host_leaves(params, stage))):
+    if host:
+      out[sharding_lib.path_names(path)] = (x if isinstance(x, np.ndarray)
+                                            else np.asarray(jax.device_get(x)))
+  return out
+
+
 def _host_leaves(params, stage):
   """Where a model that ``stage`` starts from is read into host memory rather
   than onto the devices: the projections a QLoRA stage quantizes
   (``quantized_base`` sends them a layer at a time). None: nowhere."""
-  if stage is None or peft_methods.quantization(stage) is None or jax.process_count() > 1:
+  if stage is None or peft_methods.quantization(stage) is None:
     return None
+  if jax.process_count() > 1:
+    raise ValueError("peft.quantization (QLoRA) keeps the original frozen weights on the "
+                     "host of a single process; it does not run on several processes yet")
   return jax.tree_util.tree_map_with_path(
       lambda p, trained: not trained and nf4.quantizable(sharding_lib.path_names(p)) is not None,
       optim.trainable_mask(params, stage))
