@@ -10,6 +10,13 @@ choice is LoRA (~4 x 80 GB GPUs instead of ~32: the frozen base in bf16 is
 
     ... --config.stages.sft.method=lora --config.stages.sft.lr=1e-4 \
         --config.stages.sft.peft.rank=16
+
+QLoRA on a single 80 GB GPU: the frozen projections held in 4 bits (NF4, as
+LLaMA-Factory's quantization_bit=4). A step over one 4096-token row compiles to
+49.2 GiB for an H100 (docs/BENCHMARKS.md); the 128-row batch is accumulated a
+row at a time, and the host holds the original projections (~140 GB):
+
+    ... --config.stages.sft.peft.quantization=nf4 --config.stages.sft.grad_accum=128
 """
 from __future__ import annotations
 
