@@ -97,11 +97,11 @@ def test_backward_recomputes_the_weight_and_gives_autodiff_s_gradient():
   assert not any(a.shape in ((128, 64), (64, 128), (128, 4, 16)) for a in kept)
 
 
-def _hf_dir(root):
+def _hf_dir(root, variant="llama"):
   """A tiny model whose projections are whole 64-wide blocks."""
-  d = root / "hf_qlora"
+  d = root / f"hf_qlora_{variant}"
   if not d.is_dir():
-    hf_builders.build_model("llama", intermediate_size=128).save_pretrained(d)
+    hf_builders.build_model(variant, intermediate_size=128).save_pretrained(d)
     hf_builders.build_tokenizer().save_pretrained(d)
   return d
 
@@ -170,6 +170,33 @@ def test_qlora_forward_and_gradients_equal_peft_on_transformers_4bit_model(tmp_p
     torch_name = next(n for n in torch_grads if n.endswith(key.removeprefix("base_model.model.")))
     ref = torch_grads[torch_name].numpy()
     np.testing.assert_allclose(g, ref, atol=1e-4 * np.abs(ref).max(), rtol=0, err_msg=name)
+
+
+def test_qlora_on_mixtral_quantizes_what_transformers_quantizes(tmp_path):
+  """Mixtral: transformers' load_in_4bit makes the attention's projections
+  Linear4bit and leaves the fused expert weights and the router as they are;
+  so does jaxsft, and the logits of LoRA on that model agree."""
+  hf_dir = _hf_dir(tmp_path, "mixtral")
+  stage = config_lib.stage(method="lora", peft=dict(rank=4, alpha=8.0, quantization="nf4",
+                                                    double_quant=False))
+  cfg, params = hf.load_params(hf_dir)
+  cfg, params = methods.prepare(cfg, params, stage, jax.random.key(0))
+  rng = np.random.default_rng(5)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: (jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype)
+                    if "_lora_" in sharding_lib.path_names(p)[-1] else x), params)
+  adapter = tmp_path / "adapter"
+  adapter.mkdir()
+  peft_export.save_adapter(cfg, params, adapter, str(hf_dir))
+  stored = _stored(cfg, params, stage, double_quant=False)
+  quantized = {"/".join(sharding_lib.path_names(p)[:-1]) for p, _ in
+               jax.tree_util.tree_flatten_with_path(stored)[0]
+               if nf4.is_part(sharding_lib.path_names(p))}
+  assert quantized == {f"layers/attn/{w}" for w in ("q_dnh", "k_dkh", "v_dkh", "o_nhd")}
+  ours, _ = llama.forward(cfg, stored, TOKENS)
+  model = peft.PeftModel.from_pretrained(_bnb_model(hf_dir, False), adapter).eval()
+  np.testing.assert_allclose(peft_fixtures.torch_logits(model, TOKENS), np.asarray(ours),
+                             atol=2e-5, rtol=0)
 
 
 def test_qlora_stage_ends_with_the_original_base_and_exports_the_adapter_it_trained(

@@ -236,8 +236,10 @@ class StoredWeight:
 
 def quantizable(path: tuple[str, ...]) -> str | None:
   """The weight name if the parameter at ``path`` is a decoder projection that
-  QLoRA stores in 4 bits (attention and dense MLP, as bitsandbytes quantizes
-  every ``nn.Linear`` but the output layer; MoE experts are not), else None."""
+  QLoRA stores in 4 bits (attention and dense MLP, as transformers'
+  ``load_in_4bit`` makes every ``nn.Linear`` but the output layer a
+  ``Linear4bit``; Mixtral's fused expert weights are no ``nn.Linear`` there
+  and stay as they are here too), else None."""
   from jaxsft.peft import lora  # noqa: PLC0415  (lora imports this module)
   name = path[-1]
   if path[0] != "layers" or name not in lora.WEIGHTS or name == "kernel_dv" or "moe" in path:
