@@ -545,6 +545,7 @@ def _parse_args(argv):
                            "stored dtype on GPU/TPU, float32 on CPU); on GPU/TPU the weights "
                            "are read in it too")
   generate.add_mesh_argument(parser)
+  generate.add_quantization_argument(parser)
   parser.add_argument("--trust-remote-code", action="store_true",
                       help="allow custom tokenizer code shipped with the model")
   return parser.parse_args(argv)
@@ -611,7 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     else None)
     mesh = generate.inference_mesh(args.mesh)
     cfg, params, tokenizer = generate.load_for_inference(args.model, args.trust_remote_code,
-                                                         args.dtype, mesh=mesh)
+                                                         args.dtype, mesh=mesh,
+                                                         quantization=args.quantization)
     with generate.on_mesh(mesh):
       context = usable_context(cfg)
       if args.max_length is not None and args.max_length > context:

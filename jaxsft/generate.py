@@ -37,6 +37,7 @@ from jaxsft.models import llama
 from jaxsft.models.model_config import ModelConfig
 from jaxsft.peft import lora
 from jaxsft.peft import methods as peft_methods
+from jaxsft.peft import nf4
 from jaxsft.peft import prompts as prompts_lib
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -188,7 +189,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto",
-                       weights: str = "auto", mesh=None, tokenizer: bool = True):
+                       weights: str = "auto", mesh=None, tokenizer: bool = True,
+                       quantization: str | None = None):
   """(cfg, params, tokenizer) from a Hugging Face model directory or a jaxsft
   checkpoint (whose tokenizer lives in ``PATH/tokenizer``); the tokenizer is
   None with ``tokenizer=False`` (then none needs to be there).
@@ -198,6 +200,13 @@ def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto
   natural choice for decoding); then run the model under ``jax.set_mesh(mesh)``.
   Without one, everything sits on the first device. On a GPU/TPU, weights that
   cannot fit on the devices are refused before any is read, with the mesh to ask for.
+
+  ``quantization`` "nf4": the decoder's projections (adapter factors aside)
+  held in 4 bits as a QLoRA stage holds them (``jaxsft.peft.nf4``, with
+  double quantization; transformers' ``load_in_4bit``), read into host memory
+  and quantized onto the devices a layer at a time: a model whose weights do
+  not fit the devices in 16 bits decodes in its 4-bit form. A QLoRA stage's
+  final checkpoint so computes what the stage trained.
 
   ``dtype``: the compute dtype (``cfg.dtype``). ``"auto"``: a checkpoint's own
   (the run's ``model.dtype``); for a Hugging Face directory, the dtype its
@@ -241,13 +250,48 @@ def load_for_inference(path, trust_remote_code: bool = False, dtype: str = "auto
   dtypes = None
   if weights == "compute" or (weights == "auto" and not on_cpu):
     dtypes = read_dtypes(abstract, cfg.dtype)
-  check_fits(abstract if dtypes is None else jax.tree.map(
-      lambda a, t: jax.ShapeDtypeStruct(a.shape, t), abstract, dtypes), mesh, path)
-  if is_checkpoint:
-    _, params = checkpoint.load_model(path, mesh=mesh, dtypes=dtypes)
+  typed = abstract if dtypes is None else jax.tree.map(
+      lambda a, t: jax.ShapeDtypeStruct(a.shape, t), abstract, dtypes)
+  host = None
+  if quantization is not None:
+    host = _quantized_leaves(cfg, abstract, quantization)
+    store = lambda p: _store_4bit(p, host, mesh)  # noqa: E731
+    check_fits(jax.eval_shape(store, typed), mesh, path)
   else:
-    _, params = hf.load_params(path, cfg, mesh=mesh, dtypes=dtypes)
+    check_fits(typed, mesh, path)
+  if is_checkpoint:
+    _, params = checkpoint.load_model(path, mesh=mesh, dtypes=dtypes, host=host)
+  else:
+    _, params = hf.load_params(path, cfg, mesh=mesh, dtypes=dtypes, host=host)
+  if quantization is not None:
+    params = store(params)
   return cfg, params, (hf.load_tokenizer(tokenizer_dir, trust_remote_code) if tokenizer else None)
+
+
+def _quantized_leaves(cfg: ModelConfig, abstract, quantization: str):
+  """Where ``--quantization`` puts 4-bit weights: every decoder projection
+  (``nf4.quantizable``), unless DoRA adapts the model (its norm needs them)."""
+  if quantization not in peft_methods.QUANTIZATIONS:
+    raise ValueError(f"--quantization {quantization!r} is not one of "
+                     f"{list(peft_methods.QUANTIZATIONS)}")
+  if cfg.adapters is not None and cfg.adapters.dora:
+    raise ValueError("--quantization: this checkpoint has DoRA adapters, whose magnitudes are "
+                     "relative to the full-precision weights; export it merged first")
+  if jax.process_count() > 1:
+    raise ValueError("--quantization runs on a single process")
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: nf4.quantizable(sharding_lib.path_names(p)) is not None, abstract)
+
+
+def _store_4bit(params, quantized, mesh):
+  """``params`` with the ``quantized`` leaves in the 4-bit form (``nf4.store``)."""
+  def shardings(path, parts):
+    if mesh is None:
+      return {k: None for k in parts}
+    return {k: jax.sharding.NamedSharding(mesh, sharding_lib.spec_for(path + (k,), v.shape, mesh))
+            for k, v in parts.items()}
+  frozen = jax.tree.map(lambda q: not q, quantized)  # nf4.store takes the trainable mask
+  return nf4.store(params, frozen, True, shardings)
 
 
 def weight_bytes_per_device(params, mesh=None) -> int:
@@ -390,9 +434,17 @@ def _parse_args(argv):
                            "stored dtype on GPU/TPU, float32 on CPU); on GPU/TPU the weights "
                            "are read in it too")
   add_mesh_argument(parser)
+  add_quantization_argument(parser)
   parser.add_argument("--trust-remote-code", action="store_true",
                       help="allow custom tokenizer code shipped with the model")
   return parser.parse_args(argv)
+
+
+def add_quantization_argument(parser: argparse.ArgumentParser) -> None:
+  """The inference CLIs' ``--quantization``."""
+  parser.add_argument("--quantization", choices=peft_methods.QUANTIZATIONS, default=None,
+                      help="hold the decoder's projections in 4 bits (NF4, as transformers' "
+                           "load_in_4bit and a QLoRA stage): a quarter of bf16's memory")
 
 
 def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
@@ -410,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
     mesh = inference_mesh(args.mesh)
     cfg, params, tokenizer = load_for_inference(args.model, args.trust_remote_code, args.dtype,
-                                                mesh=mesh)
+                                                mesh=mesh, quantization=args.quantization)
     tools = read_tools(args.tools) if args.tools is not None else None
     tokens = prompt_tokens(tokenizer, args.prompt, args.chat, args.system, tools)
     if not tokens:

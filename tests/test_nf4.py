@@ -292,6 +292,27 @@ def test_qlora_after_a_full_stage_from_its_checkpoint_equals_in_memory(tmp_path)
   assert np.abs(first["layers/mlp/up_lora_b_rf"]).max() > 0
 
 
+def test_generate_reads_a_model_in_4_bits_as_transformers_load_in_4bit(tmp_path, capsys):
+  """``jaxsft.generate --quantization nf4``: the model decodes in its 4-bit
+  form (transformers' load_in_4bit with double quantization) and prints the
+  tokens transformers' greedy ``generate`` gives on that model."""
+  hf_dir = _hf_dir(tmp_path)
+  cfg, params, tokenizer = generate.load_for_inference(hf_dir, dtype="float32",
+                                                       quantization="nf4")
+  assert nf4.has_stored(params)
+  model = _bnb_model(hf_dir, True)
+  ours, _ = llama.forward(cfg, params, TOKENS)
+  np.testing.assert_allclose(peft_fixtures.torch_logits(model, TOKENS), np.asarray(ours),
+                             atol=2e-3, rtol=0)
+  prompt = "the quick brown fox"
+  ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+  with torch.no_grad():
+    want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+  assert generate.main(["--model", str(hf_dir), "--prompt", prompt, "--max-new-tokens", "8",
+                        "--dtype", "float32", "--quantization", "nf4"]) == 0
+  assert capsys.readouterr().out.strip() == tokenizer.decode(want, skip_special_tokens=True).strip()
+
+
 @pytest.mark.parametrize("method,peft_kw,needle", [
     ("lora", {"quantization": "int4"}, "peft.quantization='int4' is not 'nf4'"),
     ("dora", {"quantization": "nf4"}, "method 'dora' is not 'lora'"),
