@@ -11,6 +11,7 @@ import bitsandbytes.functional as bnb_f
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import peft
 import pytest
 import torch
@@ -263,6 +264,36 @@ def test_qlora_stage_ends_with_the_original_base_and_exports_the_adapter_it_trai
   resumed = peft_fixtures.resumed_leaves(c, out, tmp_path / "resumed", "sft", 2)
   for path, x in trained.items():
     np.testing.assert_array_equal(resumed[path], x, err_msg=path)
+
+
+def test_qlora_best_metric_ends_with_the_best_adapter_on_the_original_base(tmp_path,
+                                                                          monkeypatch):
+  """best_metric on a QLoRA stage: each new best writes the trained factors
+  alone (the 4-bit base is frozen), and the stage ends with the best step's
+  factors beside the original weights. The evaluation's loss is replaced by
+  its step so that step 2 is the best of 2, 4, 6."""
+  hf_dir = _hf_dir(tmp_path)
+  evaluate = trainer.evaluate
+
+  def rising(*args, **kwargs):
+    row = evaluate(*args, **kwargs)
+    return {**row, "loss": float(row["step"])}
+  monkeypatch.setattr(trainer, "evaluate", rising)
+  c = peft_fixtures.one_stage_config(tmp_path, hf_dir, "lora", steps=6,
+                                     peft=dict(rank=4, alpha=8.0, quantization="nf4"))
+  c.stages.sft.update(eval_every=2, best_metric="loss")
+  c.stages.sft.data.eval_fraction = 0.1
+  out = trainer.train(c)
+  assert (out / "stages" / "sft" / "best" / trainer.BEST_TRAINED_DIR).is_dir()
+  _, _, final = peft_fixtures.final_with_base_unchanged(out, "sft", hf_dir)
+  manager = ocp.CheckpointManager((out / "stages" / "sft" / "checkpoints").resolve(),
+                                  item_names=("state", "data"))
+  at = {step: peft_fixtures.leaves_by_path(manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore())).state["params"]) for step in (2, 6)}
+  assert any(k.endswith("nf4_codes_nd") for k in at[2])  # the checkpoints hold 4 bits
+  factors = [k for k in final if "_lora_" in k]
+  assert factors and all(np.array_equal(final[k], at[2][k]) for k in factors)
+  assert not all(np.array_equal(final[k], at[6][k]) for k in factors)
 
 
 def test_qlora_after_a_full_stage_from_its_checkpoint_equals_in_memory(tmp_path):
