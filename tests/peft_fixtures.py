@@ -43,20 +43,25 @@ def one_stage_config(tmp_path: pathlib.Path, source: pathlib.Path, method: str, 
   return c
 
 
-def copy_run_until(src: pathlib.Path, dst: pathlib.Path, stage: str, step: int) -> None:
-  """A run directory as a run killed right after its checkpoint of ``step`` left it."""
+def copy_run_until(src: pathlib.Path, dst: pathlib.Path, stage: str, step: int,
+                   keep: tuple[str, ...] = ()) -> None:
+  """A run directory as a run killed right after its checkpoint of ``step`` left it;
+  ``keep``: directories of the stage it had written by then too (e.g. "best")."""
   dst.mkdir(parents=True)
   shutil.copy(src / "config.json", dst / "config.json")
   ck = dst / "stages" / stage / "checkpoints"
   ck.mkdir(parents=True)
   shutil.copytree(src / "stages" / stage / "checkpoints" / str(step), ck / str(step))
+  for name in keep:
+    shutil.copytree(src / "stages" / stage / name, dst / "stages" / stage / name)
 
 
 def resumed_leaves(config, src: pathlib.Path, dst: pathlib.Path, stage: str,
-                   step: int) -> dict[str, np.ndarray]:
+                   step: int, keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
   """Run ``config`` again in ``dst``, a copy of run ``src`` killed right after
-  its checkpoint of ``step``; the leaves of ``stage``'s final model."""
-  copy_run_until(src, dst, stage, step)
+  its checkpoint of ``step`` (``keep``: see ``copy_run_until``); the leaves of
+  ``stage``'s final model."""
+  copy_run_until(src, dst, stage, step, keep)
   config.output_dir = str(dst)
   trainer.train(config)
   _, params = checkpoint_lib.load_model(dst / "stages" / stage / "final")

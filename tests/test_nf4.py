@@ -207,8 +207,10 @@ def test_qlora_stage_ends_with_the_original_base_and_exports_the_adapter_it_trai
   at a time (no whole projection ever on it in full precision); the state
   holds them in 4 bits; the final model has the original weights beside the
   trained factors; its PEFT export on transformers' 4-bit model gives the
-  trained model's logits; and a run killed after a checkpoint resumes to the
-  same final model."""
+  trained model's logits; with best_metric (made to pick step 2 of 2 and 4 by
+  replacing the evaluation's loss with its step) each new best writes the
+  factors alone and the stage ends with step 2's factors on the original
+  base; and a run killed after a checkpoint resumes to the same final model."""
   hf_dir = _hf_dir(tmp_path)
   _, start = hf.load_params(hf_dir)
   stacked = {x.shape for p, x in jax.tree_util.tree_flatten_with_path(start)[0]
@@ -229,18 +231,33 @@ def test_qlora_stage_ends_with_the_original_base_and_exports_the_adapter_it_trai
                            a.shape in stacked and jnp.issubdtype(a.dtype, jnp.floating))
     return write_layer(out, layer, i)
   monkeypatch.setattr(nf4, "_write_layer", watched)
+  evaluate = trainer.evaluate
+
+  def rising(*args, **kwargs):
+    row = evaluate(*args, **kwargs)  # evaluation reads the 4-bit state
+    return {**row, "loss": float(row["step"])}
+  monkeypatch.setattr(trainer, "evaluate", rising)
 
   qlora = dict(rank=4, alpha=8.0, quantization="nf4")
   c = peft_fixtures.one_stage_config(tmp_path, hf_dir, "lora", steps=4, peft=qlora)
-  c.stages.sft.eval_every = 4  # evaluation reads the 4-bit state too
+  c.stages.sft.update(eval_every=2, best_metric="loss")
   c.stages.sft.data.eval_fraction = 0.1
   out = trainer.train(c)
   assert len(layers_written) == 7 * 2 and not whole_on_device, whole_on_device
+  assert (out / "stages" / "sft" / "best" / trainer.BEST_TRAINED_DIR).is_dir()
   rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
   compile_row = next(r for r in rows if r.get("split") == "compile")
   final = out / "stages" / "sft" / "final"
   cfg, params, trained = peft_fixtures.final_with_base_unchanged(out, "sft", hf_dir)
   assert np.abs(trained["layers/attn/q_lora_b_rnh"]).max() > 0
+  manager = ocp.CheckpointManager((out / "stages" / "sft" / "checkpoints").resolve(),
+                                  item_names=("state", "data"))
+  at = {step: peft_fixtures.leaves_by_path(manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore())).state["params"]) for step in (2, 4)}
+  assert any(k.endswith("nf4_codes_nd") for k in at[2])  # the checkpoints hold 4 bits
+  factors = [k for k in trained if "_lora_" in k]
+  assert factors and all(np.array_equal(trained[k], at[2][k]) for k in factors)
+  assert not all(np.array_equal(trained[k], at[4][k]) for k in factors)
 
   # The state held 4 bits (+ scales) per projection weight, not 32.
   plain = peft_fixtures.one_stage_config(tmp_path / "plain", hf_dir, "lora", steps=4,
@@ -261,39 +278,15 @@ def test_qlora_stage_ends_with_the_original_base_and_exports_the_adapter_it_trai
   np.testing.assert_allclose(peft_fixtures.torch_logits(model, TOKENS), np.asarray(ours),
                              atol=2e-3, rtol=0)
 
-  resumed = peft_fixtures.resumed_leaves(c, out, tmp_path / "resumed", "sft", 2)
+  resumed = peft_fixtures.resumed_leaves(c, out, tmp_path / "resumed", "sft", 2, keep=("best",))
+  again = ocp.CheckpointManager((tmp_path / "resumed" / "stages" / "sft" / "checkpoints").resolve(),
+                                item_names=("state", "data"))
+  step4 = peft_fixtures.leaves_by_path(again.restore(4, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore())).state["params"])
+  for path, x in at[4].items():  # the steps after the resume, 4-bit parts included
+    np.testing.assert_array_equal(step4[path], x, err_msg=path)
   for path, x in trained.items():
     np.testing.assert_array_equal(resumed[path], x, err_msg=path)
-
-
-def test_qlora_best_metric_ends_with_the_best_adapter_on_the_original_base(tmp_path,
-                                                                          monkeypatch):
-  """best_metric on a QLoRA stage: each new best writes the trained factors
-  alone (the 4-bit base is frozen), and the stage ends with the best step's
-  factors beside the original weights. The evaluation's loss is replaced by
-  its step so that step 2 is the best of 2, 4, 6."""
-  hf_dir = _hf_dir(tmp_path)
-  evaluate = trainer.evaluate
-
-  def rising(*args, **kwargs):
-    row = evaluate(*args, **kwargs)
-    return {**row, "loss": float(row["step"])}
-  monkeypatch.setattr(trainer, "evaluate", rising)
-  c = peft_fixtures.one_stage_config(tmp_path, hf_dir, "lora", steps=6,
-                                     peft=dict(rank=4, alpha=8.0, quantization="nf4"))
-  c.stages.sft.update(eval_every=2, best_metric="loss")
-  c.stages.sft.data.eval_fraction = 0.1
-  out = trainer.train(c)
-  assert (out / "stages" / "sft" / "best" / trainer.BEST_TRAINED_DIR).is_dir()
-  _, _, final = peft_fixtures.final_with_base_unchanged(out, "sft", hf_dir)
-  manager = ocp.CheckpointManager((out / "stages" / "sft" / "checkpoints").resolve(),
-                                  item_names=("state", "data"))
-  at = {step: peft_fixtures.leaves_by_path(manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore())).state["params"]) for step in (2, 6)}
-  assert any(k.endswith("nf4_codes_nd") for k in at[2])  # the checkpoints hold 4 bits
-  factors = [k for k in final if "_lora_" in k]
-  assert factors and all(np.array_equal(final[k], at[2][k]) for k in factors)
-  assert not all(np.array_equal(final[k], at[6][k]) for k in factors)
 
 
 def test_qlora_after_a_full_stage_from_its_checkpoint_equals_in_memory(tmp_path):
