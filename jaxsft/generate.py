@@ -285,13 +285,8 @@ def _quantized_leaves(cfg: ModelConfig, abstract, quantization: str):
 
 def _store_4bit(params, quantized, mesh):
   """``params`` with the ``quantized`` leaves in the 4-bit form (``nf4.store``)."""
-  def shardings(path, parts):
-    if mesh is None:
-      return {k: None for k in parts}
-    return {k: jax.sharding.NamedSharding(mesh, sharding_lib.spec_for(path + (k,), v.shape, mesh))
-            for k, v in parts.items()}
   frozen = jax.tree.map(lambda q: not q, quantized)  # nf4.store takes the trainable mask
-  return nf4.store(params, frozen, True, shardings)
+  return nf4.store(params, frozen, True, mesh)
 
 
 def weight_bytes_per_device(params, mesh=None) -> int:

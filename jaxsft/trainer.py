@@ -1136,13 +1136,7 @@ def store_params(params, mask, stage, cfg: ModelConfig, mesh=None, keep=None):
                                                               cfg.param_dtype))
   if peft_methods.quantization(stage) is None:
     return params
-
-  def shardings(path, parts):
-    if mesh is None:
-      return {k: None for k in parts}
-    return {k: NamedSharding(mesh, sharding_lib.spec_for(path + (k,), v.shape, mesh))
-            for k, v in parts.items()}
-  return nf4.store(params, mask, bool(stage.peft.double_quant), shardings, keep)
+  return nf4.store(params, mask, bool(stage.peft.double_quant), mesh, keep)
 
 
 def quantized_base(params, stage, cfg: ModelConfig, mesh, originals: dict):
@@ -1155,7 +1149,7 @@ def quantized_base(params, stage, cfg: ModelConfig, mesh, originals: dict):
   _host_leaves(params, stage)  # refuses several processes
 
   def keep(path, x):
-    originals[path] = x if isinstance(x, np.ndarray) else np.asarray(jax.device_get(x))
+    originals[path] = _on_host(x)
   return store_params(params, optim.trainable_mask(params, stage), stage, cfg, mesh, keep)
 
 
@@ -1165,9 +1159,13 @@ def _originals(params, stage) -> dict:
   for (path, x), host in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                              jax.tree_util.tree_leaves(_host_leaves(params, stage))):
     if host:
-      out[sharding_lib.path_names(path)] = (x if isinstance(x, np.ndarray)
-                                            else np.asarray(jax.device_get(x)))
+      out[sharding_lib.path_names(path)] = _on_host(x)
   return out
+
+
+def _on_host(x) -> np.ndarray:
+  """``x`` as a host array: a numpy leaf as it is, a device array copied."""
+  return x if isinstance(x, np.ndarray) else np.asarray(jax.device_get(x))
 
 
 def _host_leaves(params, stage):

@@ -117,8 +117,27 @@ def _bnb_model(hf_dir, double_quant: bool):
 
 def _stored(cfg, params, stage, double_quant):
   """``params`` with the frozen projections in 4 bits, as a QLoRA stage holds them."""
-  mask = optim.trainable_mask(params, stage)
-  return nf4.store(params, mask, double_quant, lambda path, parts: {k: None for k in parts})
+  return nf4.store(params, optim.trainable_mask(params, stage), double_quant)
+
+
+QLORA_NO_DQ = config_lib.stage(method="lora", peft=dict(rank=4, alpha=8.0, quantization="nf4",
+                                                        double_quant=False))
+
+
+def _model_with_adapter(hf_dir, root, seed):
+  """(cfg, params) of the HF model at ``hf_dir`` with LoRA factors drawn
+  from ``seed`` (as training would leave them), and their PEFT adapter
+  directory under ``root``."""
+  cfg, params = hf.load_params(hf_dir)
+  cfg, params = methods.prepare(cfg, params, QLORA_NO_DQ, jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: (jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype)
+                    if "_lora_" in sharding_lib.path_names(p)[-1] else x), params)
+  adapter = root / "adapter"
+  adapter.mkdir()
+  peft_export.save_adapter(cfg, params, adapter, str(hf_dir))
+  return cfg, params, adapter
 
 
 def test_qlora_forward_and_gradients_equal_peft_on_transformers_4bit_model(tmp_path):
@@ -126,17 +145,9 @@ def test_qlora_forward_and_gradients_equal_peft_on_transformers_4bit_model(tmp_p
   transformers' bitsandbytes 4-bit model computes, and its adapter gradients
   are torch's: logits, greedy tokens and d(loss)/d(factors)."""
   hf_dir = _hf_dir(tmp_path)
-  stage = config_lib.stage(method="lora", peft=dict(rank=4, alpha=8.0, quantization="nf4",
-                                                    double_quant=False))
-  cfg, params = hf.load_params(hf_dir)
-  cfg, params = methods.prepare(cfg, params, stage, jax.random.key(0))
+  stage = QLORA_NO_DQ
+  cfg, params, adapter = _model_with_adapter(hf_dir, tmp_path, seed=4)
   rng = np.random.default_rng(4)
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, x: (jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype)
-                    if "_lora_" in sharding_lib.path_names(p)[-1] else x), params)
-  adapter = tmp_path / "adapter"
-  adapter.mkdir()
-  peft_export.save_adapter(cfg, params, adapter, str(hf_dir))
   full_logits, _ = llama.forward(cfg, params, TOKENS)
   stored = _stored(cfg, params, stage, double_quant=False)
   assert nf4.has_stored(stored)
@@ -157,8 +168,7 @@ def test_qlora_forward_and_gradients_equal_peft_on_transformers_4bit_model(tmp_p
   assert generate.generate(cfg, stored, [prompt], 6, eos_token_ids=()) == [want]
 
   weights = rng.standard_normal(ours.shape).astype(np.float32)
-  trained, frozen = optim.partition(stored, nf4.expand(optim.trainable_mask(params, stage),
-                                                        stored))
+  trained, frozen = optim.partition(stored, optim.trainable_mask(stored, stage))
   grads = jax.grad(lambda t: jnp.sum(llama.forward(cfg, optim.combine(t, frozen), TOKENS)[0]
                                      * weights))(trained)
   model.zero_grad()
@@ -178,18 +188,8 @@ def test_qlora_on_mixtral_quantizes_what_transformers_quantizes(tmp_path):
   Linear4bit and leaves the fused expert weights and the router as they are;
   so does jaxsft, and the logits of LoRA on that model agree."""
   hf_dir = _hf_dir(tmp_path, "mixtral")
-  stage = config_lib.stage(method="lora", peft=dict(rank=4, alpha=8.0, quantization="nf4",
-                                                    double_quant=False))
-  cfg, params = hf.load_params(hf_dir)
-  cfg, params = methods.prepare(cfg, params, stage, jax.random.key(0))
-  rng = np.random.default_rng(5)
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, x: (jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype)
-                    if "_lora_" in sharding_lib.path_names(p)[-1] else x), params)
-  adapter = tmp_path / "adapter"
-  adapter.mkdir()
-  peft_export.save_adapter(cfg, params, adapter, str(hf_dir))
-  stored = _stored(cfg, params, stage, double_quant=False)
+  cfg, params, adapter = _model_with_adapter(hf_dir, tmp_path, seed=5)
+  stored = _stored(cfg, params, QLORA_NO_DQ, double_quant=False)
   quantized = {"/".join(sharding_lib.path_names(p)[:-1]) for p, _ in
                jax.tree_util.tree_flatten_with_path(stored)[0]
                if nf4.is_part(sharding_lib.path_names(p))}

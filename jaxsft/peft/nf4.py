@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft import sharding as sharding_lib
+
 BLOCK = 64  # input elements per absmax (bitsandbytes' default, QLoRA's)
 BLOCK2 = 256  # absmax values per scale under double quantization
 PREFIX = "nf4_"
@@ -228,9 +230,6 @@ class StoredWeight:
   def project(self, x: jax.Array, n_in: int, dtype) -> jax.Array:
     return project(x, self.stored, self.shape, n_in, dtype)
 
-  def dequantize(self, dtype) -> jax.Array:
-    return dequantize(self.stored, self.shape, dtype)
-
 
 # ----------------------------------------------------------------------------- in a stage
 
@@ -247,16 +246,24 @@ def quantizable(path: tuple[str, ...]) -> str | None:
   return name
 
 
-def store(params, mask, double_quant: bool, shardings_for, keep=None):
+def _shardings(path: tuple[str, ...], parts: dict, mesh) -> dict:
+  """The stored parts' shardings over ``mesh`` by their names (None: unspecified)."""
+  if mesh is None:
+    return {k: None for k in parts}
+  return {k: jax.sharding.NamedSharding(mesh, sharding_lib.spec_for(path + (k,), v.shape, mesh))
+          for k, v in parts.items()}
+
+
+def store(params, mask, double_quant: bool, mesh=None, keep=None):
   """``params`` with every frozen (``mask`` False) quantizable projection in
   the stored 4-bit form, each leaf quantized on its devices and then deleted
-  (the peak is one leaf more). ``shardings_for(path, parts)`` gives the stored
-  parts' shardings; ``keep(path, x)`` sees each original first (the trainer
-  keeps them for the stage's final model). Works on abstract leaves too."""
+  (the peak is one leaf more), each part on the sharding its name gives over
+  ``mesh``. ``keep(path, x)`` sees each original first (the trainer keeps them
+  for the stage's final model). Works on abstract leaves too."""
   from jaxsft.peft import lora  # noqa: PLC0415
 
   def one(path, x, trained):
-    names = tuple(getattr(k, "key", str(k)) for k in path)
+    names = sharding_lib.path_names(path)
     weight = quantizable(names)
     if trained or weight is None:
       return x
@@ -266,13 +273,12 @@ def store(params, mask, double_quant: bool, shardings_for, keep=None):
     fn = functools.partial(quantize, n_in=n_in, names=parts, stacked=True,
                            double_quant=double_quant)
     abstract = jax.eval_shape(fn, x)
+    shardings = _shardings(names, abstract, mesh)
     if isinstance(x, jax.ShapeDtypeStruct):
-      shardings = shardings_for(names, abstract)
       return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
               for k, v in abstract.items()}
     if keep is not None:
       keep(names, x)
-    shardings = shardings_for(names, abstract)
     if isinstance(x, np.ndarray):  # on the host (a QLoRA load): one layer at a time
       return _store_layers(x, n_in, parts, double_quant, abstract, shardings)
     out = jax.jit(fn, out_shardings=shardings)(x)
@@ -305,14 +311,6 @@ def _write_layer(stacked: dict, layer: dict, i: int) -> dict:
 def is_part(path: tuple[str, ...]) -> bool:
   """Whether ``path`` names a part of a stored 4-bit weight."""
   return path[-1].startswith(PREFIX)
-
-
-def expand(tree, stored):
-  """``tree`` (a leaf per raw parameter, e.g. a bool mask) with each leaf
-  repeated over the parts where ``stored`` holds a 4-bit form."""
-  return jax.tree_util.tree_map(
-      lambda leaf, sub: jax.tree_util.tree_map(lambda _: leaf, sub) if is_stored(sub) else leaf,
-      tree, stored)
 
 
 def restore(stored, originals: dict):
