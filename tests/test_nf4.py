@@ -8,6 +8,7 @@ import json
 import shutil
 
 import bitsandbytes.functional as bnb_f
+import bitsandbytes.nn as bnb_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,11 +109,23 @@ def _hf_dir(root, variant="llama"):
 
 
 def _bnb_model(hf_dir, double_quant: bool):
+  """transformers' ``load_in_4bit`` model of ``hf_dir``, computing in fp32.
+
+  On a CPU with AVX512-BF16 (AMD EPYC hosts, some Xeons), bitsandbytes runs
+  a ``Linear4bit`` in eval mode without gradients through a fused kernel that
+  casts the input to bf16, whatever the compute dtype says (logits ~1e-2 off
+  fp32). The reference here is the fp32 dequantize-then-matmul path, which
+  is what bitsandbytes runs everywhere else (GPUs, other CPUs, training)."""
   quant = transformers.BitsAndBytesConfig(
       load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
       bnb_4bit_compute_dtype=torch.float32)
-  return transformers.AutoModelForCausalLM.from_pretrained(
+  model = transformers.AutoModelForCausalLM.from_pretrained(
       hf_dir, quantization_config=quant, device_map="cpu", dtype=torch.float32)
+  layers = [m for m in model.modules() if isinstance(m, bnb_nn.Linear4bit)]
+  assert layers, "transformers' load_in_4bit made no Linear4bit"
+  for m in layers:
+    m.support_avx512bf16_for_cpu = False
+  return model
 
 
 def _stored(cfg, params, stage, double_quant):
