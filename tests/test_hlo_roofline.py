@@ -108,6 +108,50 @@ def test_a_gathered_operand_counts_what_is_picked():
   assert moved["loop_whole_fusion"] == 1024 * 4096 * 4 + 2 * column
 
 
+# One unrolled layer's two weights, taken from their stacked fp32 parameters,
+# cast to bf16 and concatenated for one matmul (llama._projections, as the
+# GPU compiler fuses it: the cast sits between the parameter and its slice).
+_SLICED_HLO = """HloModule jit_train_step, is_scheduled=true
+
+%fused_concatenate (param_0: f32[16,256,512], param_1: f32[16,256,512]) -> bf16[256,1024] {
+  %param_0 = f32[16,256,512]{2,1,0} parameter(0)
+  %convert.1 = bf16[16,256,512]{2,1,0} convert(%param_0)
+  %slice.1 = bf16[1,256,512]{2,1,0} slice(%convert.1), slice={[6:7], [0:256], [0:512]}
+  %bitcast.1 = bf16[256,512]{1,0} bitcast(%slice.1)
+  %param_1 = f32[16,256,512]{2,1,0} parameter(1)
+  %convert.2 = bf16[16,256,512]{2,1,0} convert(%param_1)
+  %slice.2 = bf16[1,256,512]{2,1,0} slice(%convert.2), slice={[6:7], [0:256], [0:512]}
+  %bitcast.2 = bf16[256,512]{1,0} bitcast(%slice.2)
+  ROOT %concatenate.1 = bf16[256,1024]{1,0} concatenate(%bitcast.1, %bitcast.2), dimensions={1}
+}
+
+%fused_whole (param_0.1: f32[16,256,512]) -> bf16[16,256,512] {
+  %param_0.1 = f32[16,256,512]{2,1,0} parameter(0)
+  ROOT %convert.3 = bf16[16,256,512]{2,1,0} convert(%param_0.1)
+}
+
+ENTRY %main (gate: f32[16,256,512], up: f32[16,256,512]) -> (bf16[256,1024], bf16[16,256,512]) {
+  %gate = f32[16,256,512]{2,1,0} parameter(0)
+  %up = f32[16,256,512]{2,1,0} parameter(1)
+  %input_concatenate_fusion = bf16[256,1024]{1,0} fusion(%gate, %up), kind=kInput, calls=%fused_concatenate
+  %loop_convert_fusion = bf16[16,256,512]{2,1,0} fusion(%gate), kind=kLoop, calls=%fused_whole
+  ROOT %tuple.1 = (bf16[256,1024]{1,0}, bf16[16,256,512]{2,1,0}) tuple(%input_concatenate_fusion, %loop_convert_fusion)
+}
+"""
+
+
+def test_a_sliced_layer_of_a_stacked_weight_counts_that_layer():
+  """A kernel that casts a stacked [L, ...] weight and slices one layer out
+  of it reads that layer (in the parameter's dtype), not all L of them; a
+  kernel that casts the whole stack reads it whole."""
+  r = hlo_roofline.Roofline(_SLICED_HLO, peak_tflops=100.0, matmul_efficiency=0.5,
+                            attention_tflops=300.0, bandwidth=1e12, bandwidth_efficiency=0.5)
+  moved = {kernel.name: kernel.moved for kernel in r.kernels}
+  layer = 256 * 512
+  assert moved["input_concatenate_fusion"] == 2 * layer * 4 + 2 * layer * 2
+  assert moved["loop_convert_fusion"] == 16 * layer * (4 + 2)
+
+
 # How XLA 0.11 (jax 0.11, the GPU machine's stack) prints a while loop body:
 # a tuple element is an operand "%name#i", with no get-tuple-element.
 _TUPLE_ELEMENT_HLO = """HloModule jit_train_step, is_scheduled=true

@@ -203,15 +203,16 @@ class Roofline:
         in_place.add(i.operands[0])
         updates += nbytes(operand_type(types, i.operands[1]))
     def sliced(name: str) -> int | None:
-      """Bytes read from ``name`` if every use (through bitcasts) only picks
-      parts of it (a dynamic slice, a gather: a loss's target logits, a
-      stacked residual's layer), else None: it is read whole."""
+      """Elements read from ``name`` if every use (through bitcasts and
+      converts) only picks parts of it (a slice, a dynamic slice, a gather: a
+      loss's target logits, a stacked weight's or residual's layer), else
+      None: it is read whole."""
       uses, total = users.get(name, []), 0
       for u, k in uses:
-        if u.op == "bitcast":
+        if u.op in ("bitcast", "convert"):
           part = sliced(u.name)
-        elif u.op in ("dynamic-slice", "gather") and k == 0:
-          part = nbytes(u.type)
+        elif u.op in ("dynamic-slice", "gather", "slice") and k == 0:
+          part = sum(math.prod(dims) for _, dims in shapes(u.type))
         else:
           return None
         if part is None:
@@ -225,7 +226,7 @@ class Roofline:
         continue
       part = sliced(p)
       if part is not None:
-        read += part
+        read += part * _BYTES[shapes(types[p])[0][0]]
       elif index < len(operand_types):
         read += nbytes(operand_types[index])
     return read + (updates if in_place else nbytes(out_type))
