@@ -145,7 +145,8 @@ def _batch_loss(cfg: ModelConfig, params, tokens, segment_ids, loss_mask):
   positions = jnp.where(segment_ids != 0, columns, 0)
   hidden, _ = llama.hidden_states(cfg, params, tokens, positions, segment_ids)
   targets, weights = losses.next_token_targets(tokens, segment_ids, loss_mask)
-  return losses.masked_cross_entropy(hidden, llama.unembedding(cfg, params), targets, weights)
+  w, vocab_major = llama.output_projection(cfg, params)
+  return losses.masked_cross_entropy(hidden, w, targets, weights, vocab_major=vocab_major)
 
 
 def virtual_ids(cfg: ModelConfig) -> list[int]:

@@ -9,9 +9,13 @@ true global token count instead of averaging per-batch means.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxsft import sharding
 
 
 # Time steps per chunk. A chunk's logits are B × DEFAULT_CHUNK_SIZE × V fp32:
@@ -43,12 +47,14 @@ def next_token_targets(tokens: jax.Array, segment_ids: jax.Array | None = None,
 
 
 def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
-                         weights: jax.Array, chunk_size: int = DEFAULT_CHUNK_SIZE
-                         ) -> tuple[jax.Array, jax.Array]:
+                         weights: jax.Array, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                         vocab_major: bool = False) -> tuple[jax.Array, jax.Array]:
   """Weighted next-token cross-entropy from final hidden states, chunked over time.
 
   ``hidden`` [B,T,D] are the final-norm hidden states, ``unembedding`` [D,V] the
-  output projection (``llama.unembedding``), ``targets`` [B,T] token ids and
+  output projection (``llama.unembedding``), or [V,D] with ``vocab_major``
+  (a tied embedding as stored, ``llama.output_projection``: its gradient is
+  then accumulated in that layout, not transposed after), ``targets`` [B,T] token ids and
   ``weights`` [B,T] per-position weights (0 = not trained; such targets may be
   any value, e.g. -100). Logits are computed in fp32 (inputs in ``hidden``'s
   dtype, as the model's own logits are), ``chunk_size`` time steps at a time,
@@ -61,8 +67,9 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   Returns ``(loss_sum, token_count)``: Σ weight·(−log p(target)) and Σ weight.
   """
   b, t, d = hidden.shape
-  v = unembedding.shape[1]
-  assert unembedding.shape[0] == d, (hidden.shape, unembedding.shape)
+  v = unembedding.shape[0 if vocab_major else 1]
+  assert unembedding.shape[1 if vocab_major else 0] == d, (hidden.shape, unembedding.shape,
+                                                           vocab_major)
   assert targets.shape == weights.shape == (b, t), (targets.shape, weights.shape, hidden.shape)
   weights = weights.astype(jnp.float32)
   # Ignored positions may carry any label; clipping keeps the gather in range
@@ -96,7 +103,7 @@ def masked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, targets: jax
   hidden_c = hidden.reshape(b, c, u, d).swapaxes(0, 1)  # [C,B,U,D]
   targets_c = targets.reshape(b, c, u).swapaxes(0, 1)
   weights_c = weights.reshape(b, c, u).swapaxes(0, 1)
-  loss_sum = _chunked_loss(hidden_c, unembedding, targets_c, weights_c)
+  loss_sum = _chunked_loss(hidden_c, unembedding, targets_c, weights_c, vocab_major)
   return loss_sum, count
 
 
@@ -121,12 +128,35 @@ def _permute_time_bwd(order, dy):
 _permute_time.defvjp(_permute_time_fwd, _permute_time_bwd)
 
 
-def _chunk_nll(h, w, tgt):
+def _chunk_nll(h, w, tgt, vocab_major):
   """fp32 logits [B,U,V] of one chunk, their logsumexp and the per-token −log p."""
-  logits = jnp.einsum("BUD,DV->BUV", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
+  spec = "BUD,VD->BUV" if vocab_major else "BUD,DV->BUV"
+  logits = jnp.einsum(spec, h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  logz = _logsumexp(logits) if sharding.compute_platform() == "gpu" else jax.nn.logsumexp(
+      logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
   return logits, logz, logz - target_logit
+
+
+def _logsumexp(x):
+  """logsumexp over the last axis in one pass over ``x`` (fp32, finite).
+
+  ``jax.nn.logsumexp`` reads the chunk's fp32 logits twice (its max, then
+  the sum of exponentials below it); on a GPU each pass is a memory-bound
+  kernel over 0.5 GB per 1024 tokens of a 128k vocabulary. One reduction of
+  (running max, sum of exp(x − running max)) pairs reads them once. On a CPU
+  the two exponentials per element cost more than the second read saves
+  (40-50% slower there), so only the GPU takes it (``_chunk_nll``)."""
+  def combine(a, b):
+    (m1, s1), (m2, s2) = a, b
+    m = jnp.maximum(m1, m2)
+    # exp(-inf - -inf) is NaN: an identity element contributes 0 itself.
+    part = lambda mi, si: jnp.where(si == 0, 0.0, si * jnp.exp(mi - m))  # noqa: E731
+    return m, part(m1, s1) + part(m2, s2)
+
+  m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype)),
+                        combine, (x.ndim - 1,))
+  return m + jnp.log(s)
 
 
 def _trained_chunks(weights_c):
@@ -169,20 +199,20 @@ def _scan_prefix(body, init, xs, n):
   return carry, outs
 
 
-@jax.custom_vjp
-def _chunked_loss(hidden_c, w, targets_c, weights_c):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_loss(hidden_c, w, targets_c, weights_c, vocab_major):
   """Σ weight·nll over chunks [C,B,U,...]; the forward-only path (evaluation).
   The chunks after the last trained one are not computed."""
   def body(total, chunk):
     h, tgt, wt = chunk
-    return total + jnp.sum(wt * _chunk_nll(h, w, tgt)[2]), None
+    return total + jnp.sum(wt * _chunk_nll(h, w, tgt, vocab_major)[2]), None
 
   total, _ = _scan_prefix(body, jnp.zeros((), jnp.float32), (hidden_c, targets_c, weights_c),
                           _trained_chunks(weights_c))
   return total
 
 
-def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c):
+def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c, vocab_major):
   """The loss and, in the same scan, its gradients (the residuals).
 
   d loss/d logits = weight · (softmax − onehot(target)), cast to the compute
@@ -196,18 +226,20 @@ def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c):
   hidden_c, w, targets_c, weights_c = (x.value for x in (hidden_c, w, targets_c, weights_c))
   dt = hidden_c.dtype
   wc = w.astype(dt)
-  v = w.shape[1]
+  v = w.shape[0 if vocab_major else 1]
 
   def body(carry, chunk):
     total, dw = carry
     h, tgt, wt = chunk
-    logits, logz, nll = _chunk_nll(h, wc, tgt)
+    logits, logz, nll = _chunk_nll(h, wc, tgt, vocab_major)
     probs = jnp.exp(logits - logz[..., None])
     hit = jnp.arange(v, dtype=jnp.int32) == tgt[..., None]
     g = (wt[..., None] * jnp.where(hit, probs - 1.0, probs)).astype(dt)
-    dh = jnp.einsum("BUV,DV->BUD", g, wc, preferred_element_type=jnp.float32).astype(dt)
+    dh = jnp.einsum("BUV,VD->BUD" if vocab_major else "BUV,DV->BUD", g, wc,
+                    preferred_element_type=jnp.float32).astype(dt)
     if need_w:
-      dw = dw + jnp.einsum("BUD,BUV->DV", h, g, preferred_element_type=jnp.float32)
+      dw = dw + jnp.einsum("BUV,BUD->VD" if vocab_major else "BUV,BUD->DV", g, h,
+                           preferred_element_type=jnp.float32)
     return (total + jnp.sum(wt * nll), dw), (dh, nll if need_wt else None)
 
   dw0 = jnp.zeros(w.shape if need_w else (), jnp.float32)
@@ -218,7 +250,8 @@ def _chunked_loss_fwd(hidden_c, w, targets_c, weights_c):
   return total, (dh_c, dw.astype(w.dtype) if need_w else None, nll_c, targets_c)
 
 
-def _chunked_loss_bwd(residuals, ct):
+def _chunked_loss_bwd(vocab_major, residuals, ct):
+  del vocab_major  # the residuals are in w's own layout
   dh_c, dw, nll_c, targets_c = residuals
   if isinstance(ct, jax.custom_derivatives.SymbolicZero):
     ct = jnp.zeros((), jnp.float32)

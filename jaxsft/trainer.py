@@ -123,9 +123,10 @@ def stage_loss(cfg: ModelConfig, params, batch, objective: str = "sft", dropout_
                                       segment_ids, dropout_rng=dropout_rng)
     targets, weights = losses.next_token_targets(batch["tokens"], segment_ids,
                                                  batch["loss_mask"])
+    w, vocab_major = llama.output_projection(cfg, params)
     loss_sum, count = losses.masked_cross_entropy(
-        hidden, llama.unembedding(cfg, params), targets, weights,
-        chunk_size=cfg.loss_chunk or losses.DEFAULT_CHUNK_SIZE)
+        hidden, w, targets, weights, chunk_size=cfg.loss_chunk or losses.DEFAULT_CHUNK_SIZE,
+        vocab_major=vocab_major)
   total = loss_sum
   if cfg.is_moe:
     total = total + cfg.router_aux_loss_coef * aux["aux_loss"] * count

@@ -60,6 +60,41 @@ def test_gradient_matches_unchunked():
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
 
 
+def test_vocab_major_output_projection_gives_the_same_loss_and_gradients():
+  """A tied embedding goes to the loss as stored, [V, D] (``vocab_major``):
+  loss and gradients (its own, in its layout) equal those of its [D, V]
+  transpose, the reference's layout, with and without skipped chunks."""
+  hidden, w, targets, weights = _inputs(3)
+  weights = weights.at[:, :4].set(0.0)  # a prompt: the last chunk is skipped
+
+  def loss(h, w, vocab_major):
+    s, n = losses.masked_cross_entropy(h, w, targets, weights, chunk_size=3,
+                                       vocab_major=vocab_major)
+    return s / n
+
+  want = jax.value_and_grad(lambda h, w: _reference(h, w, targets, weights)[0]
+                            / jnp.sum(weights), argnums=(0, 1))(hidden, w)
+  got = jax.jit(jax.value_and_grad(lambda h, wt: loss(h, wt, True), argnums=(0, 1)))(hidden, w.T)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[1][0], want[1][0], rtol=1e-5, atol=1e-7)
+  assert got[1][1].shape == w.T.shape
+  np.testing.assert_allclose(got[1][1], want[1][1].T, rtol=1e-5, atol=1e-7)
+
+
+def test_one_pass_logsumexp_equals_jax():
+  """The GPU's one-pass logsumexp (running max and rescaled sum in one
+  reduction) equals ``jax.nn.logsumexp``, for rows far from 0, rows with one
+  dominant entry and rows of equal entries."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 3, 1000)).astype(np.float32) * 8
+  x[0] += 500.0
+  x[1] -= 700.0
+  x[2, 0, 17] = 90.0
+  x[3, 1] = -3.25
+  got = jax.jit(losses._logsumexp)(x)
+  np.testing.assert_allclose(got, jax.nn.logsumexp(x, axis=-1), rtol=2e-7, atol=2e-6)
+
+
 def test_chunks_without_trained_positions_are_skipped_and_change_nothing():
   """Prompt-masked rows: each row's trained positions move to its front, and
   the chunk loop stops after the last chunk any row trains in. Values and

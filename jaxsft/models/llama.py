@@ -376,6 +376,13 @@ class Transformer(nn.Module):
       return self.embed.embedding_vd.T
     return self.lm_head.weight()
 
+  def output_projection(self):
+    """(the output projection as stored, whether it is [V, D]): the tied
+    embedding [V, D] itself, or the lm_head's [D, V]."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed.embedding_vd, True
+    return self.lm_head.weight(), False
+
   def init_all(self, tokens, positions, segment_ids):
     """Touches every parameter (``init_params``): the lm_head or the score head."""
     hidden, _, stats = self(tokens, positions, segment_ids)
@@ -477,6 +484,16 @@ def unembedding(cfg: ModelConfig, params) -> jax.Array:
   """The [D, V] matrix mapping hidden states to logits."""
   _require_lm(cfg)
   return Transformer(cfg).apply({"params": params}, method=Transformer.unembedding)
+
+
+def output_projection(cfg: ModelConfig, params) -> tuple[jax.Array, bool]:
+  """``(w, vocab_major)``: the matrix mapping hidden states to logits in the
+  layout the parameters hold it, [V, D] for a tied embedding (``vocab_major``)
+  or [D, V]; what ``losses.masked_cross_entropy`` takes, so that the tied
+  embedding's gradient is accumulated in its own layout rather than as
+  [D, V] and transposed (a 1 GB fp32 copy for a 128k vocabulary)."""
+  _require_lm(cfg)
+  return Transformer(cfg).apply({"params": params}, method=Transformer.output_projection)
 
 
 def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None,
