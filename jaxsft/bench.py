@@ -136,7 +136,8 @@ from jaxsft import aot, hf, host_memory, losses, metrics, optim, trace_report, t
 from jaxsft import sharding as sharding_lib
 from jaxsft.data import packing
 from jaxsft.models import llama, mixtral
-from jaxsft.models.model_config import MOE_DISPATCHES, REMAT_POLICIES, ModelConfig
+from jaxsft.models.model_config import (FUSED_PROJECTIONS, MOE_DISPATCHES, REMAT_POLICIES,
+                                         ModelConfig)
 from jaxsft.peft import methods as peft_methods
 
 METHODS = ("full", "lora", "dora", "full_then_lora", "freeze")
@@ -824,6 +825,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="compute dtype of matmuls and activations (the peer: bf16 autocast or not)")
   p.add_argument("--param-dtype", default="float32", choices=("bfloat16", "float32"))
   p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+  p.add_argument("--fused-projections", default="auto", choices=FUSED_PROJECTIONS,
+                 help="model.fused_projections: q/k/v and gate/up each as one matmul "
+                 "(auto: on a GPU without tensor parallelism)")
   p.add_argument("--scan-unroll", type=int, default=0,
                  help="model.scan_unroll: layers per iteration of the layer scan (default 0: "
                  "auto, every layer unrolled with --remat none up to 32 layers, else 1, a "
@@ -936,6 +940,7 @@ def _print_table(result: dict) -> None:
 def model_config(args) -> ModelConfig:
   cfg = SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.param_dtype,
                                    remat=args.remat, attention=args.attention,
+                                   fused_projections=args.fused_projections,
                                    scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
   if cfg.is_moe:
     cfg = cfg.replace(moe_dispatch=args.moe_dispatch,
@@ -970,6 +975,7 @@ def main(argv=None) -> dict:
       # As run (auto resolved); compiles at several depths report the setting.
       "scan_unroll": args.scan_unroll if args.compile_scaling else cfg.layer_unroll,
       "loss_chunk": args.loss_chunk or losses.DEFAULT_CHUNK_SIZE,
+      "fused_projections": args.fused_projections,
       "moe_dispatch": mixtral.resolve_dispatch(cfg) if cfg.is_moe else None,
   }
   if args.compile_scaling:

@@ -18,6 +18,10 @@ A config file defines ``get_config()`` returning a ConfigDict built from
               faster, more memory, compile time grows with depth;
               docs/BENCHMARKS.md)
   model.attention   auto | xla | cudnn
+  model.fused_projections   auto | on | off: q/k/v, and gate/up, each as one matmul
+              of their concatenated weights (weights stay separate parameters);
+              auto: on a GPU/TPU unless the mesh splits tensor, never for
+              weights with a LoRA/DoRA term (llama.fuses_projections)
   model.trust_remote_code   never true unless you trust the model's own code
   model.moe_dispatch        MoE models: auto | dense | bucketed | dropless | grouped
                             (models/mixtral.py)
@@ -139,7 +143,8 @@ from jaxsft import hf
 from jaxsft import selection
 from jaxsft.data import pipeline as data_pipeline
 from jaxsft.data import sources as data_sources
-from jaxsft.models.model_config import ATTENTION_IMPLS, MOE_DISPATCHES, REMAT_POLICIES
+from jaxsft.models.model_config import (ATTENTION_IMPLS, FUSED_PROJECTIONS, MOE_DISPATCHES,
+                                         REMAT_POLICIES)
 from jaxsft.peft import methods as peft_methods
 from jaxsft.sharding import MESH_AXES
 
@@ -267,6 +272,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       source=placeholder(str), init=placeholder(dict), dtype="bfloat16",
       param_dtype="float32", remat="none", scan_unroll=0, attention="auto",
+      fused_projections="auto",
       trust_remote_code=False,
       moe_dispatch="auto", moe_capacity_factor=2.0, loss_chunk=0,
       router_aux_loss_coef=placeholder(float), router_z_loss_coef=placeholder(float),
@@ -347,6 +353,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(m.param_dtype, DTYPES, "config.model.param_dtype")
   _one_of(m.remat, REMAT_POLICIES, "config.model.remat")
   _one_of(m.attention, ATTENTION_IMPLS, "config.model.attention")
+  _one_of(m.fused_projections, FUSED_PROJECTIONS, "config.model.fused_projections")
   _one_of(m.moe_dispatch, MOE_DISPATCHES, "config.model.moe_dispatch")
   if not isinstance(m.moe_capacity_factor, (int, float)) or not m.moe_capacity_factor > 0:
     raise ValueError(f"config.model.moe_capacity_factor={m.moe_capacity_factor!r} must be a "

@@ -79,7 +79,8 @@ assert set(_ROPE_KEYS) == set(ROPE_TYPES)
 # Fields of ModelConfig that are numeric/execution policy rather than architecture.
 # The router loss coefficients count as policy: they only shape training, and a
 # run may override the one config.json carries.
-_POLICY_FIELDS = ("param_dtype", "dtype", "remat", "scan_unroll", "attention", "moe_dispatch",
+_POLICY_FIELDS = ("param_dtype", "dtype", "remat", "scan_unroll", "attention",
+                  "fused_projections", "moe_dispatch",
                   "moe_capacity_factor", "loss_chunk",
                   "router_aux_loss_coef", "router_z_loss_coef")
 _PARAM_DTYPES = ("float32", "bfloat16", "float16")

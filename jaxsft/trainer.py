@@ -378,6 +378,7 @@ def _policy(config) -> dict:
   m = config.model
   policy = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                 scan_unroll=int(m.scan_unroll), attention=m.attention,
+                fused_projections=m.fused_projections,
                 moe_dispatch=m.moe_dispatch, moe_capacity_factor=float(m.moe_capacity_factor),
                 loss_chunk=int(m.loss_chunk))
   # Router loss coefficients: the model's own (config.json) unless the run sets them.

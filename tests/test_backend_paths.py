@@ -11,6 +11,10 @@ import pytest
 import train_fixtures
 from jaxsft import trainer
 from jaxsft.models import ModelConfig, llama
+from jaxsft.models.model_config import Adapters
+
+QKV = ("q_dnh", "k_dkh", "v_dkh")
+GATE_UP = ("gate_df", "up_df")
 
 
 def test_the_gpu_code_paths_compute_the_cpu_step(monkeypatch):
@@ -48,13 +52,13 @@ def test_the_gpu_code_paths_compute_the_cpu_step(monkeypatch):
                          results["cpu"][0], results["gpu"][0])
 
 
-def _gpu_mesh():
-  """A one-device abstract mesh whose device is a GPU (what a mesh of
-  compile-only GPU devices looks like while a step is traced, jaxsft.aot)."""
+def _gpu_mesh(shape=(1,), axes=("fsdp",)):
+  """An abstract mesh whose devices are GPUs (what a mesh of compile-only GPU
+  devices looks like while a step is traced, jaxsft.aot)."""
   from jax._src import mesh as mesh_lib  # noqa: PLC0415  (no public constructor)
   device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                    platform="gpu")
-  return jax.sharding.AbstractMesh((1,), ("fsdp",), abstract_device=device)
+  return jax.sharding.AbstractMesh(shape, axes, abstract_device=device)
 
 
 def test_the_mesh_decides_which_paths_a_step_takes():
@@ -68,6 +72,8 @@ def test_the_mesh_decides_which_paths_a_step_takes():
   stage = config_lib.stage(method="lora", lr=1e-4)
   moe = ModelConfig(**{**train_fixtures.TINY_MODEL, "num_experts": 4, "num_experts_per_tok": 2})
   x, w = jnp.ones((1, 4, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16)
+  plain = ModelConfig(**train_fixtures.TINY_MODEL)
+  lora_q = plain.replace(adapters=Adapters(lora_targets=("q_proj",), lora_rank=4, lora_alpha=8.0))
 
   def paths():
     grad = jax.make_jaxpr(jax.grad(lambda w: dense.project(x, w, 1).astype(jnp.float32).sum()))(w)
@@ -75,13 +81,25 @@ def test_the_mesh_decides_which_paths_a_step_takes():
             "attention": attention.resolve_impl("auto", jnp.bfloat16),
             "frozen": optim.frozen_dtype(stage, "bfloat16", "float32"),
             "moe": mixtral.resolve_dispatch(moe),
-            "hand-written backward": "custom_vjp" in str(grad)}
+            "hand-written backward": "custom_vjp" in str(grad),
+            "fused q/k/v": llama.fuses_projections(plain, QKV),
+            "fused q/k/v, q with LoRA": llama.fuses_projections(lora_q, QKV),
+            "fused gate/up, q with LoRA": llama.fuses_projections(lora_q, GATE_UP)}
 
   assert paths() == {"platform": "cpu", "attention": "xla", "frozen": None, "moe": "grouped",
-                     "hand-written backward": True}
+                     "hand-written backward": True, "fused q/k/v": False,
+                     "fused q/k/v, q with LoRA": False, "fused gate/up, q with LoRA": False}
   with jax.sharding.use_abstract_mesh(_gpu_mesh()):
     assert paths() == {"platform": "gpu", "attention": "cudnn", "frozen": jnp.bfloat16,
-                       "moe": "bucketed", "hand-written backward": False}
+                       "moe": "bucketed", "hand-written backward": False, "fused q/k/v": True,
+                       "fused q/k/v, q with LoRA": False, "fused gate/up, q with LoRA": True}
+  # Tensor parallelism splits each weight's output axis: no concatenation across it.
+  with jax.sharding.use_abstract_mesh(_gpu_mesh((2, 2), ("fsdp", "tensor"))):
+    assert not llama.fuses_projections(plain, QKV)
+  with jax.sharding.use_abstract_mesh(_gpu_mesh((2, 2), ("data", "fsdp"))):
+    assert llama.fuses_projections(plain, QKV)
+  for mode, want in (("on", True), ("off", False)):
+    assert llama.fuses_projections(plain.replace(fused_projections=mode), QKV) is want
   cpu_mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("fsdp",))
   with jax.sharding.use_abstract_mesh(cpu_mesh.abstract_mesh):
     assert paths()["platform"] == "cpu"

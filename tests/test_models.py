@@ -45,16 +45,22 @@ def test_logits_match_transformers(hf_model_factory, variant):
 
 
 @pytest.mark.parametrize("variant", ["llama_bias", "mistral", "qwen2", "mixtral"])
-@pytest.mark.parametrize("scan_unroll", [1, 2])
-def test_gradients_match_transformers(hf_model_factory, tmp_path, variant, scan_unroll):
+@pytest.mark.parametrize("scan_unroll,fused", [(1, "off"), (2, "off"), (1, "on")])
+def test_gradients_match_transformers(hf_model_factory, tmp_path, variant, scan_unroll, fused):
   """Every weight's gradient of the next-token loss equals PyTorch autograd's
   on the transformers model: the hand-written backward passes (SwiGLU,
   RMSNorm, the CPU projections), the recomputed MLP hidden state of the
-  rolled layer scan, tied embeddings, biases, the sliding window and the MoE.
+  rolled layer scan, tied embeddings, biases, the sliding window and the MoE;
+  and q/k/v and gate/up as one matmul each (``fused_projections``, a GPU's
+  default), so that the concatenated weights' gradients reach each weight.
   The torch gradients come back through the real loading path: written as a
   checkpoint in place of the weights, read by ``hf.load_params``."""
   cfg, params, model = _load(hf_model_factory, variant)
-  cfg = cfg.replace(scan_unroll=scan_unroll)
+  cfg = cfg.replace(scan_unroll=scan_unroll, fused_projections=fused)
+  if fused == "on":  # the logits too
+    logits, _ = llama.forward(cfg, params, jnp.asarray(_tokens()))
+    np.testing.assert_allclose(np.asarray(logits), _torch_forward(model, _tokens()).logits.numpy(),
+                               atol=1e-4, rtol=0)
   tokens = _tokens()
   grad_model = copy.deepcopy(model)
   grad_model.zero_grad()

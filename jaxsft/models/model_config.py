@@ -21,6 +21,9 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out",
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# q/k/v and gate/up each as one matmul (llama.fuses_projections): auto = on a
+# GPU or TPU without tensor parallelism.
+FUSED_PROJECTIONS = ("auto", "on", "off")
 
 # Weights LoRA can target, by the Hugging Face module name users know them by;
 # on an MoE model the experts' fused weights (transformers' ``experts.gate_up_proj``
@@ -196,6 +199,7 @@ class ModelConfig:
   # accumulate the output layer's gradient fewer times.
   loss_chunk: int = 0
   attention: str = "auto"  # "auto": cuDNN fused attention on GPU, XLA elsewhere
+  fused_projections: str = "auto"  # one of FUSED_PROJECTIONS
   # NEFTune: uniform noise added to the input embeddings in training steps
   # (llama.neftune_noise; 0 = off). Set per stage by the trainer on the train
   # step's config only, so no saved or exported config carries it.
@@ -228,6 +232,9 @@ class ModelConfig:
       problems.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:
       problems.append(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+    if self.fused_projections not in FUSED_PROJECTIONS:
+      problems.append(f"fused_projections={self.fused_projections!r} is not one of "
+                      f"{FUSED_PROJECTIONS}")
     rope_type = self.rope_dict().get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
       problems.append(f"rope_scaling type {rope_type!r} is not one of {ROPE_TYPES}")
