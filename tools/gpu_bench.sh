@@ -23,6 +23,12 @@
 #                frozen base in bf16 on both sides (--frozen-dtype auto); 52 s
 #   1b_packed    1b_full on packed SFT lengths vs the padded peer (non-pad tokens/s); 99 s
 # With --all, then the A/B items (no peer unless named):
+#   1b_full_unfused  1b_full with q/k/v and gate/up as separate matmuls
+#                (--fused-projections off, the default before 2026-11-30): what the
+#                fused projections gained (the roofline said 1.1%)
+#   1b_full_chunk512  --loss-chunk 512 instead of 128: 4x fewer accumulations of the
+#                128k x 2048 fp32 output-layer gradient, 4x bigger logits blocks
+#                (+2.2 GiB); if faster, make it the GPU's default
 #   8b_qlora     8b_lora with the frozen projections in 4 bits (--quantization nf4,
 #                QLoRA) on both sides: the peer's base is bitsandbytes' Linear4bit
 #                (its wheel carried in .whl/ by tools/gpu_wheels.sh); memory and speed
@@ -36,8 +42,6 @@
 #                (the rows' first quarter is prompt): look for gaps between its trips
 #   1b_full_pa, 1b_lora_pa  --remat projections_attention (keep the projections' and
 #                cuDNN attention's outputs, recompute the elementwise rest; rolled)
-#   1b_full_chunk512  --loss-chunk 512 instead of 128: 4x fewer accumulations of the
-#                128k x 2048 fp32 output-layer gradient, 4x bigger logits blocks
 #   8b_lora_fp32base  8b_lora with the frozen base in fp32 on both sides, vs the peer
 #   1b_compile   1b_full vs the torch.compile peer (--peer hf-compile; its compile
 #                time lands in the warmup steps)
@@ -56,7 +60,7 @@
 # profile items' NAME.summary.json, the 1B and 8B step items' NAME.memory.txt
 # and NAME.roofline.txt (XLA's memory report of the step; the static roofline
 # of its HLO) and results.jsonl (one JSON line per item: its name, exit code
-# and the bench's JSON line): 14 files for the table, 42 with --all (41 on a CPU:
+# and the bench's JSON line): 14 files for the table, 45 with --all (44 on a CPU:
 # no target config). Raw traces stay
 # under $PROFILE_DIR (default /tmp/jaxsft_profiles). On a borrowed machine that
 # returns few files, tar OUT_DIR into one.
@@ -210,6 +214,8 @@ dumped 1b_lora 200 $BENCH $SHAPE $B8 $STEPS --method lora --peer hf
 dumped 8b_lora 200 $BENCH $BIG $B4 $STEPS --method lora --peer hf
 run 1b_packed 150 $BENCH $SHAPE $B8 $STEPS --method full --packed-lengths sft --peer hf
 if [ "$ALL" = 1 ]; then
+  dumped 1b_full_unfused 90 $BENCH $SHAPE $B8 $STEPS --method full --fused-projections off
+  run 1b_full_chunk512 90 $BENCH $SHAPE $B8 $STEPS --method full --loss-chunk 512
   dumped 8b_qlora 240 $BENCH $QLORA $B4 $STEPS --method lora --quantization nf4 --peer hf
   dumped 1b_full_rolled 90 $BENCH $SHAPE $B8 $STEPS --method full --scan-unroll 1
   dumped 1b_lora_rolled 90 $BENCH $SHAPE $B8 $STEPS --method lora --scan-unroll 1
@@ -217,7 +223,6 @@ if [ "$ALL" = 1 ]; then
   profile 1b_lora_profile 120 $SHAPE $B8 --method lora
   dumped 1b_full_pa 90 $BENCH $SHAPE $B8 $STEPS --method full --remat projections_attention
   dumped 1b_lora_pa 90 $BENCH $SHAPE $B8 $STEPS --method lora --remat projections_attention
-  run 1b_full_chunk512 90 $BENCH $SHAPE $B8 $STEPS --method full --loss-chunk 512
   dumped 8b_lora_fp32base 200 $BENCH $BIG $B4 $STEPS --method lora --frozen-dtype param --peer hf
   run 1b_compile 180 $BENCH $SHAPE $B8 $STEPS --method full --peer hf-compile
   run moe_check 120 "$PY" tools/moe_dispatch_check.py
