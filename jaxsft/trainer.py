@@ -1120,8 +1120,13 @@ class _Phase:
         np.asarray(jax.device_get(x)).astype(dtype), params, mask)
 
   def init(self, params) -> TrainState:
+    # Leaves not yet on the state's shardings (LoRA factors, which
+    # ``add_params`` places by shapes of its own) are moved there first, so
+    # that the init donates every buffer rather than copying those beside
+    # them (and warning "Some donated buffers were not usable").
+    stored = jax.device_put(self.store(params), self.state_shardings.params, donate=True)
     return jax.jit(lambda q: init_state(q, self.tx, self.seed, self.mask),
-                   out_shardings=self.state_shardings, donate_argnums=0)(self.store(params))
+                   out_shardings=self.state_shardings, donate_argnums=0)(stored)
 
 
 def store_params(params, mask, stage, cfg: ModelConfig, mesh=None, keep=None):

@@ -340,12 +340,26 @@ except ValueError as e:
   assert "batch of 6 sequences cannot be split over 4 data-parallel devices" in str(e), e
 config.stages.cpt.batch_size = 8
 trainer.train(config)
+# A LoRA stage on the mesh: its factors (placed by add_params) reach the
+# state's shardings before the state is built, so every buffer is donated.
+import warnings
+lora = train_fixtures.tiny_config(pathlib.Path({data!r}), pathlib.Path({out!r}) / "lora",
+                                  cpt_steps=1, sft_steps=1, batch_size=8)
+del lora.stages["cpt"]
+lora.stages.sft.method = "lora"
+lora.mesh.fsdp, lora.mesh.tensor = 4, 2
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter("always")
+  trainer.train(lora)
+donation = [str(w.message) for w in caught if "donated buffers" in str(w.message)]
+assert not donation, donation
 """
 
 
 def test_fsdp_x_tensor_mesh_on_8_devices_matches_one_device(tmp_path):
   """fsdp=4 x tensor=2 over 8 simulated CPU devices: the same losses as one
-  device, NEFTune's noise included (drawn the same whatever the sharding)."""
+  device, NEFTune's noise included (drawn the same whatever the sharding);
+  and a LoRA stage there builds its state without copying any buffer."""
   data = tmp_path / "data"
   single = train_fixtures.tiny_config(data, tmp_path / "single", cpt_steps=6, batch_size=8,
                                       log_every=1, neftune_noise_alpha=5.0)
