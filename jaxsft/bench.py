@@ -695,7 +695,16 @@ def run_steps(cfg: ModelConfig, args, rows: dict, examples: dict | None) -> dict
       # MoE: share of the timed steps' layer calls that overflowed the bucketed
       # dispatch's first buckets (and ran bigger ones).
       "moe_bucket_overflow": statistics.mean(overflow) if overflow else None,
+      # As run: "auto" resolved on the devices of the step's mesh.
+      "fused_projections": _fused_as_run(runner.cfg, runner.mesh),
   }
+
+
+def _fused_as_run(cfg: ModelConfig, mesh) -> str:
+  """"on" or "off": whether the step ran q/k/v as one matmul
+  (``llama.fuses_projections`` under ``mesh``; "auto" resolved)."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return "on" if llama.fuses_projections(cfg, ("q_dnh", "k_dkh", "v_dkh")) else "off"
 
 
 def compile_step(cfg: ModelConfig, batch: int, seq_len: int, stage, mesh, seed: int = 0):

@@ -68,6 +68,7 @@ def test_cli_prints_a_table_then_one_json_line(tmp_path):
   assert result["tokens_per_s"] == pytest.approx(2 * 64 / result["step_s"])
   assert result["nonpad_tokens_per_s"] == result["tokens_per_s"]  # unpacked rows: no padding
   assert result["trainable_params"] == result["params"]  # method full
+  assert result["fused_projections"] == "off"  # auto, as run: a CPU leaves them separate
   # The memory check reads the compiled step's own buffer assignment: at least
   # the fp32 weights, their gradients and AdamW's two moments (16 bytes a
   # weight), and no more than the whole process ever held.
