@@ -331,6 +331,9 @@ config = train_fixtures.tiny_config(pathlib.Path({data!r}), pathlib.Path({out!r}
                                     batch_size=8, log_every=1, neftune_noise_alpha=5.0)
 del config.stages["sft"]
 config.mesh.fsdp, config.mesh.tensor = 4, 2
+# q/k/v and gate/up as one matmul each (a GPU's default without tensor
+# parallelism), here across the split weights: the single-device run has them apart.
+config.model.fused_projections = "on"
 assert len(jax.devices()) == 8
 config.stages.cpt.batch_size = 6  # not divisible over fsdp=4: refused before any work
 try:
@@ -357,9 +360,10 @@ assert not donation, donation
 
 
 def test_fsdp_x_tensor_mesh_on_8_devices_matches_one_device(tmp_path):
-  """fsdp=4 x tensor=2 over 8 simulated CPU devices: the same losses as one
-  device, NEFTune's noise included (drawn the same whatever the sharding);
-  and a LoRA stage there builds its state without copying any buffer."""
+  """fsdp=4 x tensor=2 over 8 simulated CPU devices, with the projections
+  fused: the same losses as one device with them apart, NEFTune's noise
+  included (drawn the same whatever the sharding); and a LoRA stage there
+  builds its state without copying any buffer."""
   data = tmp_path / "data"
   single = train_fixtures.tiny_config(data, tmp_path / "single", cpt_steps=6, batch_size=8,
                                       log_every=1, neftune_noise_alpha=5.0)
