@@ -5,6 +5,8 @@
 #   tools/gpu_bench.sh [OUT_DIR]               # the table: ~7.5 min on an H200
 #   tools/gpu_bench.sh --all [OUT_DIR]         # the table, then the A/B items (~20 min)
 #   tools/gpu_bench.sh --cpu-smoke [OUT_DIR]   # every item on tiny shapes, on a CPU
+#   tools/gpu_bench.sh --only A,B,... [OUT_DIR]  # just these items (table or A/B), in
+#                                              # the script's order; combines with --cpu-smoke
 #
 # Run from the repository root (python = the environment with jax, torch,
 # transformers, peft; PYTHON=... overrides; wheels in .whl/, from
@@ -67,10 +69,12 @@
 set -u
 SMOKE=0
 ALL=0
+ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-smoke) SMOKE=1; ALL=1; shift ;;
     --all) ALL=1; shift ;;
+    --only) ONLY=$2; ALL=1; shift 2 ;;
     *) break ;;
   esac
 done
@@ -117,10 +121,17 @@ cat "$OUT/env.txt"
 # (bench/train --target FILE, jaxsft.aot) then use its exact description.
 "$PY" -m jaxsft.aot --write-config "$OUT/target_config.pbtxt" >> "$OUT/env.txt" 2>&1 || true
 
+# selected NAME: whether NAME runs (--only names it, or there is no --only);
+# the items not named leave no line and no file.
+selected() {
+  [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]
+}
+
 # run NAME TIMEOUT_S CMD...: run one item, log it, append its JSON line.
 run() {
   local name=$1 limit=$2; shift 2
   local now left
+  selected "$name" || return 0
   now=$(date +%s); left=$((BUDGET - (now - START)))
   if [ "$left" -lt 30 ]; then
     echo "== $name: SKIPPED (budget of ${BUDGET}s spent)"
@@ -177,6 +188,7 @@ PROF=${PROFILE_DIR:-/tmp/jaxsft_profiles}
 # OUT/NAME.summary.json; the raw trace stays under $PROF/NAME.
 profile() {
   local name=$1 limit=$2; shift 2
+  selected "$name" || return 0
   run "$name" "$limit" $BENCH "$@" --warmup 1 --steps 1 --profile "$PROF/$name" --profile-steps 2
   [ -f "$PROF/$name/summary.json" ] && cp "$PROF/$name/summary.json" "$OUT/$name.summary.json"
 }
@@ -191,6 +203,7 @@ profile() {
 dumped() {
   local name=$1 dump=/tmp/xla_dump_$1 saved=${XLA_FLAGS-}
   shift
+  selected "$name" || return 0
   rm -rf "$dump"
   export XLA_FLAGS="$saved --xla_dump_to=$dump --xla_dump_hlo_module_re=.*train_step.*"
   run "$name" "$@"
