@@ -20,7 +20,7 @@ A config file defines ``get_config()`` returning a ConfigDict built from
   model.attention   auto | xla | cudnn
   model.fused_projections   auto | on | off: q/k/v, and gate/up, each as one matmul
               of their concatenated weights (weights stay separate parameters);
-              auto: on a GPU/TPU unless the mesh splits tensor, never for
+              auto: on a GPU unless the mesh splits tensor, never for
               weights with a LoRA/DoRA term (llama.fuses_projections)
   model.trust_remote_code   never true unless you trust the model's own code
   model.moe_dispatch        MoE models: auto | dense | bucketed | dropless | grouped

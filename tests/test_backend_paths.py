@@ -52,12 +52,12 @@ def test_the_gpu_code_paths_compute_the_cpu_step(monkeypatch):
                          results["cpu"][0], results["gpu"][0])
 
 
-def _gpu_mesh(shape=(1,), axes=("fsdp",)):
+def _gpu_mesh(shape=(1,), axes=("fsdp",), platform="gpu"):
   """An abstract mesh whose devices are GPUs (what a mesh of compile-only GPU
-  devices looks like while a step is traced, jaxsft.aot)."""
+  devices looks like while a step is traced, jaxsft.aot), or TPUs."""
   from jax._src import mesh as mesh_lib  # noqa: PLC0415  (no public constructor)
-  device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                   platform="gpu")
+  kind = "NVIDIA H100 80GB HBM3" if platform == "gpu" else "TPU v5 lite"
+  device = mesh_lib.AbstractDevice(device_kind=kind, num_cores=132, platform=platform)
   return jax.sharding.AbstractMesh(shape, axes, abstract_device=device)
 
 
@@ -98,6 +98,8 @@ def test_the_mesh_decides_which_paths_a_step_takes():
     assert not llama.fuses_projections(plain, QKV)
   with jax.sharding.use_abstract_mesh(_gpu_mesh((2, 2), ("data", "fsdp"))):
     assert llama.fuses_projections(plain, QKV)
+  with jax.sharding.use_abstract_mesh(_gpu_mesh(platform="tpu")):  # not measured there
+    assert not llama.fuses_projections(plain, QKV)
   for mode, want in (("on", True), ("off", False)):
     assert llama.fuses_projections(plain.replace(fused_projections=mode), QKV) is want
   cpu_mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("fsdp",))

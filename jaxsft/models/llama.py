@@ -108,16 +108,17 @@ def _proj(mdl: nn.Module, x, name: str, shape, init):
 
 def fuses_projections(cfg: ModelConfig, names) -> bool:
   """Whether the projections ``names`` of one input run as one matmul
-  (``_projections``): ``cfg.fused_projections`` "on", or "auto" on a GPU or
-  TPU (``sharding.compute_platform``) unless the mesh splits ``tensor``; and
-  in either case none of them has a LoRA/DoRA term."""
+  (``_projections``): ``cfg.fused_projections`` "on", or "auto" on a GPU
+  (``sharding.compute_platform``) unless the mesh splits ``tensor``; and in
+  either case none of them has a LoRA/DoRA term. TPUs keep them apart under
+  "auto" until measured there (MaxText's fused_qkv defaults to off)."""
   if cfg.fused_projections == "off":
     return False
   if any(lora_lib.targets(cfg.adapters, name) for name in names):
     return False
   if cfg.fused_projections == "on":
     return True
-  if sharding_lib.compute_platform() == "cpu":
+  if sharding_lib.compute_platform() != "gpu":
     return False
   mesh = jax.sharding.get_abstract_mesh()
   return mesh.empty or mesh.shape.get("tensor", 1) == 1

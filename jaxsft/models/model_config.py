@@ -22,7 +22,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # q/k/v and gate/up each as one matmul (llama.fuses_projections): auto = on a
-# GPU or TPU without tensor parallelism.
+# GPU without tensor parallelism.
 FUSED_PROJECTIONS = ("auto", "on", "off")
 
 # Weights LoRA can target, by the Hugging Face module name users know them by;
