@@ -562,10 +562,7 @@ class StepRunner:
     params = llama.init_placed(base_cfg, rng, base_shardings, dtypes)
     cfg_real, params = _prepare_method(base_cfg, params, stage, jax.random.fold_in(rng, 1))
     assert cfg_real == cfg, (cfg_real, cfg)
-    # As trainer._Phase.init: every leaf on the state's sharding first, so
-    # that the whole tree is donated (LoRA factors come placed otherwise).
-    stored = jax.device_put(sh.store(params), sh.state_shardings.params, donate=True)
-    self.state = jax.jit(sh.init, out_shardings=sh.state_shardings, donate_argnums=0)(stored)
+    self.state = trainer.build_state(sh.init, sh.store(params), sh.state_shardings)
     del params
     # What the busiest device really holds of the state (its placed shards).
     self.state_bytes_per_device = max(

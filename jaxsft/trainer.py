@@ -1120,13 +1120,18 @@ class _Phase:
         np.asarray(jax.device_get(x)).astype(dtype), params, mask)
 
   def init(self, params) -> TrainState:
-    # Leaves not yet on the state's shardings (LoRA factors, which
-    # ``add_params`` places by shapes of its own) are moved there first, so
-    # that the init donates every buffer rather than copying those beside
-    # them (and warning "Some donated buffers were not usable").
-    stored = jax.device_put(self.store(params), self.state_shardings.params, donate=True)
-    return jax.jit(lambda q: init_state(q, self.tx, self.seed, self.mask),
-                   out_shardings=self.state_shardings, donate_argnums=0)(stored)
+    return build_state(lambda q: init_state(q, self.tx, self.seed, self.mask),
+                       self.store(params), self.state_shardings)
+
+
+def build_state(init, stored, state_shardings) -> TrainState:
+  """``init(stored)`` (stored params -> TrainState) on ``state_shardings``,
+  ``stored`` donated. Leaves not yet on the state's shardings (LoRA factors,
+  which ``add_params`` places by shapes of its own) are moved there first, so
+  that the init reuses every buffer rather than copying those beside them
+  (and warning "Some donated buffers were not usable")."""
+  stored = jax.device_put(stored, state_shardings.params, donate=True)
+  return jax.jit(init, out_shardings=state_shardings, donate_argnums=0)(stored)
 
 
 def store_params(params, mask, stage, cfg: ModelConfig, mesh=None, keep=None):

@@ -427,9 +427,8 @@ class Transformer(nn.Module):
 
   def unembedding(self):
     """The [D, V] output projection (the embedding's transpose when tied)."""
-    if self.cfg.tie_word_embeddings:
-      return self.embed.embedding_vd.T
-    return self.lm_head.weight()
+    w, vocab_major = self.output_projection()
+    return w.T if vocab_major else w
 
   def output_projection(self):
     """(the output projection as stored, whether it is [V, D]): the tied
