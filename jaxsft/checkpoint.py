@@ -114,7 +114,35 @@ def _save_model_multiprocess(path: pathlib.Path, params, cfg, tokenizer_src, ove
 
 def model_config(path: PathLike) -> ModelConfig:
   """The model config of the checkpoint at ``path`` (without reading its weights)."""
-  return ModelConfig.from_json((pathlib.Path(path) / CONFIG_FILE).read_text())
+  file = pathlib.Path(path) / CONFIG_FILE
+  try:
+    return ModelConfig.from_json(file.read_text())
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    raise ValueError(f"{file} cannot be read as a model config ({e}); the checkpoint is "
+                     "damaged: copy it again or re-run the stage that wrote it") from None
+
+
+def error_gist(e: BaseException) -> str:
+  """The gist of a reader's error: the first line of the innermost error it
+  was raised from (orbax wraps TensorStore's), without the long spec
+  TensorStore appends."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return text.split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0][:400]
+
+
+def _restore(checkpointer, params_dir: pathlib.Path, target):
+  """``checkpointer.restore`` of ``target``, a failure (orbax and TensorStore
+  raise their own kinds) as one ValueError that names the checkpoint."""
+  try:
+    return checkpointer.restore(params_dir, target)
+  except Exception as e:  # noqa: BLE001 — whatever the reader raises, the files are at fault
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+      raise  # out of memory: the files are not at fault
+    raise ValueError(f"{params_dir.parent}: its parameters cannot be read "
+                     f"({error_gist(e)}); the checkpoint is damaged or "
+                     "incomplete: copy it again or re-run the stage that wrote it") from None
 
 
 def load_model(path: PathLike, mesh=None, rules=None, dtypes=None,
@@ -147,7 +175,7 @@ def load_model(path: PathLike, mesh=None, rules=None, dtypes=None,
                         abstract, shardings, dtypes)
   if host is None or not any(jax.tree_util.tree_leaves(host)):
     with ocp.StandardCheckpointer() as checkpointer:
-      params = checkpointer.restore(path.resolve() / PARAMS_DIR, target)
+      params = _restore(checkpointer, path.resolve() / PARAMS_DIR, target)
     return cfg, params
   stored = stored_params(path)
 
@@ -162,7 +190,7 @@ def load_model(path: PathLike, mesh=None, rules=None, dtypes=None,
   on_device = jax.tree.map(lambda t, h: None if h else t, target, host)
   with ocp.StandardCheckpointer() as checkpointer:
     # Orbax restores the subtree it is given a target for; the rest is read here.
-    placed = checkpointer.restore(path.resolve() / PARAMS_DIR, on_device)
+    placed = _restore(checkpointer, path.resolve() / PARAMS_DIR, on_device)
   return cfg, jax.tree_util.tree_map_with_path(
       lambda p, t, h, x: read(p, t) if h else x, target, host, placed)
 
@@ -172,8 +200,8 @@ class StoredArray:
   ``read(i)`` its i-th slice along the first axis (one layer of a stacked
   parameter) without reading the rest, when ``sliceable``."""
 
-  def __init__(self, store: ts.TensorStore):
-    self._store = store
+  def __init__(self, store: ts.TensorStore, where: str = "parameter"):
+    self._store, self.where = store, where
     self.shape = tuple(store.shape)
     self.dtype = np.dtype(store.dtype.numpy_dtype)
     chunk = store.chunk_layout.read_chunk.shape
@@ -182,10 +210,26 @@ class StoredArray:
   def read(self, index: int | None = None) -> np.ndarray:
     return np.asarray(self.read_async(index).result())
 
-  def read_async(self, index: int | None = None) -> ts.Future:
-    """``read`` started: the future's ``result()`` is the array; several
-    reads in flight at once overlap their I/O."""
-    return (self._store if index is None else self._store[index]).read()
+  def read_async(self, index: int | None = None) -> "_Read":
+    """``read`` started: its ``result()`` is the array; several reads in
+    flight at once overlap their I/O."""
+    return _Read((self._store if index is None else self._store[index]).read(), self.where)
+
+
+class _Read:
+  """A read in flight; ``result()`` fails as a ValueError naming the
+  parameter, and saying what to do, where TensorStore cannot read it."""
+
+  def __init__(self, future: ts.Future, where: str):
+    self._future, self._where = future, where
+
+  def result(self) -> np.ndarray:
+    try:
+      return self._future.result()
+    except Exception as e:  # noqa: BLE001 — TensorStore's errors: the file is at fault
+      raise ValueError(f"{self._where} cannot be read ({error_gist(e)}); the "
+                       "checkpoint is damaged or incomplete: copy it again or re-run the "
+                       "stage that wrote it") from None
 
 
 def stored_params(path: PathLike) -> dict[str, StoredArray]:
@@ -221,10 +265,11 @@ def stored_params(path: PathLike) -> dict[str, StoredArray]:
     try:
       store = ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
     except ValueError as e:
-      raise ValueError(f"{params_dir}: cannot open parameter {'/'.join(path_names)}: {e}; "
+      raise ValueError(f"{params_dir}: cannot open parameter {'/'.join(path_names)} "
+                       f"({error_gist(e)}); "
                        "the checkpoint is incomplete or does not match its "
                        f"{CONFIG_FILE}") from None
-    array = StoredArray(store)
+    array = StoredArray(store, f"{params_dir}: parameter {'/'.join(path_names)}")
     if array.shape != tuple(leaf.shape):
       raise ValueError(f"{params_dir}: parameter {'/'.join(path_names)} has shape "
                        f"{list(array.shape)}, but {CONFIG_FILE} implies {list(leaf.shape)}")

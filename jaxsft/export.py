@@ -80,9 +80,13 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
   if pissa_convert and not peft:
     raise ValueError("--pissa-convert rewrites a PEFT adapter: add --peft (a merged export "
                      "needs no conversion)")
+  if base_model is not None and not peft:
+    raise ValueError("--base-model names the model a PEFT adapter applies to: add --peft "
+                     "(a merged export holds its base)")
   source = pathlib.Path(source)
   if not source.is_dir():
     raise ValueError(f"checkpoint {source} does not exist (or is not a directory)")
+  _check_out(source, pathlib.Path(out), overwrite)
   if device == "host" and checkpoint_lib.is_checkpoint(source):
     written = _export_streamed(source, pathlib.Path(out), dtype, max_shard_bytes,
                                trust_remote_code, overwrite, peft, base_model, pissa_convert)
@@ -99,9 +103,10 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
     cfg, params = hf.load_params(source, source_cfg, mesh=mesh, dtypes=dtypes)
     tokenizer_src = source
   else:
-    raise ValueError(f"{source} is neither a jaxsft checkpoint ({checkpoint_lib.CONFIG_FILE} "
-                     f"and {checkpoint_lib.PARAMS_DIR}/) nor a Hugging Face model directory "
-                     f"({hf.CONFIG_FILE} and safetensors)")
+    raise ValueError(hf.run_artifact(source) or (
+        f"{source} is neither a jaxsft checkpoint ({checkpoint_lib.CONFIG_FILE} and "
+        f"{checkpoint_lib.PARAMS_DIR}/) nor a Hugging Face model directory ({hf.CONFIG_FILE} "
+        "and safetensors)"))
   tokenizer_src = _checked_tokenizer(tokenizer_src, trust_remote_code)
   if peft:
     base_cfg = cfg.replace(adapters=None)
@@ -113,6 +118,18 @@ def export(source: hf.PathLike, out: hf.PathLike, dtype: str | None = None,
   cfg, params = peft_methods.merge(cfg, params, donate=True)
   return hf.save_params(params, cfg, out, tokenizer_src=tokenizer_src,
                         max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
+
+
+def _check_out(source: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+  """Refuse an ``out`` that the export would replace before reading a weight:
+  one that ``hf.staged_dir`` refuses, and one that is or contains ``source``
+  (replacing it deletes the checkpoint being exported; a Hugging Face
+  directory may be rewritten in place, having been read whole first)."""
+  hf.check_output_dir(out, overwrite)
+  src, dst = source.resolve(), out.resolve()
+  if src.is_relative_to(dst) and (src != dst or checkpoint_lib.is_checkpoint(source)):
+    raise ValueError(f"--out {out} {'is' if src == dst else 'contains'} the checkpoint being "
+                     f"exported ({source}); writing there would delete it: choose another --out")
 
 
 def _export_streamed(source: pathlib.Path, out: pathlib.Path, dtype, max_shard_bytes: int,

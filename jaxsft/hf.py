@@ -111,10 +111,28 @@ def _read_json(path: pathlib.Path) -> dict:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def run_artifact(path: PathLike) -> str | None:
+  """Why ``path`` is not a model though a user may take it for one: a
+  training run's directory or one of its resume checkpoints; else None."""
+  d = pathlib.Path(path)
+  if (d / "stages").is_dir():
+    finals = sorted(str(f) for f in d.glob("stages/*/final"))
+    return (f"{d} is a jaxsft training run, not a model: give a stage's model, "
+            f"{d}/stages/NAME/final (here: {', '.join(finals) or 'none yet'}), or the run's "
+            "Hugging Face export")
+  if (d / "_CHECKPOINT_METADATA").is_file() and (d / "state").is_dir():
+    return (f"{d} is a training checkpoint (optimizer state and data position, read when a "
+            "stage resumes), not a model: a stage's model is its stages/NAME/final, written "
+            "when the stage ends")
+  return None
+
+
 def _model_dir(path: PathLike) -> pathlib.Path:
   d = pathlib.Path(path)
   if not d.is_dir():
     raise ValueError(f"model directory {d} does not exist (or is not a directory)")
+  if run_artifact(d):
+    raise ValueError(run_artifact(d))
   if not (d / CONFIG_FILE).is_file():
     raise ValueError(f"{d} has no {CONFIG_FILE}; a Hugging Face model directory needs one "
                      "(the output of save_pretrained)")
@@ -721,6 +739,23 @@ def load_params(model_dir: PathLike, cfg: ModelConfig | None = None, mesh=None, 
 
 # ----------------------------------------------------------------------------- export
 
+def check_output_dir(out_dir: PathLike, overwrite: bool = False) -> None:
+  """Refuse ``out_dir`` as what ``staged_dir`` would replace: a path that is
+  not a directory, a non-empty directory without ``overwrite``, and, even
+  with it, a directory holding a training run (its ``stages/`` and
+  ``config.json``: every checkpoint of the run would go)."""
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ValueError(f"output path {out_dir} exists and is not a directory")
+  if (out_dir / "stages").is_dir() and (out_dir / CONFIG_FILE).is_file():
+    raise ValueError(f"output directory {out_dir} holds a jaxsft training run (stages/, "
+                     f"{CONFIG_FILE}); it is never replaced, with or without overwrite: "
+                     "choose another directory")
+  if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    raise ValueError(f"output directory {out_dir} is not empty; choose another one or "
+                     "overwrite it (overwrite=True; --overwrite on the command line)")
+
+
 @contextlib.contextmanager
 def staged_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
   """A fresh sibling directory that becomes ``out_dir`` when the block succeeds.
@@ -730,11 +765,7 @@ def staged_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[pathlib.P
   ``out_dir`` is replaced only with ``overwrite``.
   """
   out_dir = pathlib.Path(out_dir)
-  if out_dir.exists() and not out_dir.is_dir():
-    raise ValueError(f"output path {out_dir} exists and is not a directory")
-  if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-    raise ValueError(f"output directory {out_dir} is not empty; choose another one or "
-                     "overwrite it (overwrite=True; --overwrite on the command line)")
+  check_output_dir(out_dir, overwrite)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
   try:
@@ -761,10 +792,21 @@ def load_tokenizer(path: PathLike, trust_remote_code: bool = False):
     return transformers.AutoTokenizer.from_pretrained(str(path),
                                                       trust_remote_code=trust_remote_code)
   except Exception as e:  # noqa: BLE001 — any load failure is a problem with the input files
-    hint = "" if trust_remote_code else (
-        "; if the tokenizer needs its own code and you trust it, pass --trust-remote-code "
-        "(config.model.trust_remote_code in a run config)")
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    d = pathlib.Path(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json"):
+      try:
+        if (d / name).is_file():
+          json.loads((d / name).read_text())
+      except (OSError, ValueError) as bad:
+        raise ValueError(f"could not load a tokenizer from {path}: {d / name} is not valid JSON "
+                         f"({bad}); the file is damaged: copy the tokenizer files again") from None
+    custom = any((d / name).is_file() and "auto_map" in (d / name).read_text()
+                 for name in ("tokenizer_config.json", CONFIG_FILE))
+    hint = "" if trust_remote_code or not custom else (
+        "; it names code of its own (auto_map): if you trust it, pass --trust-remote-code "
+        "(config.model.trust_remote_code in a run config)")
     raise ValueError(f"could not load a tokenizer from {path}: {first}{hint}") from None
 
 

@@ -763,7 +763,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
 
   data_state = None
   if latest is not None:
-    restored = manager.restore(latest, args=ocp.args.Composite(
+    restored = _restore_latest(name, manager, latest, ocp.args.Composite(
         state=ocp.args.StandardRestore(jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             ph.abstract_state, ph.state_shardings)),
@@ -915,6 +915,25 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                     original_base=base_model if incoming_adapters is None else None)
     (stage_dir / "final" / peft_export.BASE_FILE).write_text(json.dumps(record) + "\n")
   return final_cfg, final_params
+
+
+def _restore_latest(name: str, manager, latest: int, args):
+  """``manager.restore(latest, args)``; a checkpoint that cannot be read
+  fails as a ValueError that names it and the one before it, to resume from
+  once it is moved away (nothing is deleted here)."""
+  try:
+    return manager.restore(latest, args=args)
+  except Exception as e:  # noqa: BLE001 — orbax and TensorStore raise their own kinds
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+      raise  # out of memory: the checkpoint is not at fault
+    where = pathlib.Path(manager.directory) / str(latest)
+    earlier = [s for s in manager.all_steps() if s < latest]
+    then = (f"step {max(earlier)}, the checkpoint before it" if earlier else
+            "the stage's start, as no earlier checkpoint is kept")
+    raise ValueError(f"stage {name!r}: checkpoint {where} cannot be read "
+                     f"({checkpoint_lib.error_gist(e)}): it is damaged or incomplete, or holds "
+                     "a state of another shape than this stage's. If damaged, move it out of "
+                     f"{where.parent} and re-run to resume from {then}") from None
 
 
 def _converts_to_plain_lora(stage, cfg: ModelConfig) -> bool:

@@ -23,7 +23,7 @@ import transformers
 
 import hf_builders
 import peft_fixtures
-from jaxsft import checkpoint, export, hf
+from jaxsft import checkpoint, export, generate, hf
 from jaxsft.models import llama
 from jaxsft.models.model_config import Adapters
 from jaxsft.peft import methods as peft_methods
@@ -559,6 +559,107 @@ def test_bad_input_is_a_clear_error(case, hf_model_factory, tmp_path, capsys):
   assert re.search(message, err), err
   assert not (tmp_path / "out").exists()
   assert not (tmp_path / "bad" / "UNPICKLED").exists()
+
+
+def _export_error(capsys, *argv) -> str:
+  """``jaxsft.export`` with ``argv``: its one-line error (exit code 2 asserted)."""
+  capsys.readouterr()
+  assert export.main([str(a) for a in argv]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+  return err
+
+
+def test_export_never_replaces_the_checkpoint_or_run_it_reads(exported, tmp_path, capsys):
+  """--out naming the checkpoint being exported, a directory holding it, or a
+  training run is refused before anything is read, --overwrite or not; each
+  stays as it was."""
+  src, _, cfg, params, _ = exported("llama")
+  run = tmp_path / "run"
+  final = run / "stages" / "sft" / "final"
+  checkpoint.save_model(final, params, cfg, tokenizer_src=src)
+  (run / "config.json").write_text(json.dumps({"output_dir": str(run)}))
+  before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+  for out, message in ((final, "is the checkpoint being exported"),
+                       (final.parent, "contains the checkpoint being exported"),
+                       (run, "holds a jaxsft training run")):
+    err = _export_error(capsys, "--checkpoint", final, "--out", out, "--overwrite")
+    assert message in err and "choose another" in err, err
+  assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+  _assert_same_params(params, checkpoint.load_model(final)[1])
+  # Any export into a run directory: an HF source too.
+  assert "holds a jaxsft training run" in _export_error(capsys, "--checkpoint", src, "--out",
+                                                        run, "--overwrite")
+  # A Hugging Face directory may be rewritten in place (read whole first).
+  inplace = tmp_path / "inplace"
+  shutil.copytree(src, inplace)
+  capsys.readouterr()
+  assert export.main(["--checkpoint", str(inplace), "--out", str(inplace), "--overwrite"]) == 0
+  _assert_same_tensors(_tensors(src), _tensors(inplace))
+  assert "add --peft" in _export_error(capsys, "--checkpoint", final, "--out", tmp_path / "o",
+                                       "--base-model", "meta-llama/Llama-3.2-1B")
+
+
+def test_a_run_or_a_training_checkpoint_given_as_the_model_says_where_the_model_is(
+    exported, tmp_path, capsys):
+  src, _, cfg, params, _ = exported("llama")
+  run = tmp_path / "run"
+  checkpoint.save_model(run / "stages" / "cpt" / "final", params, cfg, tokenizer_src=src)
+  (run / "config.json").write_text(json.dumps({"output_dir": str(run)}))
+  step = run / "stages" / "sft" / "checkpoints" / "3"
+  (step / "state").mkdir(parents=True)
+  (step / "_CHECKPOINT_METADATA").write_text("{}")
+  err = _export_error(capsys, "--checkpoint", run, "--out", tmp_path / "out")
+  assert "is a jaxsft training run, not a model" in err, err
+  assert str(run / "stages" / "cpt" / "final") in err, err
+  with pytest.raises(ValueError, match="is a jaxsft training run"):
+    generate.load_for_inference(run)
+  err = _export_error(capsys, "--checkpoint", step, "--out", tmp_path / "out")
+  assert "is a training checkpoint" in err and "stages/NAME/final" in err, err
+  assert not (tmp_path / "out").exists()
+
+
+def _truncate_data_file(params_dir: pathlib.Path) -> None:
+  """Cut the largest data file of an orbax (OCDBT) tree, one holding array
+  chunks rather than metadata, to 10 bytes."""
+  files = [p for p in params_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files, sorted(params_dir.rglob("*"))
+  largest = max(files, key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:10])
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(exported, tmp_path, capsys):
+  src, _, cfg, params, _ = exported("llama")
+  good = tmp_path / "good"
+  checkpoint.save_model(good, params, cfg, tokenizer_src=src)
+  truncated = tmp_path / "truncated"
+  shutil.copytree(good, truncated)
+  _truncate_data_file(truncated / checkpoint.PARAMS_DIR)
+  with pytest.raises(ValueError, match=r"truncated.*: its parameters cannot be read \(.*\); the "
+                     r"checkpoint is damaged or incomplete"):
+    checkpoint.load_model(truncated)
+  # Export reads a layer at a time (TensorStore, not orbax): the same advice.
+  err = _export_error(capsys, "--checkpoint", truncated, "--out", tmp_path / "out")
+  assert re.search(r"truncated/params: parameter \S+ cannot be read \(.*\); the checkpoint is "
+                   r"damaged", err), err
+  assert not (tmp_path / "out").exists()
+
+  bad_config = tmp_path / "bad_config"
+  shutil.copytree(good, bad_config)
+  (bad_config / checkpoint.CONFIG_FILE).write_text("{\n  'hidden_size': 64")
+  err = _export_error(capsys, "--checkpoint", bad_config, "--out", tmp_path / "out")
+  assert f"{bad_config / checkpoint.CONFIG_FILE} cannot be read as a model config" in err, err
+  with pytest.raises(ValueError, match="cannot be read as a model config"):
+    generate.load_for_inference(bad_config)
+
+
+def test_a_damaged_tokenizer_file_is_named(hf_model_factory, tmp_path, capsys):
+  src = tmp_path / "src"
+  shutil.copytree(hf_model_factory("llama")[0], src)
+  (src / "tokenizer.json").write_text('{"version": ')
+  err = _export_error(capsys, "--checkpoint", src, "--out", tmp_path / "out")
+  assert f"{src / 'tokenizer.json'} is not valid JSON" in err, err
+  assert "trust-remote-code" not in err, err
 
 
 def test_export_cli_error_in_a_subprocess(hf_model_factory, tmp_path):

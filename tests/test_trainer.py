@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,6 +315,35 @@ def test_nan_loss_stops_with_stage_and_step_and_keeps_the_checkpoint(tmp_path):
     trainer.train(config)
   assert "stage 'cpt'" in str(e.value) and "step" in str(e.value)
   assert not (tmp_path / "out" / "stages" / "cpt" / "final").exists()
+
+
+def test_a_damaged_latest_checkpoint_names_itself_and_the_one_to_resume_from(tmp_path):
+  """The latest step checkpoint cut short on disk: resuming fails with an error
+  that names it and the step before it; moved away as the error says, the
+  same command resumes from that step and ends as the first run ended."""
+  def config():
+    c = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", cpt_steps=12)
+    del c.stages["sft"]
+    return c
+
+  trainer.train(config())
+  first = _final_params(tmp_path / "out", "cpt")
+  assert _checkpoint_steps(tmp_path / "out", "cpt") == [8, 12]  # keep_checkpoints=2
+  stage = tmp_path / "out" / "stages" / "cpt"
+  shutil.rmtree(stage / "final")
+  data = [p for p in (stage / "checkpoints" / "12" / "state").rglob("*")
+          if p.is_file() and p.parent.name == "d"]
+  largest = max(data, key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:10])
+  with pytest.raises(ValueError) as e:
+    trainer.train(config())
+  msg = str(e.value)
+  assert f"checkpoint {stage / 'checkpoints' / '12'} cannot be read" in msg, msg
+  assert "resume from step 8, the checkpoint before it" in msg, msg
+  assert _checkpoint_steps(tmp_path / "out", "cpt") == [8, 12]  # nothing deleted
+  (stage / "checkpoints" / "12").rename(tmp_path / "damaged_12")
+  trainer.train(config())
+  _assert_trees_equal(first, _final_params(tmp_path / "out", "cpt"))
 
 
 # ----------------------------------------------------------------------------- sharding
