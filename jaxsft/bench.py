@@ -138,6 +138,7 @@ from jaxsft.data import packing
 from jaxsft.models import llama, mixtral
 from jaxsft.models.model_config import (FUSED_PROJECTIONS, MOE_DISPATCHES, REMAT_POLICIES,
                                          ModelConfig)
+from jaxsft.peft import lora, nf4
 from jaxsft.peft import methods as peft_methods
 
 METHODS = ("full", "lora", "dora", "full_then_lora", "freeze")
@@ -922,7 +923,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("--peer-compile needs --peer hf (or use --peer hf-compile)")
   if args.peer and args.method not in ("full", "lora", "dora"):
     p.error(f"--peer {args.peer} runs the methods full, lora and dora (PEFT); not {args.method}")
+  if args.packed_lengths and parse_lengths(args.packed_lengths)[1] > args.seq_len:
+    p.error(f"--packed-lengths {args.packed_lengths}: examples longer than --seq-len "
+            f"{args.seq_len} do not fit a row; ask for at most {args.seq_len} tokens")
+  if args.profile and pathlib.Path(args.profile).exists() and not pathlib.Path(
+      args.profile).is_dir():
+    p.error(f"--profile {args.profile} exists and is not a directory; the trace is a directory")
+  if args.target:
+    try:
+      aot.target_config(aot.parse(args.target)[0])
+    except ValueError as e:
+      p.error(f"--target: {e}")
+  if args.quantization:
+    _check_quantizable(p, args)
   return args
+
+
+def _check_quantizable(p: argparse.ArgumentParser, args) -> None:
+  """``p.error`` unless every projection QLoRA stores of ``--shape`` splits
+  into 4-bit blocks (before any peer or step runs)."""
+  abstract = llama.abstract_params(SHAPES[args.shape].replace(num_layers=1))
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    names = sharding_lib.path_names(path)
+    if nf4.quantizable(names):
+      try:
+        nf4.check_quantizable("/".join(names), leaf.shape, lora.WEIGHTS[names[-1]][1], True)
+      except ValueError as e:
+        p.error(f"--quantization {args.quantization} on shape {args.shape!r}: {e}; pick "
+                "another --shape")
 
 
 def _print_table(result: dict) -> None:
@@ -1029,4 +1057,8 @@ def measure_real_compiles() -> None:
 
 if __name__ == "__main__":
   measure_real_compiles()
-  main()
+  try:
+    main()
+  except ValueError as e:  # bad input found past the argument checks
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

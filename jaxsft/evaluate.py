@@ -65,6 +65,7 @@ import numpy as np
 
 from jaxsft import generate
 from jaxsft import losses
+from jaxsft import sharding as sharding_lib
 from jaxsft.data import formats as data_formats
 from jaxsft.data import sources as data_sources
 from jaxsft.data import templates as data_templates
@@ -91,6 +92,9 @@ def _padded_length(n: int, minimum: int = 64) -> int:
 def read_text_rows(path) -> list[tuple[int, str]]:
   """(line number, text) of every non-blank line of a ``{"text": ...}`` JSONL file."""
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise ValueError(f"data file {path} is a directory; --format text reads one JSON Lines file "
+                     "of {\"text\": ...} rows")
   if not path.is_file():
     raise ValueError(f"data file {path} does not exist")
   rows = []
@@ -508,6 +512,17 @@ def _print_table(summary: dict[str, Any]) -> None:
     print(f"{f:<{width}}  {acc:8.1%}")
 
 
+def _non_finite(params) -> str:
+  """Which parameters hold NaN or infinity, for an error message."""
+  bad = ["/".join(sharding_lib.path_names(path))
+         for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+         and not bool(jnp.isfinite(x).all())]
+  if not bad:
+    return "its weights are all finite: the overflow is in the computation; try --dtype float32"
+  return f"NaN or infinity in {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}"
+
+
 def write_predictions(path, records) -> None:
   """``records`` as JSON lines at ``path`` (parents created)."""
   path = pathlib.Path(path)
@@ -573,6 +588,11 @@ def _check_args(args) -> None:
     raise ValueError("--system needs a chat format: --format text has no prompt to put it in")
   if args.system is not None and args.metric == "json-labels" and not args.chat:
     raise ValueError("--system needs --chat (a system message only exists in a conversation)")
+  if args.predictions is not None:
+    out = pathlib.Path(args.predictions)
+    if out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+      raise ValueError(f"--predictions {out} must be a file path (e.g. OUT.jsonl) whose parent "
+                       "directories are directories")
 
 
 def _loss_rows(args, tokenizer, context: int):
@@ -629,6 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if count == 0:
           raise ValueError(f"{args.data}: no row has two or more tokens, so there is nothing to "
                            "predict")
+        if not np.isfinite(total):
+          raise ValueError(f"the loss is {total / count}: the model computes non-finite values "
+                           f"({_non_finite(params)})")
       elif args.metric == "json-labels":
         known = None
         if args.train_data is not None:

@@ -179,7 +179,14 @@ def test_cli_rejects_bad_input_with_a_clear_error(capsys):
       (["--method", "freeze", "--peer", "hf"], "full, lora and dora"),
       (["--method", "freeze", "--peer", "hf-compile"], "full, lora and dora"),
       (["--peer-compile"], "--peer-compile needs --peer hf"),
-      (["--batch", "0"], "--batch must be positive")]:
+      (["--batch", "0"], "--batch must be positive"),
+      (["--packed-lengths", "fixed:1000", "--seq-len", "64"],
+       "examples longer than --seq-len 64 do not fit a row"),
+      (["--compile-scaling", "2", "--target", "h999"],
+       "--target: GPU target 'h999' is neither one of"),
+      (["--profile", __file__], "exists and is not a directory"),
+      (["--shape", "tiny", "--method", "lora", "--quantization", "nf4"],
+       "input width 688 (shape (1, 688, 256)) is not a multiple of 64")]:
     with pytest.raises(SystemExit) as e:
       bench.parse_args(argv)
     assert e.value.code == 2

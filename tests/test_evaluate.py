@@ -1,6 +1,7 @@
 """Loss evaluation against transformers' own loss, and the CLI's input errors."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -120,6 +121,23 @@ def test_cli_errors_name_file_and_line(hf_model_factory, tmp_path, capsys):
   assert "--max-length=1000 exceeds" in error(ok, "--max-length", "1000")
   assert "--format 'bogus' is not supported" in error(ok, "--format", "bogus")
   assert "nothing to predict" in error(_write_jsonl(tmp_path / "one.jsonl", [{"text": ""}]))
+  assert f"data file {tmp_path} is a directory" in error(tmp_path)
+  # Checked before the model loads, not after the evaluation has run.
+  assert f"--predictions {tmp_path} must be a file path" in error(
+      ok, "--metric", "json-labels", "--format", "auto", "--predictions", str(tmp_path))
+
+
+def test_a_model_with_nan_weights_is_an_error_naming_them(hf_model_factory, tmp_path, capsys):
+  src, shared = hf_model_factory("llama")
+  model = copy.deepcopy(shared)  # the factory's model is shared with other tests
+  with torch.no_grad():
+    model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+  model.save_pretrained(tmp_path / "nan")
+  transformers.AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path / "nan")
+  data = _write_jsonl(tmp_path / "eval.jsonl", [{"text": t} for t in TEXTS])
+  assert evaluate.main(["--model", str(tmp_path / "nan"), "--data", str(data)]) == 2
+  err = capsys.readouterr().err
+  assert "the loss is nan" in err and "NaN or infinity in layers/mlp/up_df" in err, err
 
 
 # ----------------------------------------------------------------------------- JSON labels
