@@ -670,6 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.metric == "loss":
     loss = total / count
     print(f"{args.data}: {n_rows} rows, {count} predicted tokens")
+    unscored = n_rows - sum(len(r) >= 2 for r in token_rows)
+    if unscored:
+      print(f"{unscored} of the rows score nothing (fewer than 2 tokens, or a chat without "
+            "an answer)")
     print(f"loss {loss:.6f}  perplexity {float(np.exp(min(loss, 700.0))):.4g}")
     print(json.dumps({"loss": loss, "tokens": count}))
     return 0

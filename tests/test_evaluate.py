@@ -122,6 +122,11 @@ def test_cli_errors_name_file_and_line(hf_model_factory, tmp_path, capsys):
   assert "--format 'bogus' is not supported" in error(ok, "--format", "bogus")
   assert "nothing to predict" in error(_write_jsonl(tmp_path / "one.jsonl", [{"text": ""}]))
   assert f"data file {tmp_path} is a directory" in error(tmp_path)
+  capsys.readouterr()
+  with_empty = _write_jsonl(tmp_path / "with_empty.jsonl", [{"text": "short"}, {"text": ""}])
+  assert evaluate.main(["--model", str(d), "--data", str(with_empty)]) == 0
+  out = capsys.readouterr().out
+  assert "2 rows" in out and "1 of the rows score nothing" in out, out
   # Checked before the model loads, not after the evaluation has run.
   assert f"--predictions {tmp_path} must be a file path" in error(
       ok, "--metric", "json-labels", "--format", "auto", "--predictions", str(tmp_path))
