@@ -153,6 +153,21 @@ class MetricsWriter:
               if isinstance(v, (int, float)):
                 self._tb.add_scalar(f"{prefix}/{name}/{k}", v, row["step"])
 
+  def drop_after(self, stage: str, step: int) -> None:
+    """Remove the rows of ``stage`` past ``step``: what a run killed after its
+    last checkpoint logged, which the resumed run logs again (a restarted
+    stage passes -1). Without this the file holds those steps twice, and
+    anything summed over it (trained tokens) counts them twice."""
+    if not self.enabled or not self.path.is_file():
+      return
+    rows = self.rows()
+    kept = [r for r in rows if r.get("stage") != stage or r.get("step", 0) <= step]
+    if len(kept) == len(rows):
+      return
+    tmp = self.path.with_name(self.path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(self.path)
+
   def rows(self) -> list[dict[str, Any]]:
     if not self.path.is_file():
       return []

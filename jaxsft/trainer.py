@@ -468,30 +468,66 @@ def _has_step_checkpoint(stage_dir: pathlib.Path) -> bool:
   return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
+# Keys a re-run may change without changing what its checkpoints mean: where
+# the run lives, the devices it runs on, what is exported, how often it logs,
+# evaluates and checkpoints, and where and how fast the data are tokenized.
+_RERUN_FREE = ("output_dir", "mesh.", "export.", "stages.*.log_every",
+               "stages.*.checkpoint_every", "stages.*.keep_checkpoints", "stages.*.eval_every",
+               "stages.*.eval_batches", "stages.*.generate_eval.", "stages.*.data.num_proc",
+               "stages.*.data.cache_dir")
+
+
 def _check_run_dir(out: pathlib.Path, config) -> None:
-  """Refuse an output dir that holds a different run (model or stages differ)
-  with something trained: a run refused before its first checkpoint (a bad
-  seq_len, say) can be fixed and started again in the same place."""
+  """Refuse an output dir that holds a different run with something trained:
+  one whose config differs from this one in a key that shapes the training
+  (model, tokenizer, seed, the stages and any of their data, optimizer or
+  PEFT settings: all but ``_RERUN_FREE``). Resuming it would continue on other
+  data or another schedule, and a finished stage would not be retrained
+  while config.json said it had been. A run refused before its first
+  checkpoint (a bad seq_len, say) can be fixed and started again in place."""
   previous = out / "config.json"
   stages = out / "stages"
   trained = stages.is_dir() and any(
       _has_step_checkpoint(d) or (d / "final").is_dir() for d in stages.iterdir())
   if not previous.is_file() or not trained:
     return
-  old = json.loads(previous.read_text())
-  new = json.loads(config.to_json_best_effort())
-  for key in ("model", "stages"):
-    a, b = old.get(key), new.get(key)
-    if key == "stages":
-      a, b = _stage_shapes(a or {}), _stage_shapes(b or {})
-    if a != b:
-      raise ValueError(
-          f"{out} holds another run whose {key!r} differs from this config's, so its "
-          f"checkpoints cannot be resumed; choose another --config.output_dir or delete {out}")
+  old_tree, new_tree = json.loads(previous.read_text()), json.loads(config.to_json_best_effort())
+  old, new = _flat(old_tree), _flat(new_tree)
+  differing = [k for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and not _rerun_free(k)]
+  # The stages' names and order (the flattened keys cannot tell the order).
+  old["stages"], new["stages"] = list(old_tree.get("stages", {})), list(new_tree.get("stages", {}))
+  if old["stages"] != new["stages"]:
+    differing.insert(0, "stages")
+  if differing:
+    key = differing[0]
+    raise ValueError(
+        f"{out} holds another run whose config.{key} was {old.get(key)!r}; this config says "
+        f"{new.get(key)!r}, so its checkpoints cannot be resumed"
+        f"{f' ({len(differing) - 1} more keys differ)' if len(differing) > 1 else ''}: choose "
+        f"another --config.output_dir, or delete {out} (if only a file's location changed, "
+        f"edit {previous} to match)")
 
 
-def _stage_shapes(stages: dict) -> dict:
-  return {name: {k: s.get(k) for k in ("method", "seq_len")} for name, s in stages.items()}
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """A JSON config as {dotted key: value} (lists kept whole)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _rerun_free(key: str) -> bool:
+  parts = key.split(".")
+  for free in _RERUN_FREE:
+    pattern = free.rstrip(".").split(".")
+    if len(parts) >= len(pattern) and all(p in ("*", q) for p, q in zip(pattern, parts)) and (
+        free.endswith(".") or len(parts) == len(pattern)):
+      return True
+  return False
 
 
 def train(config) -> pathlib.Path:
@@ -739,6 +775,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                                            cleanup_tmp_directories=True),
       item_names=("state", "data"))
   latest = manager.latest_step()
+  run.writer.drop_after(name, -1 if latest is None else latest)
   # full_then_lora checkpoints up to the switch hold the full phase's state.
   phase = 0 if switch is not None and (latest is None or latest <= switch) else 1
   if pipe.unseen_labels and latest is None:  # once per stage, not again when resuming

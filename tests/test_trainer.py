@@ -252,6 +252,15 @@ def test_kill_9_mid_stage_and_between_stages_resumes_exactly(tmp_path):
   _assert_trees_equal(_final_params(ref_out, "cpt"), _final_params(out, "cpt"))
   _assert_trees_equal(_final_params(ref_out), _final_params(out))
   assert _rows(out)[-1]["loss"] == pytest.approx(_rows(ref_out)[-1]["loss"], abs=1e-6)
+  # What the killed runs logged past their last checkpoint was dropped when
+  # they resumed: each step is in metrics.jsonl once (a resumed stage also
+  # logs its first step, which the uninterrupted run did not log).
+  steps = _train_steps(out)
+  assert len(steps) == len(set(steps)) and set(_train_steps(ref_out)) <= set(steps), steps
+
+
+def _train_steps(out):
+  return [(r["stage"], r["step"]) for r in _rows(out) if r["split"] == "train"]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -306,6 +315,33 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
   assert "another run" in _error(other)
 
 
+def test_a_rerun_that_changes_how_a_stage_trains_is_refused(tmp_path):
+  """A re-run may change where the run lives, its devices, logging and
+  checkpoint cadence; not the data, schedule or steps of its stages: resuming
+  would continue on other data or another schedule, and config.json (left as
+  it was) would no longer describe the model."""
+  def config(**stage):
+    c = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", cpt_steps=2, **stage)
+    del c.stages["sft"]
+    return c
+
+  trainer.train(config())
+  written = (tmp_path / "out" / "config.json").read_text()
+  for change, key in (
+      (lambda s: setattr(s, "lr", 1e-2), "stages.cpt.lr was 0.003; this config says 0.01"),
+      (lambda s: setattr(s, "steps", 4), "stages.cpt.steps was 2; this config says 4"),
+      (lambda s: setattr(s.data, "datasets", [str(tmp_path / "data" / "chat.jsonl")]),
+       "stages.cpt.data.datasets was ")):
+    c = config()
+    change(c.stages.cpt)
+    msg = _error(c)
+    assert "another run" in msg and f"config.{key}" in msg, msg
+    assert (tmp_path / "out" / "config.json").read_text() == written
+  trainer.train(config(log_every=1, checkpoint_every=1))  # the finished run: nothing to do
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["stages"]["cpt"][
+      "log_every"] == 1
+
+
 def test_nan_loss_stops_with_stage_and_step_and_keeps_the_checkpoint(tmp_path):
   config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", cpt_steps=12)
   del config.stages["sft"]
@@ -328,6 +364,7 @@ def test_a_damaged_latest_checkpoint_names_itself_and_the_one_to_resume_from(tmp
 
   trainer.train(config())
   first = _final_params(tmp_path / "out", "cpt")
+  logged = _train_steps(tmp_path / "out")
   assert _checkpoint_steps(tmp_path / "out", "cpt") == [8, 12]  # keep_checkpoints=2
   stage = tmp_path / "out" / "stages" / "cpt"
   shutil.rmtree(stage / "final")
@@ -344,6 +381,8 @@ def test_a_damaged_latest_checkpoint_names_itself_and_the_one_to_resume_from(tmp
   (stage / "checkpoints" / "12").rename(tmp_path / "damaged_12")
   trainer.train(config())
   _assert_trees_equal(first, _final_params(tmp_path / "out", "cpt"))
+  steps = _train_steps(tmp_path / "out")  # steps 9-12 logged once, 9 now too
+  assert len(steps) == len(set(steps)) and set(logged) <= set(steps), steps
 
 
 # ----------------------------------------------------------------------------- sharding
