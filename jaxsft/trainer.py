@@ -9,7 +9,8 @@ Layout of a run directory:
   config.json               the resolved config
   metrics.jsonl, loss.png   one JSON object per logged step (train and eval rows, an
                             eval row with each eval dataset's figures under "datasets";
-                            a head stage's eval labels unseen in training: split "data";
+                            a head stage's eval labels unseen in training and the
+                            examples each dataset lost to tokenizing: split "data";
                             each compiled step's time and memory: split "compile";
                             best_metric's new bests and early stop: "best", "early_stop")
   stages/NAME/checkpoints/  orbax CheckpointManager: state + data position, every N steps
@@ -731,10 +732,47 @@ def _stage_pipeline(run: Run, name: str, stage, cfg: ModelConfig):
                      f"context of {cfg.max_position_embeddings} tokens (max_position_embeddings); "
                      "to train past it, set config.model.rope_scaling='linear' (or 'yarn', "
                      "'llama3'): RoPE is scaled by ceil(seq_len / context)")
-  return data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len,
+  pipe = data_pipeline.build(stage.data, run.tokenizer, seq_len=stage.seq_len,
                              seed=run.config.seed, objective=stage.objective,
                              label_names=cfg.label_names or None,
                              virtual_tokens=peft_methods.virtual_tokens(stage))
+  _check_token_ids(name, pipe, cfg, run.tokenizer, run.tokenizer_dir)
+  for line in _dropped(pipe, stage):
+    log.warning("stage %s: %s", name, line)
+  return pipe
+
+
+def _check_token_ids(name: str, pipe, cfg: ModelConfig, tokenizer, tokenizer_dir) -> None:
+  """Refuse a tokenizer (or pad id) with ids the model has no embedding row
+  for: XLA clamps an out-of-range gather, so those tokens would train
+  silently as others. (The tokenizer's size, not the data's largest id: that
+  would read a pre-training corpus whole at every stage's start.)"""
+  if len(tokenizer) > cfg.vocab_size:
+    raise ValueError(
+        f"config.stages.{name}: the tokenizer ({tokenizer_dir}) has {len(tokenizer)} tokens, but "
+        f"the model has {cfg.vocab_size} embedding rows (vocab_size): use the model's own "
+        "tokenizer, or a model whose vocab_size covers the tokenizer's")
+  if not 0 <= pipe.pad_id < cfg.vocab_size:
+    raise ValueError(f"config.stages.{name}.data: the pad id {pipe.pad_id} is outside the "
+                     f"model's vocabulary [0, {cfg.vocab_size}); set data.pad_id to a token id "
+                     "of the model")
+
+
+def _dropped(pipe, stage) -> list[str]:
+  """One line per dataset that lost examples while being tokenized (too long
+  for the stage's rows, or without an answer to train on), saying what to do."""
+  lines = []
+  for part in pipe.datasets:
+    c = part.counts
+    if c.dropped_too_long:
+      lines.append(
+          f"dataset {part.name!r}: {c.dropped_too_long} of {c.examples} examples dropped, longer "
+          f"than {stage.data.max_length or stage.seq_len} tokens; raise seq_len (or "
+          "data.max_length), or set data.truncation='keep_answer' to keep their answers")
+    if c.dropped_no_assistant:
+      lines.append(f"dataset {part.name!r}: {c.dropped_no_assistant} of {c.examples} examples "
+                   "dropped, with no assistant answer to train on")
+  return lines
 
 
 def _adapter_rng(config, name: str):
@@ -782,6 +820,10 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
     # Split "data", not "eval": eval rows carry losses and accuracies.
     run.writer.write({"stage": name, "step": 0, "split": "data",
                       "unseen_labels": dict(sorted(pipe.unseen_labels.items()))})
+  dropped = {p.name: {k: v for k, v in p.counts.as_dict().items() if k != "kept"}
+             for p in pipe.datasets if p.counts.kept < p.counts.examples}
+  if dropped and latest is None:
+    run.writer.write({"stage": name, "step": 0, "split": "data", "dropped": dropped})
   originals: dict = {}  # QLoRA: the frozen weights it holds in 4 bits, as they came
   place_base = None
   if peft_methods.quantization(stage) is not None and latest is None:

@@ -304,6 +304,35 @@ def test_batch_not_divisible_by_accumulation(tmp_path):
   assert "grad_accum=4" in _error(config)
 
 
+def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(tmp_path):
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out")
+  config.model.init = {**config.model.init, "vocab_size": 40}
+  msg = _error(config)
+  assert "config.stages.cpt: the tokenizer" in msg and "but the model has 40 embedding rows" in msg
+  assert not (tmp_path / "out" / "stages").exists()
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out")
+  config.stages.cpt.data.pad_id = 99999
+  assert "the pad id 99999 is outside the model's vocabulary" in _error(config)
+
+
+def test_examples_dropped_while_tokenizing_are_reported(tmp_path, caplog):
+  """Examples too long for the stage's rows are dropped (data.truncation
+  'drop'): the run says how many, per dataset, in its log and metrics.jsonl."""
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out", sft_steps=1)
+  del config.stages["cpt"]
+  long = tmp_path / "long.jsonl"
+  long.write_text("".join(json.dumps({"instruction": f"say {i}", "output": "word " * (
+      200 if i % 4 == 0 else 1)}) + "\n" for i in range(40)))
+  config.stages.sft.data.datasets = [str(long)]
+  with caplog.at_level("WARNING", logger="jaxsft"):
+    trainer.train(config)
+  assert ("dataset 'long': 10 of 40 examples dropped, longer than 64 tokens; raise seq_len"
+          in caplog.text), caplog.text
+  data = [r for r in _rows(tmp_path / "out") if r["split"] == "data"]
+  assert data == [{"stage": "sft", "step": 0, "split": "data", "dropped": {"long": {
+      "examples": 40, "dropped_no_assistant": 0, "dropped_too_long": 10, "truncated": 0}}}]
+
+
 def test_output_dir_of_another_run_is_refused(tmp_path):
   out = tmp_path / "out"
   config = train_fixtures.tiny_config(tmp_path / "data", out, cpt_steps=2)
