@@ -133,6 +133,8 @@ A stage (``stage(**overrides)``):
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import re
 from typing import Any, Mapping
 
@@ -143,6 +145,7 @@ from jaxsft import hf
 from jaxsft import selection
 from jaxsft.data import pipeline as data_pipeline
 from jaxsft.data import sources as data_sources
+from jaxsft.data import templates as data_templates
 from jaxsft.models.model_config import (ATTENTION_IMPLS, FUSED_PROJECTIONS, MOE_DISPATCHES,
                                          REMAT_POLICIES)
 from jaxsft.peft import methods as peft_methods
@@ -179,9 +182,16 @@ def flags_parser(config_flag):
     rest = [a for a in argv if not a.startswith(INIT_PREFIX)]
     # config_flags reads the overrides from sys.argv itself.
     sys.argv = [a for a in sys.argv if not a.startswith(INIT_PREFIX)]
+    path = _config_path(rest)
+    if path is not None and not os.path.isfile(path):
+      _cli_error(f"--config {path}: no such file (a Python file with a get_config(), e.g. "
+                 "configs/demo.py)")
     try:
       remaining = flags.FLAGS(rest)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
+      if isinstance(e, AttributeError) and "get_config" in str(e):
+        _cli_error(f"--config {path} defines no get_config(): a config file returns its "
+                   "ConfigDict from get_config() (see configs/demo.py)")
       if not _raised_by_overrides(e):
         raise
       _cli_error(f"a --config override does not apply: {_plain(e)} (the keys are in "
@@ -238,6 +248,17 @@ def init_override(arg: str) -> tuple[str, Any]:
                                  or value is None and "None" in kind):
     return key, value
   raise ValueError(f"{arg}: {raw!r} is not a value of {key}'s type ({kind})")
+
+
+def _config_path(argv: list[str]) -> str | None:
+  """The file of ``--config FILE`` / ``--config=FILE`` in ``argv`` (without
+  ml_collections' ``:ARGS`` suffix), or None."""
+  for i, a in enumerate(argv):
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+    if a.startswith("--config="):
+      return a[len("--config="):].split(":")[0]
+  return None
 
 
 def _raised_by_overrides(e: BaseException) -> bool:
@@ -349,6 +370,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.init is not None and config.tokenizer is None:
     raise ValueError("config.tokenizer: a model built from model.init needs a tokenizer "
                      "directory")
+  for key, value in (("config.tokenizer", config.tokenizer), ("config.model.source", m.source)):
+    if (isinstance(value, str) and data_sources.looks_local(value)
+        and not os.path.isdir(os.path.expanduser(value))):
+      raise ValueError(f"{key}={value}: no such directory (this local path does not exist; a "
+                       "hub name has the form org/name)")
   _one_of(m.dtype, DTYPES, "config.model.dtype")
   _one_of(m.param_dtype, DTYPES, "config.model.param_dtype")
   _one_of(m.remat, REMAT_POLICIES, "config.model.remat")
@@ -407,6 +433,23 @@ def _check_unmergeable(config: ml_collections.ConfigDict) -> None:
            if last.method == "adapter" else ""))
 
 
+def _validate_data(where: str, data) -> None:
+  """The data keys every later stage would otherwise only check once its data
+  are built, after the stages before it have trained: their values, the
+  dataset specs and the templates named (a tokenizer's own needs the
+  tokenizer, checked then)."""
+  try:
+    resolved = data_pipeline.resolve_config(data)
+    for spec in [resolved, *resolved["datasets"], *resolved["eval_datasets"]]:
+      template = spec.get("template")
+      if template is not None and template != "tokenizer":
+        data_templates.get_template(template)
+  except ValueError as e:
+    msg = str(e)
+    raise ValueError(f"{where}.{msg}" if msg.startswith("data.") else
+                     f"{where}.data: {msg}") from None
+
+
 def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
   where = f"config.stages.{name}"
   _check_keys(s, stage_defaults(), where)
@@ -426,8 +469,9 @@ def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
           data_sources.locate(str(path))
         except ValueError as e:
           raise ValueError(f"{where}.data.{key}[{i}]: {e}") from None
-  if s.lr <= 0:
-    raise ValueError(f"{where}.lr={s.lr} must be positive")
+  _validate_data(where, s.data)
+  if not (isinstance(s.lr, (int, float)) and math.isfinite(s.lr) and s.lr > 0):
+    raise ValueError(f"{where}.lr={s.lr} must be a finite positive number")
   for pattern, scale in dict(s.lr_groups or {}).items():
     try:
       re.compile(pattern)

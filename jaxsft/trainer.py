@@ -538,8 +538,13 @@ def train(config) -> pathlib.Path:
   _check_run_dir(out, config)
   primary = jax.process_index() == 0
   if primary:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    try:
+      out.mkdir(parents=True, exist_ok=True)
+      (out / "config.json").write_text(
+          config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+      raise ValueError(f"config.output_dir={out}: cannot write the run there ({e.strerror}: "
+                       f"{e.filename}); choose a writable directory") from None
 
   run = _new_run(config, out, write=primary)
   mesh, tokenizer_dir = run.mesh, run.tokenizer_dir

@@ -204,6 +204,39 @@ def test_command_line_mistakes_print_one_error_line_not_a_traceback(cli, args, n
   assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+def test_a_config_file_that_is_missing_or_has_no_get_config_is_one_error_line(tmp_path):
+  no_get = tmp_path / "no_get.py"
+  no_get.write_text("x = 1\n")
+  for argv, needle in ((["--config", str(tmp_path / "nope.py")],
+                        f"error: --config {tmp_path / 'nope.py'}: no such file"),
+                       ([f"--config={no_get}", "--config.output_dir=x"],
+                        f"error: --config {no_get} defines no get_config()")):
+    result = _cli("jaxsft.train", *argv)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_a_later_stages_data_settings_are_checked_before_the_first_stage_trains():
+  """They would otherwise be checked only when that stage's data are built,
+  after the stages before it have trained (hours, on a real run)."""
+  for key, value, needle in (
+      ("template", "chatml2", r"config\.stages\.sft\.data: template 'chatml2' is not one of"),
+      ("train_on", "last", r"config\.stages\.sft\.data\.train_on 'last' is not one of"),
+      ("truncation", "cut", r"config\.stages\.sft\.data\.truncation 'cut' is not one of")):
+    config = load(ROOT / "configs" / "demo.py").get_config()
+    config.stages.sft.data[key] = value
+    with pytest.raises(ValueError, match=needle):
+      config_lib.validate(config)
+  config = load(ROOT / "configs" / "demo.py").get_config()
+  config.stages.sft.lr = float("nan")
+  with pytest.raises(ValueError, match=r"stages\.sft\.lr=nan must be a finite positive number"):
+    config_lib.validate(config)
+  config = load(ROOT / "configs" / "demo.py").get_config()
+  config.tokenizer = "/nonexistent/tokenizer"
+  with pytest.raises(ValueError, match=r"config\.tokenizer=/nonexistent/tokenizer: no such "):
+    config_lib.validate(config)
+
+
 def test_model_init_fields_the_config_leaves_out_are_set_from_the_command_line():
   """ml_collections cannot add a key to model.init from the command line; the
   CLIs' parser can, typed as the ModelConfig field: the demo becomes a 4-expert

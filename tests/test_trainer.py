@@ -333,6 +333,17 @@ def test_examples_dropped_while_tokenizing_are_reported(tmp_path, caplog):
       "examples": 40, "dropped_no_assistant": 0, "dropped_too_long": 10, "truncated": 0}}}]
 
 
+def test_an_output_or_cache_dir_that_cannot_be_written_is_one_clear_error(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  config = train_fixtures.tiny_config(tmp_path / "data", afile / "out")
+  assert f"config.output_dir={afile / 'out'}: cannot write the run there" in _error(config)
+  config = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out")
+  config.stages.cpt.data.cache_dir = str(afile / "cache")
+  msg = _error(config)
+  assert f"= {afile / 'cache'}: cannot write the tokenized cache there" in msg, msg
+
+
 def test_output_dir_of_another_run_is_refused(tmp_path):
   out = tmp_path / "out"
   config = train_fixtures.tiny_config(tmp_path / "data", out, cpt_steps=2)

@@ -89,6 +89,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -192,9 +193,23 @@ def tokenize(spec: Mapping[str, Any], tokenizer, *, template: Any = "tokenizer",
   key, described = _cache_key(spec, template, train_on, tokenizer, max_length, truncation, head)
   path = os.path.join(cache_dir, key)
   if not os.path.exists(os.path.join(path, CACHE_META)):
+    _check_writable(cache_dir)
     _tokenize_to(path, spec, name, tokenizer, template, train_on, max_length, truncation,
                  num_proc, described, head)
   return _load(path, name, spec)
+
+
+def _check_writable(cache_dir: str) -> None:
+  """Fail before tokenizing, not after, where the cache cannot be written."""
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=cache_dir):
+      pass
+  except OSError as e:
+    raise ValueError(f"data.cache_dir (default $JAXSFT_CACHE_DIR, else "
+                     f"~/.cache/jaxsft/tokenized) = {cache_dir}: cannot write the tokenized cache "
+                     f"there ({e.strerror}); set data.cache_dir or JAXSFT_CACHE_DIR to a writable "
+                     "directory") from None
 
 
 def _tokenize_to(path, spec, name, tokenizer, template_spec, train_on, max_length, truncation,

@@ -89,7 +89,7 @@ def locate(path: str) -> tuple[str, Any]:
     if not files:
       raise ValueError(f"{path}: no files match this pattern")
     return "files", files
-  if _looks_local(path):
+  if looks_local(path):
     raise ValueError(f"{path}: no such file or directory")
   return "hub", path
 
@@ -125,7 +125,7 @@ def _plain(x: Any) -> dict:
   return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
   """Whether ``path`` is meant as a local path rather than a hub name such as
   ``tatsu-lab/alpaca`` (a hub name has at most one slash and no extension)."""
   return (path.startswith((".", "/", "~")) or path.count("/") > 1
