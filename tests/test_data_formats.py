@@ -98,6 +98,23 @@ def test_turns_must_alternate():
     to_conversation(row, "messages", "m:1")
 
 
+def test_an_empty_answer_names_its_row_and_field():
+  """Every answer trains; an empty one would teach the model to reply with
+  nothing. An assistant turn that only calls tools is not empty."""
+  chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]}
+  with pytest.raises(ValueError, match=r"m:3: field 'messages' has an empty assistant answer "
+                     r"\(message 1\): trained, it would teach the model to reply with nothing"):
+    to_conversation(chat, "messages", "m:3")
+  share = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]}
+  with pytest.raises(ValueError, match=r"s:2: field 'conversations' has an empty assistant"):
+    to_conversation(share, "sharegpt", "s:2")
+  with pytest.raises(ValueError, match=r"a:7: field 'output' is empty: trained"):
+    to_conversation({"instruction": "Say it", "output": ""}, "alpaca", "a:7")
+  with pytest.raises(ValueError, match=r"a:8: field 'history' has an empty assistant answer"):
+    to_conversation({"instruction": "Again", "output": "ok", "history": [["Say it", ""]]},
+                    "alpaca", "a:8")
+
+
 def test_messages_and_a_conversation_without_an_answer():
   row = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
                       {"role": "assistant", "content": "Yes"}]}

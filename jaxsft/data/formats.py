@@ -226,9 +226,29 @@ def to_conversation(row: Mapping[str, Any], fmt: str, source: str = "",
     conv = _label(r)
   else:
     raise ValueError(f"{source}: format {fmt!r} is not one of {FORMATS}")
+  if fmt in ANSWER_FIELDS:
+    _check_answers(conv.messages, r, ANSWER_FIELDS[fmt])
   if system_prompt and not (conv.messages and conv.messages[0].role == "system"):
     conv.messages.insert(0, Message("system", system_prompt))
   return conv
+
+
+# The field that holds a chat format's assistant answers.
+ANSWER_FIELDS = {"alpaca": "output", "sharegpt": "conversations", "messages": "messages"}
+
+
+def _check_answers(messages: list[Message], r: "_Row", field: str) -> None:
+  """Refuse an empty assistant answer (one that calls tools aside): every
+  answer is trained, so it would teach the model to reply with nothing."""
+  for pos, m in enumerate(messages):
+    if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
+      if field == "output" and pos == len(messages) - 1:
+        name, what = field, "is empty"
+      else:  # alpaca's history, or a chat's messages
+        name = "history" if field == "output" else field
+        what = f"has an empty assistant answer (message {pos})"
+      raise r.error(name, f"{what}: trained, it would teach the model to reply with nothing; "
+                    "fill in the answer or remove the row")
 
 
 class _Row:
