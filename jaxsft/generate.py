@@ -455,6 +455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
       raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    # Before the model loads (minutes for a large one), not after.
+    if args.temperature < 0:
+      raise ValueError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+      raise ValueError(f"--top-p={args.top_p} must be in (0, 1]")
     mesh = inference_mesh(args.mesh)
     cfg, params, tokenizer = load_for_inference(args.model, args.trust_remote_code, args.dtype,
                                                 mesh=mesh, quantization=args.quantization)

@@ -327,3 +327,8 @@ def test_cli_errors(llama_model, tmp_path, capsys):
 
   assert gen.main(["--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
   assert "does not exist" in capsys.readouterr().err
+  # Sampling settings are checked before the model is read (a missing one here).
+  for args, needle in ((["--temperature", "-1"], "--temperature=-1.0 must be >= 0"),
+                       (["--top-p", "1.5"], "--top-p=1.5 must be in (0, 1]")):
+    assert gen.main(["--model", str(tmp_path / "missing"), "--prompt", "hi", *args]) == 2
+    assert needle in capsys.readouterr().err
