@@ -132,14 +132,20 @@ def error_gist(e: BaseException) -> str:
   return text.split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0][:400]
 
 
+def out_of_memory(e: BaseException) -> bool:
+  """Whether a failed read ran out of host or device memory (not a fault of
+  the files read)."""
+  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
+
+
 def _restore(checkpointer, params_dir: pathlib.Path, target):
   """``checkpointer.restore`` of ``target``, a failure (orbax and TensorStore
   raise their own kinds) as one ValueError that names the checkpoint."""
   try:
     return checkpointer.restore(params_dir, target)
   except Exception as e:  # noqa: BLE001 — whatever the reader raises, the files are at fault
-    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-      raise  # out of memory: the files are not at fault
+    if out_of_memory(e):
+      raise  # the files are not at fault
     raise ValueError(f"{params_dir.parent}: its parameters cannot be read "
                      f"({error_gist(e)}); the checkpoint is damaged or "
                      "incomplete: copy it again or re-run the stage that wrote it") from None

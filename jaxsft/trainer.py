@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import logging
@@ -472,9 +473,9 @@ def _has_step_checkpoint(stage_dir: pathlib.Path) -> bool:
 # Keys a re-run may change without changing what its checkpoints mean: where
 # the run lives, the devices it runs on, what is exported, how often it logs,
 # evaluates and checkpoints, and where and how fast the data are tokenized.
-_RERUN_FREE = ("output_dir", "mesh.", "export.", "stages.*.log_every",
+_RERUN_FREE = ("output_dir", "mesh.*", "export.*", "stages.*.log_every",
                "stages.*.checkpoint_every", "stages.*.keep_checkpoints", "stages.*.eval_every",
-               "stages.*.eval_batches", "stages.*.generate_eval.", "stages.*.data.num_proc",
+               "stages.*.eval_batches", "stages.*.generate_eval.*", "stages.*.data.num_proc",
                "stages.*.data.cache_dir")
 
 
@@ -495,8 +496,8 @@ def _check_run_dir(out: pathlib.Path, config) -> None:
   # (config.json has its keys sorted: the stages' order is not in it.)
   old = _flat(json.loads(previous.read_text()))
   new = _flat(json.loads(config.to_json_best_effort()))
-  differing = [k for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and not _rerun_free(k)]
+  differing = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+               and not any(fnmatch.fnmatchcase(k, free) for free in _RERUN_FREE)]
   if differing:
     key = differing[0]
     raise ValueError(
@@ -516,16 +517,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{k}"] = v
   return out
-
-
-def _rerun_free(key: str) -> bool:
-  parts = key.split(".")
-  for free in _RERUN_FREE:
-    pattern = free.rstrip(".").split(".")
-    if len(parts) >= len(pattern) and all(p in ("*", q) for p, q in zip(pattern, parts)) and (
-        free.endswith(".") or len(parts) == len(pattern)):
-      return True
-  return False
 
 
 def train(config) -> pathlib.Path:
@@ -1005,8 +996,8 @@ def _restore_latest(name: str, manager, latest: int, args):
   try:
     return manager.restore(latest, args=args)
   except Exception as e:  # noqa: BLE001 — orbax and TensorStore raise their own kinds
-    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-      raise  # out of memory: the checkpoint is not at fault
+    if checkpoint_lib.out_of_memory(e):
+      raise  # the checkpoint is not at fault
     where = pathlib.Path(manager.directory) / str(latest)
     earlier = [s for s in manager.all_steps() if s < latest]
     then = (f"step {max(earlier)}, the checkpoint before it" if earlier else
