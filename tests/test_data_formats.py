@@ -249,6 +249,14 @@ def test_json_array_and_json_lines_in_a_json_file(tmp_path):
   single.write_text(json.dumps({"data": ALPACA}, indent=2), "utf-8")
   with pytest.raises(ValueError, match="one.json: holds a single JSON object .* not rows"):
     load_examples({"path": str(single)})
+  # A dict of lists on one line (datasets' Dataset.to_dict() dumped as is).
+  columnar = tmp_path / "columnar.json"
+  columnar.write_text(json.dumps({k: [r[k] for r in ALPACA] for k in ALPACA[0]}), "utf-8")
+  with pytest.raises(ValueError, match=r"columnar.json: holds columns \(fields \[.*\], each a "
+                     rf"list of {len(ALPACA)} values\), not rows"):
+    load_examples({"path": str(columnar)})
+  one_row = write_jsonl(tmp_path / "one_row.json", ALPACA[:1])  # a single row is still a row
+  assert len(load_examples({"path": one_row})) == 1
   broken = tmp_path / "broken.json"
   broken.write_text('[\n  {"instruction": "Hi",\n   "output": }\n]', "utf-8")
   with pytest.raises(ValueError, match="broken.json:3: invalid JSON"):

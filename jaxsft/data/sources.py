@@ -178,7 +178,18 @@ def _read_json(path: str) -> Iterator[tuple[str, dict]]:
   with open(path, "rb") as f:
     head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
   if not head.startswith(b"["):
-    yield from _read_jsonl(path)
+    rows = _read_jsonl(path)
+    first, second = next(rows), next(rows, None)
+    values = list(first[1].values())
+    if (second is None and len(values) > 1 and all(isinstance(v, list) for v in values)
+        and len({len(v) for v in values}) == 1 and len(values[0]) > 1):
+      raise ValueError(f"{path}: holds columns (fields {sorted(first[1])[:8]}, each a list of "
+                       f"{len(values[0])} values), not rows; write a JSON array of row objects, "
+                       "or JSON Lines (one object per line)")
+    yield first
+    if second is not None:
+      yield second
+      yield from rows
     return
   with open(path, "rb") as f:
     text = _decode(f.read(), path, 0).removeprefix("\ufeff")
