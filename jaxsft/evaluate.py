@@ -56,6 +56,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import re
 import sys
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -499,7 +500,12 @@ def read_examples(path, fmt: str = "auto", system: str | None = None):
   file without rows is an error naming it."""
   if not pathlib.Path(path).exists():
     raise ValueError(f"data file {path} does not exist")
-  return data_sources.load_examples({"path": str(path), "format": fmt, "system_prompt": system})
+  try:
+    return data_sources.load_examples({"path": str(path), "format": fmt, "system_prompt": system})
+  except ValueError as e:
+    # A run config maps a file's fields with columns=; this CLI has no such option.
+    raise ValueError(re.sub(r"; map it with columns=\{.*\}$",
+                            "; give the --format the rows are in (or auto)", str(e))) from None
 
 
 def _print_table(summary: dict[str, Any]) -> None:

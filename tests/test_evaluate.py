@@ -122,6 +122,9 @@ def test_cli_errors_name_file_and_line(hf_model_factory, tmp_path, capsys):
   assert "--format 'bogus' is not supported" in error(ok, "--format", "bogus")
   assert "nothing to predict" in error(_write_jsonl(tmp_path / "one.jsonl", [{"text": ""}]))
   assert f"data file {tmp_path} is a directory" in error(tmp_path)
+  err = error(ok, "--format", "messages")
+  assert "missing field 'messages'" in err and "give the --format the rows are in" in err, err
+  assert "columns=" not in err, err
   capsys.readouterr()
   with_empty = _write_jsonl(tmp_path / "with_empty.jsonl", [{"text": "short"}, {"text": ""}])
   assert evaluate.main(["--model", str(d), "--data", str(with_empty)]) == 0
