@@ -405,6 +405,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.stages is empty: add at least one stage, e.g. "
                      "config.stages.sft = jaxsft.config.stage(lr=1e-5, data=dict(datasets=[...]))")
   for name, s in config.stages.items():
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+      raise ValueError(f"config.stages.{name}: a stage's name names its directory "
+                       "(stages/NAME/); use letters, digits, '_' and '-' only")
     validate_stage(name, s)
   _check_unmergeable(config)
   if config.export.dtype is not None:

@@ -84,6 +84,18 @@ def labels(params, stage) -> Any:
     return out + LORAPLUS if loraplus and "_lora_b_" in names[-1] else out
 
   tree = jax.tree_util.tree_map_with_path(label, params)
+  taken = {x.removesuffix(LORAPLUS) for x in jax.tree_util.tree_leaves(tree)}
+  idle = [p for p in patterns if f"group:{p}" not in taken]
+  # (full_then_lora's two phases train different parameters: a pattern may
+  # be meant for one of them.)
+  if idle and stage.method != "full_then_lora":
+    trained = sorted({peft_methods.canonical_path(sharding_lib.path_names(path))
+                      for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+                      if x != "frozen"})
+    raise ValueError(f"stage.lr_groups: {idle[0]!r} matches no parameter that the stage "
+                     f"trains (method {stage.method}) and no earlier pattern takes, so it would "
+                     f"change nothing; the trained parameters are {trained[:6]}"
+                     f"{' …' if len(trained) > 6 else ''}")
   if freeze_router and not routers:
     raise ValueError("stage.freeze_router=True, but the model has no MoE router to freeze "
                      "(it is not a mixture of experts); remove freeze_router")

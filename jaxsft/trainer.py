@@ -1316,6 +1316,11 @@ def _with_head(name: str, objective: str, cfg: ModelConfig, params, pipe, mesh, 
                        f"the model has a {cfg.problem_type} head and no lm_head (from an "
                        "earlier stage or model.source); put language-model stages first")
     return cfg, params
+  if objective == "cls" and len(pipe.label_names) == 1 and not pipe.multi_label:
+    raise ValueError(f"config.stages.{name}: the training data have one label "
+                     f"({pipe.label_names[0]!r}); a softmax head over one class learns nothing. "
+                     "Add rows of other labels, or give the rows a 'labels' list for a "
+                     "multi-label head (one sigmoid per label)")
   head_cfg = heads.head_config(cfg, objective, pipe.label_names, pipe.multi_label, pipe.pad_id)
   if head_cfg.pad_token_id != pipe.pad_id:  # the id transformers will pool by
     pipe.check_head_ends(head_cfg.pad_token_id)

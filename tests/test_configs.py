@@ -216,6 +216,16 @@ def test_a_config_file_that_is_missing_or_has_no_get_config_is_one_error_line(tm
     assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+def test_a_stage_name_must_be_a_plain_directory_name():
+  """A name with '/' nested one stage's directories inside another's final
+  model ('a' and 'a/final')."""
+  config = load(ROOT / "configs" / "demo.py").get_config()
+  config.stages["sft/final"] = config.stages.sft
+  with pytest.raises(ValueError, match=r"config\.stages\.sft/final: a stage's name names its "
+                     r"directory"):
+    config_lib.validate(config)
+
+
 def test_a_later_stages_data_settings_are_checked_before_the_first_stage_trains():
   """They would otherwise be checked only when that stage's data are built,
   after the stages before it have trained (hours, on a real run)."""

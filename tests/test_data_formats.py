@@ -125,6 +125,12 @@ def test_messages_and_a_conversation_without_an_answer():
   assert roles(only_user) == [("user", "Hi")]
 
 
+def test_a_pair_whose_answers_are_the_same_is_refused():
+  with pytest.raises(ValueError, match=r"p:4: field 'rejected' is the same as 'chosen': the pair "
+                     r"teaches the reward model nothing"):
+    to_conversation({"prompt": "Why?", "chosen": "Fine ", "rejected": "Fine"}, "pairwise", "p:4")
+
+
 def test_text_pairwise_label():
   assert to_conversation({"text": "Doc."}, "text", "t:1") == Conversation(kind="text", text="Doc.",
                                                                          source="t:1")

@@ -337,6 +337,21 @@ def _rows(out):
   return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_a_cls_stage_whose_data_have_one_label_is_refused(tmp_path):
+  """A softmax over one class has nothing to learn (loss 0, accuracy 1 at
+  every step); refused before training, saying what to do."""
+  one = _write(tmp_path / "one.jsonl", [{"text": f"message {i}", "label": "refund"}
+                                        for i in range(16)])
+  c = train_fixtures.tiny_config(tmp_path / "data", tmp_path / "out")
+  del c.stages["cpt"], c.stages["sft"]
+  c.stages.head = config_lib.stage(objective="cls", steps=2, batch_size=4, seq_len=64,
+                                   data=dict(datasets=[one]))
+  with pytest.raises(ValueError, match=r"config\.stages\.head: the training data have one "
+                     r"label \('refund'\); a softmax head over one class learns nothing"):
+    trainer.train(c)
+  assert not (tmp_path / "out" / "stages" / "head" / "checkpoints").exists()
+
+
 def test_cls_stage_trains_a_head_and_exports_it(head_runs):
   out = head_runs["cls"]
   rows = [r for r in _rows(out) if r["stage"] == "head"]

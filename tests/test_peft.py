@@ -426,6 +426,27 @@ def test_bad_peft_settings_name_the_key(tmp_path, peft_kw, method, needle):
   assert "config.stages.sft.peft" in str(e.value)
 
 
+def test_lora_on_an_lm_head_the_model_does_not_have_is_refused():
+  """Tied embeddings (Qwen2-0.5B, Llama-3.2-1B) have no lm_head weight, and a
+  task head replaces it: a LoRA there would be created nowhere, train nothing
+  and export an empty adapter."""
+  stage = config_lib.stage(method="lora", peft=dict(targets=["q_proj", "lm_head"]))
+  where = "config.stages.sft"
+  tied = ModelConfig(**{**train_fixtures.TINY_MODEL, "tie_word_embeddings": True})
+  with pytest.raises(ValueError, match=r"config\.stages\.sft\.peft\.targets names 'lm_head', "
+                     r"but this model ties its output layer to its input embedding"):
+    methods.prepare(tied, llama.abstract_params(tied), stage, None, where=where)
+  head = ModelConfig(**{**train_fixtures.TINY_MODEL, "num_labels": 3,
+                        "label_names": ("a", "b", "c"),
+                        "problem_type": "single_label_classification"})
+  with pytest.raises(ValueError, match=r"names 'lm_head', but this stage's "
+                     r"single_label_classification head replaces the model's lm_head"):
+    methods.prepare(head, llama.abstract_params(head), stage, None, where=where)
+  untied = ModelConfig(**train_fixtures.TINY_MODEL)
+  cfg, _ = methods.prepare(untied, llama.abstract_params(untied), stage, None, where=where)
+  assert "lm_head" in cfg.adapters.lora_targets
+
+
 def test_peft_export_of_a_full_checkpoint_is_refused(tmp_path, capsys):
   hf_dir = peft_fixtures.hf_dir(tmp_path)
   cfg, params = hf.load_params(hf_dir)

@@ -611,6 +611,14 @@ def test_lr_groups_scale_the_update_of_matching_parameters():
   labels = optim.labels(params, config_lib.stage(lr_groups={"embed": 0.0}))
   assert labels["embed"]["embedding_vd"] == "group:embed"
   assert labels["layers"]["mlp"]["up_df"] == "train"
+  # A pattern that changes nothing (a typo, or a weight the method freezes) is an error.
+  with pytest.raises(ValueError, match=r"lr_groups: 'atn/q_' matches no parameter that the "
+                     r"stage trains \(method full\).*'embed/embedding_vd'"):
+    optim.labels(params, config_lib.stage(lr_groups={"atn/q_": 2.0}))
+  with pytest.raises(ValueError, match=r"'embed' matches no parameter that the stage trains "
+                     r"\(method freeze\)"):
+    optim.labels(params, config_lib.stage(method="freeze", lr_groups={"embed": 2.0},
+                                          peft=dict(train_layers=1)))
 
 
 def test_a_state_that_cannot_fit_a_device_is_refused_before_it_is_allocated(tmp_path,

@@ -463,8 +463,12 @@ def _pairwise(r: _Row) -> Conversation:
                   f"got {_type(prompt)}")
   messages = _with_system(messages, r.system())
   _check_turns(messages, r, "prompt", end_with_user=True)
-  return Conversation(messages, kind="pairwise", chosen=r.string("chosen"),
-                      rejected=r.string("rejected"), source=r.source)
+  chosen, rejected = r.string("chosen"), r.string("rejected")
+  if chosen.strip() == rejected.strip():
+    raise r.error("rejected", "is the same as 'chosen': the pair teaches the reward model "
+                  "nothing (its loss stays at ln 2); remove the row or fix the answers")
+  return Conversation(messages, kind="pairwise", chosen=chosen, rejected=rejected,
+                      source=r.source)
 
 
 def _label(r: _Row) -> Conversation:

@@ -215,6 +215,17 @@ def _check_targets_exist(cfg: ModelConfig, targets: tuple[str, ...], spec, where
     if experts:
       raise ValueError(f"{where}.peft.targets names {experts}, but this model has no experts "
                        "(not an MoE model); target gate_proj/up_proj/down_proj instead")
+  # Without an lm_head weight a LoRA on it would be created nowhere: the stage
+  # would train nothing there, and export an adapter without it.
+  if "lm_head" in targets and cfg.has_head:
+    raise ValueError(f"{where}.peft.targets names 'lm_head', but this stage's {cfg.problem_type} "
+                     "head replaces the model's lm_head (the head itself trains in full): leave "
+                     "lm_head out of peft.targets")
+  if "lm_head" in targets and cfg.tie_word_embeddings:
+    raise ValueError(f"{where}.peft.targets names 'lm_head', but this model ties its output "
+                     "layer to its input embedding (tie_word_embeddings): it has no lm_head "
+                     "weight of its own. Leave lm_head out of peft.targets, or train the "
+                     "embedding with peft.train_modules")
 
 
 def adapters_for(method: str, peft, phase: int = 1, num_layers: int | None = None,
