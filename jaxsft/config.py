@@ -410,8 +410,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        "(stages/NAME/); use letters, digits, '_' and '-' only")
     validate_stage(name, s)
   _check_unmergeable(config)
+  _check_head_order(config)
   if config.export.dtype is not None:
     _one_of(config.export.dtype, DTYPES, "config.export.dtype")
+
+
+def _check_head_order(config: ml_collections.ConfigDict) -> None:
+  """A cls or reward stage replaces the language-model head with its own, so
+  only a stage of the same objective can follow it (the trainer would refuse
+  the next one only once this one had trained)."""
+  names = list(config.stages.keys())
+  for a, b in zip(names, names[1:]):
+    head, then = config.stages[a].objective, config.stages[b].objective
+    if head in ("cls", "reward") and then != head:
+      raise ValueError(f"config.stages.{b}: objective {then!r} cannot follow stage {a!r} "
+                       f"(objective {head!r}), whose {head} head replaces the model's "
+                       "language-model head: put language-model stages first, and start a "
+                       "head of another kind from a causal LM")
 
 
 def _check_unmergeable(config: ml_collections.ConfigDict) -> None:

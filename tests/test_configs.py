@@ -216,6 +216,17 @@ def test_a_config_file_that_is_missing_or_has_no_get_config_is_one_error_line(tm
     assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+def test_only_a_stage_of_the_same_objective_follows_a_head_stage():
+  """Refused up front, not after the head stage has trained."""
+  for first, then in (("cls", "sft"), ("reward", "cls"), ("cls", "lm")):
+    config = load(ROOT / "configs" / "demo.py").get_config()
+    config.stages.cpt.objective, config.stages.sft.objective = first, then
+    config.stages.sft.generate_eval.every = 0  # a head stage generates nothing
+    with pytest.raises(ValueError, match=rf"config\.stages\.sft: objective {then!r} cannot "
+                       rf"follow stage 'cpt' \(objective {first!r}\)"):
+      config_lib.validate(config)
+
+
 def test_a_stage_name_must_be_a_plain_directory_name():
   """A name with '/' nested one stage's directories inside another's final
   model ('a' and 'a/final')."""
