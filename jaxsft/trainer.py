@@ -805,72 +805,76 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True),
       item_names=("state", "data"))
-  latest = manager.latest_step()
-  run.writer.drop_after(name, -1 if latest is None else latest)
-  # full_then_lora checkpoints up to the switch hold the full phase's state.
-  phase = 0 if switch is not None and (latest is None or latest <= switch) else 1
-  if pipe.unseen_labels and latest is None:  # once per stage, not again when resuming
-    # Split "data", not "eval": eval rows carry losses and accuracies.
-    run.writer.write({"stage": name, "step": 0, "split": "data",
-                      "unseen_labels": dict(sorted(pipe.unseen_labels.items()))})
-  dropped = {p.name: {k: v for k, v in p.counts.as_dict().items() if k != "kept"}
-             for p in pipe.datasets if p.counts.kept < p.counts.examples}
-  if dropped and latest is None:
-    run.writer.write({"stage": name, "step": 0, "split": "data", "dropped": dropped})
-  originals: dict = {}  # QLoRA: the frozen weights it holds in 4 bits, as they came
-  place_base = None
-  if peft_methods.quantization(stage) is not None and latest is None:
-    place_base = lambda p: quantized_base(p, stage, cfg, mesh, originals)  # noqa: E731
-  elif peft_methods.quantization(stage) is not None:
-    # Resuming: the checkpoint holds the 4-bit state; of the model read (see
-    # train) only the originals are kept, the rest goes as in any resume.
-    originals.update(_originals(params, stage))
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase,
-                                     tokenizer=run.tokenizer, where=f"config.stages.{name}",
-                                     place_base=place_base)
-  spec = _batch_spec(pipe, stage)
-  ph = _checked_phase(name, cfg, params, stage, steps, mesh, config.seed, spec)
-  ph.originals = originals
+  try:  # the set-up; once the loop runs, its finally closes the manager
+    latest = manager.latest_step()
+    run.writer.drop_after(name, -1 if latest is None else latest)
+    # full_then_lora checkpoints up to the switch hold the full phase's state.
+    phase = 0 if switch is not None and (latest is None or latest <= switch) else 1
+    if pipe.unseen_labels and latest is None:  # once per stage, not again when resuming
+      # Split "data", not "eval": eval rows carry losses and accuracies.
+      run.writer.write({"stage": name, "step": 0, "split": "data",
+                        "unseen_labels": dict(sorted(pipe.unseen_labels.items()))})
+    dropped = {p.name: {k: v for k, v in p.counts.as_dict().items() if k != "kept"}
+               for p in pipe.datasets if p.counts.kept < p.counts.examples}
+    if dropped and latest is None:
+      run.writer.write({"stage": name, "step": 0, "split": "data", "dropped": dropped})
+    originals: dict = {}  # QLoRA: the frozen weights it holds in 4 bits, as they came
+    place_base = None
+    if peft_methods.quantization(stage) is not None and latest is None:
+      place_base = lambda p: quantized_base(p, stage, cfg, mesh, originals)  # noqa: E731
+    elif peft_methods.quantization(stage) is not None:
+      # Resuming: the checkpoint holds the 4-bit state; of the model read (see
+      # train) only the originals are kept, the rest goes as in any resume.
+      originals.update(_originals(params, stage))
+      params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    cfg, params = peft_methods.prepare(cfg, params, stage, adapter_rng, phase,
+                                       tokenizer=run.tokenizer, where=f"config.stages.{name}",
+                                       place_base=place_base)
+    spec = _batch_spec(pipe, stage)
+    ph = _checked_phase(name, cfg, params, stage, steps, mesh, config.seed, spec)
+    ph.originals = originals
 
-  data_state = None
-  if latest is not None:
-    restored = _restore_latest(name, manager, latest, ocp.args.Composite(
-        state=ocp.args.StandardRestore(jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            ph.abstract_state, ph.state_shardings)),
-        data=ocp.args.JsonRestore()))
-    state, data_state = restored.state, restored.data
-    log.info("stage %s: resumed from step %d", name, latest)
-  else:
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
-      raise ValueError(f"stage {name!r}: {stage_dir / 'checkpoints'} holds a step directory "
-                       "that orbax does not recognize as a finished checkpoint; move it away "
-                       "to restart the stage")
-    _save_lora_init(name, stage, cfg, incoming_adapters, params, stage_dir)
-    state = ph.init(params)
-  del params
+    data_state = None
+    if latest is not None:
+      restored = _restore_latest(name, manager, latest, ocp.args.Composite(
+          state=ocp.args.StandardRestore(jax.tree_util.tree_map(
+              lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+              ph.abstract_state, ph.state_shardings)),
+          data=ocp.args.JsonRestore()))
+      state, data_state = restored.state, restored.data
+      log.info("stage %s: resumed from step %d", name, latest)
+    else:
+      if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
+        raise ValueError(f"stage {name!r}: {stage_dir / 'checkpoints'} holds a step directory "
+                         "that orbax does not recognize as a finished checkpoint; move it away "
+                         "to restart the stage")
+      _save_lora_init(name, stage, cfg, incoming_adapters, params, stage_dir)
+      state = ph.init(params)
+    del params
 
-  bsh = batch_sharding(mesh)
-  generation_eval = _generation_eval(run, name, stage, ph.cfg, stage_dir)
-  batches = pipe.batches(batch, state=data_state)
-  start = int(state.step)
-  if phase == 0 and start == switch:  # resumed from the checkpoint taken at the switch
-    ph, state = _switch_to_lora(name, ph, state, stage, steps, mesh, config.seed, adapter_rng,
-                                spec)
-    phase = 1
-  run.writer.write(ph.compile_row(name, start))
-  selection = _selection(stage, stage_dir, start)
-  # A stage whose base stays frozen throughout keeps only what it trains as
-  # its best (an 8B LoRA stage: megabytes, not its 16-32 GB base each time).
-  trained_only = (switch is None and not all(jax.tree_util.tree_leaves(ph.mask))
-                  and jax.process_count() == 1)
-  flops_per_step = metrics.train_flops(cfg, batch, stage.seq_len)
-  peak = metrics.peak_tflops(jax.devices()[0], cfg.dtype)
-  progress = metrics.Progress(name, steps, start)
-  buckets = []  # MoE: (moe_bucket_overflow, expert_fraction_max) of each logged step
-  timer_start, timer_step, seen_tokens = time.perf_counter(), start, 0
-  last_saved = latest
+    bsh = batch_sharding(mesh)
+    generation_eval = _generation_eval(run, name, stage, ph.cfg, stage_dir)
+    batches = pipe.batches(batch, state=data_state)
+    start = int(state.step)
+    if phase == 0 and start == switch:  # resumed from the checkpoint taken at the switch
+      ph, state = _switch_to_lora(name, ph, state, stage, steps, mesh, config.seed, adapter_rng,
+                                  spec)
+      phase = 1
+    run.writer.write(ph.compile_row(name, start))
+    selection = _selection(stage, stage_dir, start)
+    # A stage whose base stays frozen throughout keeps only what it trains as
+    # its best (an 8B LoRA stage: megabytes, not its 16-32 GB base each time).
+    trained_only = (switch is None and not all(jax.tree_util.tree_leaves(ph.mask))
+                    and jax.process_count() == 1)
+    flops_per_step = metrics.train_flops(cfg, batch, stage.seq_len)
+    peak = metrics.peak_tflops(jax.devices()[0], cfg.dtype)
+    progress = metrics.Progress(name, steps, start)
+    buckets = []  # MoE: (moe_bucket_overflow, expert_fraction_max) of each logged step
+    timer_start, timer_step, seen_tokens = time.perf_counter(), start, 0
+    last_saved = latest
+  except BaseException:
+    manager.close()  # else its threads outlive a refused stage and fail at exit
+    raise
   try:
     for step in range(start, steps):
       host_batch = next(batches)
