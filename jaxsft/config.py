@@ -452,13 +452,13 @@ def _check_unmergeable(config: ml_collections.ConfigDict) -> None:
            if last.method == "adapter" else ""))
 
 
-def _validate_data(where: str, data) -> None:
-  """The data keys every later stage would otherwise only check once its data
-  are built, after the stages before it have trained: their values, the
-  dataset specs and the templates named (a tokenizer's own needs the
-  tokenizer, checked then)."""
+def _validate_data(where: str, s) -> None:
+  """What a later stage would otherwise only check once its data are built,
+  after the stages before it have trained: the data keys' values, the
+  dataset specs, the templates named (a tokenizer's own needs the tokenizer,
+  checked then) and the eval dataset a ``METRIC/DATASET`` best_metric names."""
   try:
-    resolved = data_pipeline.resolve_config(data)
+    resolved = data_pipeline.resolve_config(s.data)
     for spec in [resolved, *resolved["datasets"], *resolved["eval_datasets"]]:
       template = spec.get("template")
       if template is not None and template != "tokenizer":
@@ -467,6 +467,9 @@ def _validate_data(where: str, data) -> None:
     msg = str(e)
     raise ValueError(f"{where}.{msg}" if msg.startswith("data.") else
                      f"{where}.data: {msg}") from None
+  train, held_out = data_pipeline.dataset_names(resolved)
+  selection.check_datasets(s.best_metric, (train if resolved["eval_fraction"] else []) + held_out,
+                           where)
 
 
 def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
@@ -488,7 +491,7 @@ def validate_stage(name: str, s: ml_collections.ConfigDict) -> None:
           data_sources.locate(str(path))
         except ValueError as e:
           raise ValueError(f"{where}.data.{key}[{i}]: {e}") from None
-  _validate_data(where, s.data)
+  _validate_data(where, s)
   if not (isinstance(s.lr, (int, float)) and math.isfinite(s.lr) and s.lr > 0):
     raise ValueError(f"{where}.lr={s.lr} must be a finite positive number")
   for pattern, scale in dict(s.lr_groups or {}).items():

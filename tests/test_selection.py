@@ -98,6 +98,7 @@ def test_the_best_at_one_eval_dataset(tmp_path):
   with pytest.raises(ValueError, match=r"best_metric='loss/txt': the stage has no eval dataset "
                                        r"'txt'; its eval datasets are \['chat', 'text'\]"):
     trainer.train(config)
+  assert not (tmp_path / "other").exists()  # refused with the config, before any stage ran
 
 
 def test_a_resumed_stage_keeps_its_best_and_its_count(tmp_path):

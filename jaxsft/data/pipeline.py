@@ -477,6 +477,14 @@ def _dataset_spec(spec: Any, where: str) -> dict:
   return spec
 
 
+def dataset_names(cfg: dict) -> tuple[list[str], list[str]]:
+  """The names ``build`` gives the training and the eval datasets of a
+  resolved data config (``resolve_config``): each spec's name or its file's
+  stem, made unique with ``#2``, ``#3``…"""
+  taken: set[str] = set()
+  return _unique_names(cfg["datasets"], taken), _unique_names(cfg["eval_datasets"], taken)
+
+
 def _unique_names(specs: list[dict], taken: set[str]) -> list[str]:
   names = []
   for spec in specs:
@@ -749,8 +757,7 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
                     truncation=cfg["truncation"], num_proc=cfg["num_proc"],
                     cache_dir=cache_dir, name=name, head=head)
 
-  taken: set[str] = set()
-  names = _unique_names(cfg["datasets"], taken)
+  names, eval_names = dataset_names(cfg)
   parts = [tok(spec, name) for spec, name in zip(cfg["datasets"], names)]
   for part in parts:
     if len(part) == 0:
@@ -764,7 +771,6 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
     eval_picks.append(held)
   train = _Pool(parts, train_picks, virtual_tokens)
 
-  eval_names = _unique_names(cfg["eval_datasets"], taken)
   eval_parts = [tok(spec, name) for spec, name in zip(cfg["eval_datasets"], eval_names)]
   for part in eval_parts:
     if len(part) == 0:
