@@ -630,7 +630,8 @@ def _plan_rows(config, run, budget) -> list[dict]:
     cfg, params = _with_head(name, stage.objective, cfg, params, pipe, run.mesh, config.seed)
     steps = _total_steps(stage, pipe, config_lib.batch_size(stage))
     spec = _batch_spec(pipe, stage)
-    phases = (0, 1) if peft_methods.switch_step(stage, steps) is not None else (1,)
+    phases = ((0, 1) if peft_methods.switch_step(stage, steps, f"config.stages.{name}")
+              is not None else (1,))
     for phase in phases:
       cfg, params = peft_methods.prepare(cfg, params, stage, _adapter_rng(config, name), phase,
                                          tokenizer=run.tokenizer,
@@ -755,13 +756,15 @@ def _dropped(pipe, stage) -> list[str]:
   """One line per dataset that lost examples while being tokenized (too long
   for the stage's rows, or without an answer to train on), saying what to do."""
   lines = []
+  limit = data_pipeline.length_limit(stage.data, stage.seq_len,
+                                     peft_methods.virtual_tokens(stage))
   for part in pipe.datasets:
     c = part.counts
     if c.dropped_too_long:
       lines.append(
           f"dataset {part.name!r}: {c.dropped_too_long} of {c.examples} examples dropped, longer "
-          f"than {stage.data.max_length or stage.seq_len} tokens; raise seq_len (or "
-          "data.max_length), or set data.truncation='keep_answer' to keep their answers")
+          f"than {limit}; raise seq_len (or data.max_length), or set "
+          "data.truncation='keep_answer' to keep their answers")
     if c.dropped_no_assistant:
       lines.append(f"dataset {part.name!r}: {c.dropped_no_assistant} of {c.examples} examples "
                    "dropped, with no assistant answer to train on")
@@ -795,7 +798,7 @@ def run_stage(run: Run, name: str, stage, cfg: ModelConfig, params, base_model: 
   cfg, params = _with_head(name, stage.objective, cfg, params, pipe, mesh, config.seed)
   keys = batch_keys(stage.objective)
   steps = _total_steps(stage, pipe, batch)
-  switch = peft_methods.switch_step(stage, steps)
+  switch = peft_methods.switch_step(stage, steps, f"config.stages.{name}")
   adapter_rng = _adapter_rng(config, name)
 
   stage_dir = run.out / "stages" / name

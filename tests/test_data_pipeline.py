@@ -281,6 +281,10 @@ def test_bad_dataset_entries(tok, files, tmp_path):
                                         r"were dropped: all are longer than max_length=12 tokens; "
                                         r"raise seq_len .* truncation='keep_answer'")):
     build([files["chat"]], seq_len=12)
+  # Prompt tuning's virtual tokens take their share of every row: the limit says so.
+  with pytest.raises(ValueError, match=(r"all are longer than 12 tokens \(seq_len 64 minus 52 "
+                                        r"virtual tokens of prompt tuning\)")):
+    pipeline.build(_cfg(files, datasets=[files["chat"]]), tok, seq_len=64, virtual_tokens=52)
   no_answer = _write(tmp_path / "q.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
   with pytest.raises(ValueError, match="'q' .* none has an assistant turn"):
     build([no_answer])

@@ -426,6 +426,17 @@ def test_bad_peft_settings_name_the_key(tmp_path, peft_kw, method, needle):
   assert "config.stages.sft.peft" in str(e.value)
 
 
+def test_full_then_lora_keeps_a_step_on_each_side_and_refuses_a_single_step():
+  stage = config_lib.stage(method="full_then_lora", peft=dict(switch_at=0.2))
+  assert [methods.switch_step(stage, n) for n in (2, 10, 100)] == [1, 2, 20]
+  stage.peft.switch_at = 0.99
+  assert methods.switch_step(stage, 10) == 9  # the LoRA phase keeps its step
+  with pytest.raises(ValueError, match=r"config\.stages\.sft: method full_then_lora trains 1 "
+                     r"step\(s\), but needs at least 2"):
+    methods.switch_step(stage, 1, "config.stages.sft")
+  assert methods.switch_step(config_lib.stage(method="lora"), 1) is None
+
+
 def test_lora_on_an_lm_head_the_model_does_not_have_is_refused():
   """Tied embeddings (Qwen2-0.5B, Llama-3.2-1B) have no lm_head weight, and a
   task head replaces it: a LoRA there would be created nowhere, train nothing

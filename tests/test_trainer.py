@@ -326,7 +326,8 @@ def test_examples_dropped_while_tokenizing_are_reported(tmp_path, caplog):
   config.stages.sft.data.datasets = [str(long)]
   with caplog.at_level("WARNING", logger="jaxsft"):
     trainer.train(config)
-  assert ("dataset 'long': 10 of 40 examples dropped, longer than 64 tokens; raise seq_len"
+  assert ("dataset 'long': 10 of 40 examples dropped, longer than max_length=64 tokens; raise "
+          "seq_len"
           in caplog.text), caplog.text
   data = [r for r in _rows(tmp_path / "out") if r["split"] == "data"]
   assert data == [{"stage": "sft", "step": 0, "split": "data", "dropped": {"long": {

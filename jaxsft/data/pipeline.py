@@ -758,10 +758,11 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
                     cache_dir=cache_dir, name=name, head=head)
 
   names, eval_names = dataset_names(cfg)
+  limit = length_limit(cfg, seq_len, virtual_tokens)
   parts = [tok(spec, name) for spec, name in zip(cfg["datasets"], names)]
   for part in parts:
     if len(part) == 0:
-      raise ValueError(_all_dropped(part, max_length, cfg["truncation"]))
+      raise ValueError(_all_dropped(part, limit, cfg["truncation"]))
 
   train_picks, eval_picks = [], []
   for d, (part, spec) in enumerate(zip(parts, cfg["datasets"])):
@@ -774,7 +775,7 @@ def build(data_cfg: Mapping[str, Any] | None, tokenizer, seq_len: int, seed: int
   eval_parts = [tok(spec, name) for spec, name in zip(cfg["eval_datasets"], eval_names)]
   for part in eval_parts:
     if len(part) == 0:
-      raise ValueError(_all_dropped(part, max_length, cfg["truncation"]))
+      raise ValueError(_all_dropped(part, limit, cfg["truncation"]))
   eval_pool = None
   if cfg["eval_fraction"] > 0 or eval_parts:
     eval_pool = _Pool(parts + eval_parts,
@@ -861,7 +862,17 @@ def _holdout(n: int, fraction: float, seed: int, d: int, name: str) -> np.ndarra
   return np.sort(np.random.default_rng([int(seed), 4, d]).permutation(n)[:k])
 
 
-def _all_dropped(part: Tokenized, max_length: int, truncation: str) -> str:
+def length_limit(data_cfg: Mapping[str, Any], seq_len: int, virtual_tokens: int = 0) -> str:
+  """The longest example a stage keeps, as its errors and warnings state it:
+  ``max_length``, or seq_len less prompt tuning's virtual tokens."""
+  max_length = data_cfg.get("max_length") or seq_len - virtual_tokens
+  if virtual_tokens and not data_cfg.get("max_length"):
+    return (f"{max_length} tokens (seq_len {seq_len} minus {virtual_tokens} virtual tokens of "
+            "prompt tuning)")
+  return f"max_length={max_length} tokens"
+
+
+def _all_dropped(part: Tokenized, limit: str, truncation: str) -> str:
   c = part.counts
   first = part.sources[0].as_py() if len(part.sources) else part.spec["path"]
   hint = ("raise seq_len (or max_length), or set truncation='keep_answer' to shorten prompts "
@@ -869,11 +880,11 @@ def _all_dropped(part: Tokenized, max_length: int, truncation: str) -> str:
           if truncation == "drop" else
           "raise seq_len (or max_length); chats with tool calls are dropped, not shortened")
   if c.dropped_too_long and not c.dropped_no_assistant:
-    why = f"all are longer than max_length={max_length} tokens; {hint}"
+    why = f"all are longer than {limit}; {hint}"
   elif c.dropped_no_assistant and not c.dropped_too_long:
     why = "none has an assistant turn to train on; check the format and columns mapping"
   else:
-    why = (f"{c.dropped_too_long} are longer than max_length={max_length} tokens ({hint}) and "
+    why = (f"{c.dropped_too_long} are longer than {limit} ({hint}) and "
            f"{c.dropped_no_assistant} have no assistant turn")
   return (f"dataset {part.name!r} ({first} …): all {c.examples} examples were dropped: {why}")
 

@@ -533,9 +533,14 @@ def _check_train_modules(params, pattern: str, where: str) -> None:
                      f"paths look like {names[0]!r}, modules: {', '.join(modules)}")
 
 
-def switch_step(stage, total_steps: int) -> int | None:
+def switch_step(stage, total_steps: int, where: str = "stage") -> int | None:
   """The step after which ``full_then_lora`` changes to LoRA (None otherwise);
-  at least one step on each side."""
+  at least one step on each side: a stage of one step is refused (its LoRA
+  phase would be compiled and never run)."""
   if stage.method != "full_then_lora":
     return None
-  return min(max(int(round(stage.peft.switch_at * total_steps)), 1), max(total_steps - 1, 1))
+  if total_steps < 2:
+    raise ValueError(f"{where}: method full_then_lora trains {total_steps} step(s), but needs at "
+                     "least 2 (full fine-tuning, then LoRA): raise steps (or epochs), or use "
+                     "method full")
+  return min(max(int(round(stage.peft.switch_at * total_steps)), 1), total_steps - 1)
