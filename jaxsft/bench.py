@@ -138,7 +138,7 @@ from jaxsft.data import packing
 from jaxsft.models import llama, mixtral
 from jaxsft.models.model_config import (FUSED_PROJECTIONS, MOE_DISPATCHES, REMAT_POLICIES,
                                          ModelConfig)
-from jaxsft.peft import lora, nf4
+from jaxsft.peft import nf4
 from jaxsft.peft import methods as peft_methods
 
 METHODS = ("full", "lora", "dora", "full_then_lora", "freeze")
@@ -941,16 +941,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _check_quantizable(p: argparse.ArgumentParser, args) -> None:
   """``p.error`` unless every projection QLoRA stores of ``--shape`` splits
-  into 4-bit blocks (before any peer or step runs)."""
+  into 4-bit blocks (``nf4.store``'s own check, on one abstract layer), before
+  any peer or step runs."""
   abstract = llama.abstract_params(SHAPES[args.shape].replace(num_layers=1))
-  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    names = sharding_lib.path_names(path)
-    if nf4.quantizable(names):
-      try:
-        nf4.check_quantizable("/".join(names), leaf.shape, lora.WEIGHTS[names[-1]][1], True)
-      except ValueError as e:
-        p.error(f"--quantization {args.quantization} on shape {args.shape!r}: {e}; pick "
-                "another --shape")
+  try:
+    nf4.store(abstract, jax.tree.map(lambda _: False, abstract), double_quant=True)
+  except ValueError as e:
+    p.error(f"--quantization {args.quantization} on shape {args.shape!r}: {e}; pick another "
+            "--shape")
 
 
 def _print_table(result: dict) -> None:
